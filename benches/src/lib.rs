@@ -1,0 +1,1 @@
+//! floto-bench

@@ -1,0 +1,240 @@
+//! floto-client: the client side of the floto-connect API over HTTPS (JSON routes, with or
+//! without a client certificate) and of the broker (QUIC streams and HTTPS CONNECT). Used by
+//! `floto`, `floto-tunnel`, the server's admin subcommands, the benches and the e2e tests.
+//! It trusts only the CA it is given, never the system roots.
+
+pub mod broker;
+pub mod files;
+pub mod tls;
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use floto_proto::admin::{
+    AddOperatorRequest, AddOperatorResponse, CreateKeyRequest, CreateKeyResponse, KeyInfo,
+    LoginRequest, LoginResponse, OperatorInfo,
+};
+use floto_proto::devices::DeviceInfo;
+use floto_proto::enroll::{EnrollRequest, EnrollResponse, RenewRequest};
+use floto_proto::{paths, ApiError, DeviceId, ErrorCode};
+
+pub use tls::Identity;
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error.
+    #[error("{} (HTTP {status})", error.message)]
+    Api { status: u16, error: ApiError },
+    /// The server could not be reached or the connection failed.
+    #[error("cannot reach {server}: {detail}")]
+    Transport { server: String, detail: String },
+    /// The server's answer was not what this client understands.
+    #[error("unexpected answer from {server}: {detail}")]
+    Decode { server: String, detail: String },
+    /// The client's own configuration is unusable (bad CA file, bad URL...).
+    #[error("{0}")]
+    Config(String),
+}
+
+impl ClientError {
+    /// The API error code, when the server answered with one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Api { error, .. } => Some(error.error),
+            _ => None,
+        }
+    }
+
+    /// True when trying again later may help (unreachable, shed, unavailable).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Transport { .. } => true,
+            Self::Api { status, .. } => matches!(status, 429 | 500 | 502 | 503 | 504),
+            _ => false,
+        }
+    }
+}
+
+/// A client of one server.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    /// `server` is `https://HOST[:PORT]`; `ca_pem` the CA the server's certificate chains to.
+    pub fn new(
+        server: &str,
+        ca_pem: &str,
+        identity: Option<&Identity>,
+    ) -> Result<Self, ClientError> {
+        let base = server.trim_end_matches('/').to_owned();
+        if !base.starts_with("https://") {
+            return Err(ClientError::Config(format!(
+                "server URL {server:?} must start with https://"
+            )));
+        }
+        let tls = tls::client_config(ca_pem, identity, &[b"h2", b"http/1.1"])?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .https_only(true)
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .no_proxy()
+            .build()
+            .map_err(|e| ClientError::Config(format!("building the HTTPS client: {e}")))?;
+        Ok(Self { base, http })
+    }
+
+    pub fn server(&self) -> &str {
+        &self.base
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        bearer: Option<&str>,
+    ) -> Result<(StatusCode, T), ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        if let Some(token) = bearer {
+            req = req.bearer_auth(token);
+        }
+        let resp = req.send().await.map_err(|e| self.transport(e))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| self.transport(e))?;
+        if !status.is_success() {
+            let error = serde_json::from_slice::<ApiError>(&bytes).unwrap_or_else(|_| {
+                ApiError::new(
+                    ErrorCode::from_http_status(status.as_u16()),
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(512)])
+                        .trim()
+                        .to_owned(),
+                )
+            });
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                error,
+            });
+        }
+        let value = serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+            server: self.base.clone(),
+            detail: e.to_string(),
+        })?;
+        Ok((status, value))
+    }
+
+    fn transport(&self, e: reqwest::Error) -> ClientError {
+        // reqwest's own message is terse; its sources say what happened (refused, TLS...).
+        let mut detail = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            detail.push_str(": ");
+            detail.push_str(&s.to_string());
+            source = s.source();
+        }
+        ClientError::Transport {
+            server: self.base.clone(),
+            detail,
+        }
+    }
+
+    /// `POST /v1/enroll`. Returns the HTTP status (201 new, 200 re-enrolled) too.
+    pub async fn enroll(
+        &self,
+        provisioning_key: &str,
+        req: &EnrollRequest,
+    ) -> Result<(u16, EnrollResponse), ClientError> {
+        let (status, resp) = self
+            .call(
+                Method::POST,
+                paths::ENROLL,
+                Some(req),
+                Some(provisioning_key),
+            )
+            .await?;
+        Ok((status.as_u16(), resp))
+    }
+
+    /// `POST /v1/renew` (needs the device identity).
+    pub async fn renew(&self, req: &RenewRequest) -> Result<EnrollResponse, ClientError> {
+        Ok(self
+            .call(Method::POST, paths::RENEW, Some(req), None)
+            .await?
+            .1)
+    }
+
+    pub async fn create_key(
+        &self,
+        req: &CreateKeyRequest,
+    ) -> Result<CreateKeyResponse, ClientError> {
+        Ok(self
+            .call(Method::POST, paths::KEYS, Some(req), None)
+            .await?
+            .1)
+    }
+
+    pub async fn list_keys(&self) -> Result<Vec<KeyInfo>, ClientError> {
+        Ok(self
+            .call::<(), _>(Method::GET, paths::KEYS, None, None)
+            .await?
+            .1)
+    }
+
+    pub async fn add_operator(
+        &self,
+        req: &AddOperatorRequest,
+    ) -> Result<AddOperatorResponse, ClientError> {
+        Ok(self
+            .call(Method::POST, paths::OPERATORS, Some(req), None)
+            .await?
+            .1)
+    }
+
+    pub async fn list_operators(&self) -> Result<Vec<OperatorInfo>, ClientError> {
+        Ok(self
+            .call::<(), _>(Method::GET, paths::OPERATORS, None, None)
+            .await?
+            .1)
+    }
+
+    pub async fn login(&self, req: &LoginRequest) -> Result<LoginResponse, ClientError> {
+        Ok(self
+            .call(Method::POST, paths::LOGIN, Some(req), None)
+            .await?
+            .1)
+    }
+
+    pub async fn devices(&self, online: Option<bool>) -> Result<Vec<DeviceInfo>, ClientError> {
+        let path = match online {
+            Some(o) => format!("{}?online={o}", paths::DEVICES),
+            None => paths::DEVICES.to_owned(),
+        };
+        Ok(self.call::<(), _>(Method::GET, &path, None, None).await?.1)
+    }
+
+    pub async fn device(&self, id: &DeviceId) -> Result<DeviceInfo, ClientError> {
+        Ok(self
+            .call::<(), _>(Method::GET, &paths::device(id), None, None)
+            .await?
+            .1)
+    }
+
+    pub async fn revoke_device(&self, id: &DeviceId) -> Result<DeviceInfo, ClientError> {
+        Ok(self
+            .call::<(), _>(Method::POST, &paths::device_revoke(id), None, None)
+            .await?
+            .1)
+    }
+}

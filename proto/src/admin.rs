@@ -1,0 +1,183 @@
+//! Admin and operator requests: provisioning keys, operators, login.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// What an operator may do. Ordered: each role can do what the ones below it can.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Read-only API and metrics.
+    Viewer,
+    /// List devices, ssh and tunnel into devices of its fleets.
+    Operator,
+    /// Everything.
+    Admin,
+}
+
+impl FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "admin" => Ok(Self::Admin),
+            "operator" => Ok(Self::Operator),
+            "viewer" => Ok(Self::Viewer),
+            other => Err(format!(
+                "unknown role {other:?}: expected admin, operator or viewer"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Admin => "admin",
+            Self::Operator => "operator",
+            Self::Viewer => "viewer",
+        })
+    }
+}
+
+/// `POST /v1/keys`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKeyRequest {
+    pub fleet: String,
+    /// How many devices the key may enroll; unlimited when absent.
+    #[serde(default)]
+    pub uses: Option<u32>,
+    /// Lifetime in seconds; no expiry when absent.
+    #[serde(default)]
+    pub expires_in_secs: Option<u64>,
+}
+
+/// Response of `POST /v1/keys`. `key` is shown this once; the server keeps only its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateKeyResponse {
+    pub id: String,
+    pub key: String,
+    pub fleet: String,
+    pub uses: Option<u32>,
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+/// `POST /v1/operators`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddOperatorRequest {
+    pub name: String,
+    pub role: Role,
+    /// Fleets the operator may reach; ignored for admins, who reach all.
+    #[serde(default)]
+    pub fleets: Vec<String>,
+}
+
+/// Response of `POST /v1/operators`: the one-time login token, shown once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddOperatorResponse {
+    pub name: String,
+    pub role: Role,
+    pub fleets: Vec<String>,
+    pub token: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub token_expires_at: OffsetDateTime,
+}
+
+/// `POST /v1/login`: trade a one-time token and a CSR for an operator certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    pub token: String,
+    pub csr_pem: String,
+}
+
+/// Response of `POST /v1/login` and of operator certificate renewal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginResponse {
+    pub name: String,
+    pub role: Role,
+    pub fleets: Vec<String>,
+    pub certificate_pem: String,
+    pub ca_pem: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    /// The QUIC broker's UDP port on the same host as the API.
+    pub quic_port: u16,
+}
+
+/// An operator as `GET /v1/operators` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorInfo {
+    pub name: String,
+    pub role: Role,
+    pub fleets: Vec<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// A provisioning key as listed (never the secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyInfo {
+    pub id: String,
+    pub fleet: String,
+    pub uses_left: Option<u32>,
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub expires_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// Fleet names: what `--fleet` accepts.
+pub fn validate_fleet_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "fleet name {name:?} must be 1 to 63 characters of letters, digits, '-', '_' or '.'"
+        ))
+    }
+}
+
+/// Operator names: the same alphabet as fleets, so they are safe in logs and file names.
+pub fn validate_operator_name(name: &str) -> Result<(), String> {
+    validate_fleet_name(name).map_err(|_| {
+        format!(
+            "operator name {name:?} must be 1 to 63 characters of letters, digits, '-', '_' or '.'"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_parse_and_order() {
+        assert_eq!("admin".parse::<Role>().unwrap(), Role::Admin);
+        assert!("root".parse::<Role>().is_err());
+        assert!(Role::Admin > Role::Operator && Role::Operator > Role::Viewer);
+    }
+
+    #[test]
+    fn fleet_names() {
+        assert!(validate_fleet_name("lab-01").is_ok());
+        assert!(validate_fleet_name("").is_err());
+        assert!(validate_fleet_name("a b").is_err());
+        assert!(validate_fleet_name(&"a".repeat(64)).is_err());
+    }
+}

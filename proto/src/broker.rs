@@ -1,0 +1,102 @@
+//! The broker's stream header: the first line an operator sends on a QUIC stream, and the
+//! line the broker answers before splicing bytes.
+//!
+//! Framing is one JSON object terminated by `\n`, at most [`MAX_HEADER`] bytes.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::ApiError;
+
+/// QUIC ALPN of the broker.
+pub const ALPN: &[u8] = b"floto-broker/1";
+
+/// Longest header line accepted, newline included.
+pub const MAX_HEADER: usize = 4096;
+
+/// "Connect me to this port of this device."
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerRequest {
+    /// Device UUID (also accepts `UUID.floto` / `UUID.balena`).
+    pub device: String,
+    pub port: u16,
+}
+
+/// The broker's answer: `{"ok":true}` and then raw bytes, or an error and the stream ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerResponse {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
+}
+
+/// Why a header could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    /// No newline within [`MAX_HEADER`] bytes.
+    #[error("header line longer than {MAX_HEADER} bytes")]
+    TooLong,
+    /// The line is not the expected JSON object.
+    #[error("malformed header: {0}")]
+    Malformed(String),
+}
+
+/// Decodes one header from the front of `buf`. `Ok(None)` means the line is not complete
+/// yet; `Ok(Some((value, used)))` gives the value and how many bytes it took.
+pub fn decode_header<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize)>, HeaderError> {
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(pos) if pos < MAX_HEADER => {
+            let value = serde_json::from_slice(&buf[..pos])
+                .map_err(|e| HeaderError::Malformed(e.to_string()))?;
+            Ok(Some((value, pos + 1)))
+        }
+        Some(_) => Err(HeaderError::TooLong),
+        None if buf.len() >= MAX_HEADER => Err(HeaderError::TooLong),
+        None => Ok(None),
+    }
+}
+
+/// Encodes a header line.
+pub fn encode_header<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serialising these plain structs cannot fail.
+    let mut v = serde_json::to_vec(value).unwrap_or_default();
+    v.push(b'\n');
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip_incomplete_and_limits() {
+        let req = BrokerRequest {
+            device: "3f2a6b1c0d4e4f5a8b6c7d8e9f0a1b2c".into(),
+            port: 22,
+        };
+        let mut line = encode_header(&req);
+        let n = line.len();
+        line.extend_from_slice(b"SSH-2.0-after");
+        assert_eq!(
+            decode_header::<BrokerRequest>(&line).unwrap(),
+            Some((req, n))
+        );
+        assert_eq!(
+            decode_header::<BrokerRequest>(&line[..n - 1]).unwrap(),
+            None
+        );
+        assert!(matches!(
+            decode_header::<BrokerRequest>(&vec![b'a'; MAX_HEADER]),
+            Err(HeaderError::TooLong)
+        ));
+        assert!(matches!(
+            decode_header::<BrokerRequest>(b"{\"device\":1}\n"),
+            Err(HeaderError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_header::<BrokerRequest>(b"{\"device\":\"x\",\"port\":70000}\n"),
+            Err(HeaderError::Malformed(_))
+        ));
+    }
+}

@@ -1,0 +1,63 @@
+//! floto-proto: the wire types shared by the floto-connect server and its clients
+//! (enrollment and renewal JSON, device and event views, admin requests, broker headers,
+//! the wg-quick config text), with the validation of the identifiers they carry.
+//! No I/O and no crypto: the server and the clients both depend on this crate so that no
+//! type is written twice.
+
+pub mod admin;
+pub mod broker;
+pub mod devices;
+pub mod enroll;
+pub mod error;
+pub mod ids;
+pub mod wgconf;
+
+pub use error::{ApiError, ErrorCode};
+pub use ids::{DeviceId, IdError, WgKey};
+
+/// Default ports and paths: the contract of DESIGN.md, in one place.
+pub mod defaults {
+    /// WireGuard, UDP.
+    pub const WG_PORT: u16 = 51820;
+    /// HTTPS API (enrollment, REST, broker CONNECT) on TCP, and the QUIC broker on UDP.
+    pub const API_PORT: u16 = 8443;
+    /// Plain-HTTP metrics and health.
+    pub const METRICS_PORT: u16 = 9090;
+    /// Overlay network.
+    pub const OVERLAY: &str = "10.240.0.0/16";
+    /// Server data directory.
+    pub const DATA_DIR: &str = "./floto-data";
+    /// Device state directory.
+    pub const STATE_DIR: &str = "/var/lib/floto-tunnel";
+    /// The keepalive interval devices use to hold their NAT mappings open, seconds.
+    pub const PERSISTENT_KEEPALIVE_SECS: u16 = 25;
+    /// Default device certificate lifetime, seconds (30 days).
+    pub const DEVICE_CERT_LIFETIME_SECS: u64 = 30 * 24 * 3600;
+}
+
+/// API paths.
+pub mod paths {
+    pub const ENROLL: &str = "/v1/enroll";
+    pub const RENEW: &str = "/v1/renew";
+    pub const DEVICES: &str = "/v1/devices";
+    pub const EVENTS: &str = "/v1/events";
+    pub const CRL: &str = "/v1/crl";
+    pub const CA: &str = "/v1/ca";
+    pub const LOGIN: &str = "/v1/login";
+    pub const KEYS: &str = "/v1/keys";
+    pub const OPERATORS: &str = "/v1/operators";
+    pub const AUDIT: &str = "/v1/audit";
+    pub const HEALTHZ: &str = "/healthz";
+    pub const READYZ: &str = "/readyz";
+    pub const METRICS: &str = "/metrics";
+
+    /// `/v1/devices/{uuid}`
+    pub fn device(uuid: &crate::DeviceId) -> String {
+        format!("{DEVICES}/{uuid}")
+    }
+
+    /// `/v1/devices/{uuid}/revoke`
+    pub fn device_revoke(uuid: &crate::DeviceId) -> String {
+        format!("{DEVICES}/{uuid}/revoke")
+    }
+}

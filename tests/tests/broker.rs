@@ -1,0 +1,310 @@
+//! `floto ssh <uuid>` reaches a real WireGuard device: wireguard-go configured with `wg`
+//! from the enrollment's config, a real sshd in the device's namespace, the real OpenSSH
+//! client through the broker (QUIC and HTTPS CONNECT), `floto tunnel` with plain ssh, and
+//! scp of 10 MB with a matching checksum.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use floto_e2e::device::{client_key, WgGoDevice};
+use floto_e2e::net::Netns;
+use floto_e2e::server::Server;
+use floto_e2e::{bin, output, require, require_root, run, stdout, wait_for, Child};
+
+const TOOLS: &[&str] = &[
+    "wireguard-go",
+    "wg",
+    "sshd",
+    "ssh",
+    "scp",
+    "ssh-keygen",
+    "ss",
+];
+
+/// Options that make ssh non-interactive for tests.
+fn ssh_opts(key: &Path) -> Vec<String> {
+    vec![
+        "-i".into(),
+        key.display().to_string(),
+        "-o".into(),
+        "StrictHostKeyChecking=no".into(),
+        "-o".into(),
+        "UserKnownHostsFile=/dev/null".into(),
+        "-o".into(),
+        "BatchMode=yes".into(),
+        "-o".into(),
+        "LogLevel=ERROR".into(),
+        "-o".into(),
+        "ConnectTimeout=20".into(),
+    ]
+}
+
+struct Setup {
+    server: Server,
+    device: WgGoDevice,
+    operator_dir: tempfile::TempDir,
+    key: std::path::PathBuf,
+}
+
+fn floto(dir: &Path) -> Command {
+    let mut c = Command::new(bin("floto"));
+    c.arg("--config-dir").arg(dir);
+    c
+}
+
+fn setup(fleet: &str) -> Setup {
+    require_root();
+    require(TOOLS);
+    let ns = Netns::new();
+    let server = Server::start(&["--tls-name", &ns.host_ip().to_string()]);
+    let pkey = server.create_key(fleet, None);
+    let mut device = WgGoDevice::enroll(ns, &server, &pkey);
+    device.up();
+    let operator_dir = tempfile::tempdir().unwrap();
+    let (key, public) = client_key(operator_dir.path());
+    device.start_sshd(&public);
+    let token = server.add_operator("alice", "admin", &[]);
+    run(floto(&operator_dir.path().join("cfg"))
+        .args([
+            "login",
+            "--server",
+            &server.local_url(),
+            "--token",
+            &token,
+            "--ca",
+        ])
+        .arg(server.ca_path()));
+    wait_online(&server, &device.uuid);
+    Setup {
+        server,
+        device,
+        operator_dir,
+        key,
+    }
+}
+
+/// Waits until the server's API shows the device online.
+fn wait_online(server: &Server, uuid: &str) {
+    wait_for(Duration::from_secs(30), "the device to come online", || {
+        let out = server.admin(&["device", "show", uuid, "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["online"] == true).then_some(())
+    });
+}
+
+#[test]
+fn floto_ssh_runs_a_command_on_a_wireguard_go_device() {
+    let s = setup("lab");
+    let cfg = s.operator_dir.path().join("cfg");
+    for transport in ["quic", "connect"] {
+        let out = output(
+            floto(&cfg)
+                .args(["--transport", transport, "ssh", &s.device.uuid, "--"])
+                .args(ssh_opts(&s.key))
+                .args(["echo", "hello-from-device"]),
+        );
+        assert!(
+            out.status.success(),
+            "floto ssh over {transport} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            s.server.child.log()
+        );
+        assert_eq!(stdout(&out), "hello-from-device", "over {transport}");
+    }
+    // The device's sshd saw the connection come from the server's overlay address.
+    let out = output(
+        floto(&cfg)
+            .args(["ssh", &s.device.uuid, "--"])
+            .args(ssh_opts(&s.key))
+            .args(["sh", "-c", "'echo $SSH_CLIENT'"]),
+    );
+    assert!(stdout(&out).starts_with("10.240.0.1 "), "{}", stdout(&out));
+    // Every session is audited, with its bytes and result.
+    wait_for(
+        Duration::from_secs(10),
+        "the audit lines of the sessions",
+        || {
+            let log = s.server.child.log();
+            let n = log
+                .lines()
+                .filter(|l| l.contains("broker.session") && l.contains("bytes_from_device"))
+                .count();
+            (n >= 3).then_some(())
+        },
+    );
+}
+
+#[test]
+fn floto_tunnel_plain_ssh_and_scp_of_10_mb() {
+    let s = setup("lab");
+    let cfg = s.operator_dir.path().join("cfg");
+    let mut tunnel = floto(&cfg);
+    tunnel.args(["tunnel", &s.device.uuid, "127.0.0.1:0:22"]);
+    let tunnel = Child::spawn("floto-tunnel-cmd", tunnel, s.operator_dir.path());
+    let port: u16 = wait_for(Duration::from_secs(15), "floto tunnel to listen", || {
+        let log = tunnel.log();
+        let line = log
+            .lines()
+            .find(|l| l.starts_with("forwarding 127.0.0.1:"))?;
+        line.trim_start_matches("forwarding 127.0.0.1:")
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    });
+    let out = output(
+        Command::new("ssh")
+            .args(["-p", &port.to_string()])
+            .args(ssh_opts(&s.key))
+            .args(["root@127.0.0.1", "echo", "hello-through-tunnel"]),
+    );
+    assert_eq!(
+        stdout(&out),
+        "hello-through-tunnel",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // 10 MB through the tunnel with scp, and back through `floto proxy` as ProxyCommand.
+    let data: Vec<u8> = (0..10 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let src = s.operator_dir.path().join("payload.bin");
+    std::fs::write(&src, &data).unwrap();
+    let remote = s.operator_dir.path().join("received.bin");
+    run(Command::new("scp")
+        .args(["-q", "-P", &port.to_string()])
+        .args(ssh_opts(&s.key))
+        .arg(&src)
+        .arg(format!("root@127.0.0.1:{}", remote.display())));
+    assert!(
+        std::fs::read(&remote).unwrap() == data,
+        "file changed on the way to the device"
+    );
+    let back = s.operator_dir.path().join("back.bin");
+    let proxy = format!(
+        "{} --config-dir {} proxy %n %p",
+        bin("floto").display(),
+        cfg.display()
+    );
+    run(Command::new("scp")
+        .args(["-q", "-o", &format!("ProxyCommand={proxy}")])
+        .args(ssh_opts(&s.key))
+        .arg(format!("root@{}.floto:{}", s.device.uuid, remote.display()))
+        .arg(&back));
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "file changed on the way back"
+    );
+}
+
+#[test]
+fn broker_errors_are_distinct_and_clear() {
+    let s = setup("lab");
+    let cfg = s.operator_dir.path().join("cfg");
+    let proxy = |device: &str, port: &str, transport: &str| {
+        let out = output(floto(&cfg).args(["--transport", transport, "proxy", device, port]));
+        assert!(
+            !out.status.success(),
+            "proxy to {device}:{port} should fail"
+        );
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    for transport in ["quic", "connect"] {
+        let unknown = proxy("00000000-1111-4222-8333-444444444444", "22", transport);
+        assert!(unknown.contains("unknown device"), "{transport}: {unknown}");
+        let bad = proxy("not-a-uuid", "22", transport);
+        assert!(bad.contains("not a device UUID"), "{transport}: {bad}");
+        let closed = proxy(&s.device.uuid, "2323", transport);
+        assert!(
+            closed.contains("port 2323") && closed.contains("unreachable"),
+            "{transport}: {closed}"
+        );
+    }
+
+    // An operator of another fleet is forbidden, and that is audited.
+    let token = s.server.add_operator("bob", "operator", &["prod"]);
+    let bob = s.operator_dir.path().join("bob");
+    run(floto(&bob)
+        .args([
+            "login",
+            "--server",
+            &s.server.local_url(),
+            "--token",
+            &token,
+            "--ca",
+        ])
+        .arg(s.server.ca_path()));
+    for transport in ["quic", "connect"] {
+        let out =
+            output(floto(&bob).args(["--transport", transport, "proxy", &s.device.uuid, "22"]));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("may not connect"),
+            "{transport}: {err}"
+        );
+    }
+    let log = s.server.child.log();
+    assert!(
+        log.contains("broker.refused") && log.contains("forbidden"),
+        "the refusal is audited"
+    );
+    // Bob sees no devices of fleet lab either.
+    let listed = run(floto(&bob).args(["devices", "--json"]));
+    assert_eq!(stdout(&listed), "[]");
+}
+
+#[test]
+fn an_offline_device_is_reported_offline() {
+    require_root();
+    require(TOOLS);
+    let (ns_a, ns_b) = (Netns::new(), Netns::new());
+    let server = Server::start(&[
+        "--tls-name",
+        &format!("{},{}", ns_a.host_ip(), ns_b.host_ip()),
+        "--online-window",
+        "6s",
+    ]);
+    let pkey = server.create_key("lab", None);
+    let mut a = WgGoDevice::enroll(ns_a, &server, &pkey);
+    let mut b = WgGoDevice::enroll(ns_b, &server, &pkey);
+    for d in [&mut a, &mut b] {
+        // Keepalives faster than the window, so an idle device stays online.
+        d.set_keepalive(2);
+        d.up();
+    }
+    wait_online(&server, &a.uuid);
+    wait_online(&server, &b.uuid);
+    b.down();
+    let out = wait_for(Duration::from_secs(20), "b to go offline", || {
+        let v: serde_json::Value =
+            serde_json::from_slice(&server.admin(&["device", "show", &b.uuid, "--json"]).stdout)
+                .ok()?;
+        (v["online"] == false).then_some(v)
+    });
+    assert!(out["generation"].as_u64().unwrap() >= 2);
+    let va: serde_json::Value =
+        serde_json::from_slice(&server.admin(&["device", "show", &a.uuid, "--json"]).stdout)
+            .unwrap();
+    assert_eq!(va["online"], true, "the other device stays online");
+    let token = server.add_operator("carol", "admin", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    run(floto(dir.path())
+        .args([
+            "login",
+            "--server",
+            &server.local_url(),
+            "--token",
+            &token,
+            "--ca",
+        ])
+        .arg(server.ca_path()));
+    let out = output(floto(dir.path()).args(["proxy", &b.uuid, "22"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is offline") && err.contains("last seen"),
+        "{err}"
+    );
+}

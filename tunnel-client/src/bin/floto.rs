@@ -1,0 +1,277 @@
+//! `floto`: the operator's command line.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use floto_client::broker::Transport;
+use floto_client::files;
+use floto_proto::devices::DeviceInfo;
+use floto_proto::DeviceId;
+use floto_tunnel_client::forward::{self, ForwardSpec};
+use floto_tunnel_client::operator::{self, default_config_dir, Operator};
+
+#[derive(Parser)]
+#[command(
+    name = "floto",
+    version,
+    about = "floto-connect operator CLI: reach devices by UUID"
+)]
+struct Cli {
+    /// Operator config dir (default: $XDG_CONFIG_HOME/floto).
+    #[arg(long, env = "FLOTO_CONFIG_DIR", global = true)]
+    config_dir: Option<PathBuf>,
+    /// Broker transport: QUIC, HTTPS CONNECT, or QUIC falling back to CONNECT.
+    #[arg(long, env = "FLOTO_BROKER_TRANSPORT", value_enum, default_value_t = TransportArg::Auto, global = true)]
+    transport: TransportArg,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TransportArg {
+    Auto,
+    Quic,
+    Connect,
+}
+
+impl TransportArg {
+    fn transport(self) -> Transport {
+        match self {
+            Self::Auto => Transport::Auto,
+            Self::Quic => Transport::Quic,
+            Self::Connect => Transport::Connect,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Quic => "quic",
+            Self::Connect => "connect",
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Trade a one-time login token for an operator certificate.
+    Login {
+        /// The server's API, https://HOST[:PORT].
+        #[arg(long, env = "FLOTO_SERVER")]
+        server: String,
+        #[arg(long, env = "FLOTO_TOKEN", hide_env_values = true)]
+        token: String,
+        /// CA certificate (PEM) of the server's TLS certificate (default: the system's CAs).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
+    /// List devices you may see.
+    Devices {
+        #[arg(long)]
+        online: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// ssh into a device through the broker (runs the system `ssh`).
+    Ssh {
+        device: String,
+        /// Remote user.
+        #[arg(short = 'l', default_value = "root")]
+        user: String,
+        /// Remote port.
+        #[arg(short = 'p', default_value_t = 22)]
+        port: u16,
+        /// Arguments for ssh (options, then the remote command).
+        #[arg(last = true)]
+        ssh_args: Vec<String>,
+    },
+    /// Connect stdin/stdout to a device port (for ssh's ProxyCommand).
+    Proxy { device: String, port: u16 },
+    /// Forward local ports to device ports: [LOCAL_ADDR:]LOCAL_PORT:REMOTE_PORT...
+    Tunnel {
+        device: String,
+        #[arg(required = true)]
+        forwards: Vec<ForwardSpec>,
+    },
+    /// Print an ssh_config block so plain ssh, scp, rsync and ansible reach UUID.floto.
+    SshConfig,
+}
+
+fn main() -> ExitCode {
+    floto_tunnel_client::init_logging("warn");
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("floto: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("floto: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let dir = cli.config_dir.clone().unwrap_or_else(default_config_dir);
+    let transport = cli.transport;
+    match cli.command {
+        Command::Login { server, token, ca } => {
+            let ca_pem = match ca {
+                Some(path) => files::read_to_string(&path)?,
+                None => system_roots()?,
+            };
+            let config = operator::login(&dir, &server, &token, &ca_pem).await?;
+            eprintln!(
+                "logged in to {} as {} ({}); certificate valid until {}",
+                config.server,
+                config.name,
+                config.role,
+                config
+                    .expires_at
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default()
+            );
+        }
+        Command::Devices { online, json } => {
+            let op = Operator::load(&dir)?;
+            let devices = op.api()?.devices(online.then_some(true)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&devices)?);
+            } else {
+                print_devices(&devices);
+            }
+        }
+        Command::Ssh {
+            device,
+            user,
+            port,
+            ssh_args,
+        } => {
+            let id = DeviceId::from_host(&device)?;
+            // Fail here with a clear message rather than inside ssh.
+            Operator::load(&dir)?;
+            let exe = std::env::current_exe()?;
+            let proxy = format!(
+                "{} --config-dir {} --transport {} proxy {id} %p",
+                shell_quote(&exe.to_string_lossy()),
+                shell_quote(&dir.to_string_lossy()),
+                transport.name()
+            );
+            let host = format!("{id}.floto");
+            let err = std::process::Command::new("ssh")
+                .arg("-o")
+                .arg(format!("ProxyCommand={proxy}"))
+                .arg("-o")
+                .arg(format!("HostKeyAlias={host}"))
+                .arg("-p")
+                .arg(port.to_string())
+                .arg("-l")
+                .arg(&user)
+                .arg(&host)
+                .args(&ssh_args)
+                .exec();
+            anyhow::bail!("cannot run ssh: {err}");
+        }
+        Command::Proxy { device, port } => {
+            let op = Operator::load(&dir)?;
+            forward::proxy_stdio(&op.broker_target()?, &device, port, transport.transport())
+                .await?;
+        }
+        Command::Tunnel { device, forwards } => {
+            let op = Operator::load(&dir)?;
+            let target = op.broker_target()?;
+            let id = DeviceId::from_host(&device)?;
+            forward::tunnel(
+                target,
+                id.to_string(),
+                forwards,
+                transport.transport(),
+                |bound| {
+                    for (local, remote) in bound {
+                        eprintln!("forwarding {local} -> {id}:{remote}");
+                    }
+                },
+            )
+            .await?;
+        }
+        Command::SshConfig => {
+            let exe = std::env::current_exe()?;
+            print!("{}", ssh_config(&exe, cli.config_dir.as_deref()));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ssh_config(exe: &Path, config_dir: Option<&Path>) -> String {
+    let dir = config_dir
+        .map(|d| format!(" --config-dir {}", shell_quote(&d.to_string_lossy())))
+        .unwrap_or_default();
+    format!(
+        "# floto-connect: `ssh root@UUID.floto` reaches a device through the broker.\n\
+         Host *.floto *.balena\n    \
+         ProxyCommand {}{dir} proxy %n %p\n    \
+         User root\n",
+        shell_quote(&exe.to_string_lossy())
+    )
+}
+
+fn print_devices(devices: &[DeviceInfo]) {
+    println!(
+        "{:<38} {:<16} {:<15} {:<7} {:<22} ENDPOINT",
+        "UUID", "FLEET", "OVERLAY IP", "ONLINE", "LAST SEEN"
+    );
+    for d in devices {
+        println!(
+            "{:<38} {:<16} {:<15} {:<7} {:<22} {}",
+            d.uuid,
+            d.fleet,
+            d.overlay_ip,
+            if d.online { "yes" } else { "no" },
+            d.last_seen
+                .and_then(|t| t
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .ok())
+                .unwrap_or_else(|| "-".into()),
+            d.endpoint.as_deref().unwrap_or("-"),
+        );
+    }
+}
+
+/// The system's CA bundle, for servers whose certificate is publicly trusted.
+fn system_roots() -> anyhow::Result<String> {
+    let candidates = [
+        std::env::var("SSL_CERT_FILE").ok(),
+        Some("/etc/ssl/certs/ca-certificates.crt".to_owned()),
+        Some("/etc/pki/tls/certs/ca-bundle.crt".to_owned()),
+    ];
+    for c in candidates.into_iter().flatten() {
+        if let Ok(pem) = std::fs::read_to_string(&c) {
+            return Ok(pem);
+        }
+    }
+    anyhow::bail!(
+        "no --ca given and no system CA bundle found; pass --ca with the server's CA certificate"
+    )
+}
+
+/// Quotes for /bin/sh, which runs ssh's ProxyCommand.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+=:,@".contains(&b))
+    {
+        return s.to_owned();
+    }
+    format!("'{}'", s.replace('\'', "'\\''"))
+}

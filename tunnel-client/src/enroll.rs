@@ -1,0 +1,162 @@
+//! Device enrollment: make keys once, keep them before asking, and store what the server
+//! signs. A retry (after a timeout or a crash) reuses the same keys and UUID, so the server
+//! sees a re-enrollment rather than a second device.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tracing::info;
+
+use floto_client::files;
+use floto_client::{ApiClient, ClientError};
+use floto_proto::enroll::EnrollRequest;
+use floto_proto::{DeviceId, WgKey};
+
+use crate::state::{DeviceState, StateDir, StateError};
+
+/// What `floto-tunnel enroll` needs.
+#[derive(Debug, Clone)]
+pub struct EnrollOptions {
+    /// `https://HOST[:PORT]`
+    pub server: String,
+    /// CA of the server's TLS certificate, PEM.
+    pub server_ca_pem: String,
+    pub provisioning_key: String,
+    pub uuid: Option<DeviceId>,
+    pub device_type: Option<String>,
+    pub hostname: Option<String>,
+}
+
+/// Why enrollment failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("enrollment refused: {0}")]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("key generation failed: {0}")]
+    Keys(String),
+}
+
+/// Keys kept while an enrollment is in flight.
+#[derive(Debug, Serialize, Deserialize)]
+struct Pending {
+    uuid: DeviceId,
+    server: String,
+}
+
+/// Enrolls (or re-enrolls) the device whose identity lives in `dir`.
+///
+/// Returns the loaded state and whether the server created a new device (201) rather than
+/// re-enrolling an existing one (200).
+pub async fn enroll(
+    dir: &StateDir,
+    opts: &EnrollOptions,
+) -> Result<(DeviceState, bool), EnrollError> {
+    files::create_private_dir(dir.root()).map_err(StateError::from)?;
+    let uuid = identity_to_use(dir, opts)?;
+    let device_key = dir.device_key();
+    let wg_path = dir.wg_key();
+    if !device_key.exists() {
+        let key = floto_pki::generate_key().map_err(|e| EnrollError::Keys(e.to_string()))?;
+        files::write_secret(&device_key, key.as_bytes()).map_err(StateError::from)?;
+    }
+    if !wg_path.exists() {
+        let secret = x25519_dalek::StaticSecret::from(rand::random::<[u8; 32]>());
+        files::write_secret(
+            &wg_path,
+            format!("{}\n", WgKey(secret.to_bytes())).as_bytes(),
+        )
+        .map_err(StateError::from)?;
+    }
+    if !dir.is_enrolled() {
+        let pending = Pending {
+            uuid,
+            server: opts.server.clone(),
+        };
+        let json =
+            serde_json::to_vec_pretty(&pending).map_err(|e| EnrollError::Usage(e.to_string()))?;
+        files::write_public(&dir.pending(), &json).map_err(StateError::from)?;
+    }
+    let key_pem = files::read_secret(&device_key).map_err(StateError::from)?;
+    let wg_text = files::read_secret(&wg_path).map_err(StateError::from)?;
+    let wg: WgKey = wg_text.trim().parse().map_err(|e| StateError::Damaged {
+        dir: dir.root().to_owned(),
+        file: "wg.key",
+        reason: format!("{e}"),
+    })?;
+    let wg_public =
+        WgKey(x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(wg.0)).to_bytes());
+    let csr =
+        floto_pki::make_csr(&key_pem, &uuid.to_string()).map_err(|e| StateError::Damaged {
+            dir: dir.root().to_owned(),
+            file: "device.key",
+            reason: e.to_string(),
+        })?;
+    let api = ApiClient::new(&opts.server, &opts.server_ca_pem, None)?;
+    let (status, resp) = api
+        .enroll(
+            &opts.provisioning_key,
+            &EnrollRequest {
+                uuid: Some(uuid.to_string()),
+                csr_pem: csr,
+                wg_public_key: wg_public.to_base64(),
+                device_type: opts.device_type.clone(),
+                hostname: opts.hostname.clone(),
+            },
+        )
+        .await?;
+    if resp.uuid != uuid {
+        return Err(EnrollError::Usage(format!(
+            "the server enrolled {} instead of {uuid}",
+            resp.uuid
+        )));
+    }
+    dir.save_enrollment(
+        &resp,
+        &opts.server,
+        &opts.server_ca_pem,
+        OffsetDateTime::now_utc(),
+    )?;
+    let _ = std::fs::remove_file(dir.pending());
+    let state = dir.load()?;
+    info!(device = %uuid, ip = %resp.overlay_ip, status, "enrolled");
+    Ok((state, status == 201))
+}
+
+/// The UUID this enrollment is for: the one already in the state dir (enrolled or
+/// pending), else `--uuid`, else a new one. A conflicting `--uuid` is an error.
+fn identity_to_use(dir: &StateDir, opts: &EnrollOptions) -> Result<DeviceId, EnrollError> {
+    let existing = if dir.is_enrolled() {
+        Some(dir.load()?.file.uuid)
+    } else if dir.pending().exists() {
+        let text = files::read_to_string(&dir.pending()).map_err(StateError::from)?;
+        let pending: Pending = serde_json::from_str(&text).map_err(|e| StateError::Damaged {
+            dir: dir.root().to_owned(),
+            file: "pending.json",
+            reason: e.to_string(),
+        })?;
+        Some(pending.uuid)
+    } else {
+        if dir.device_key().exists() || dir.wg_key().exists() {
+            // Keys without a record of which device they belong to: refuse to guess.
+            return Err(StateError::Damaged {
+                dir: dir.root().to_owned(),
+                file: "state.json",
+                reason: "keys are present but neither state.json nor pending.json says which device they belong to".into(),
+            }
+            .into());
+        }
+        None
+    };
+    match (existing, opts.uuid) {
+        (Some(have), Some(want)) if have != want => Err(EnrollError::Usage(format!(
+            "{} already holds device {have}; use another --state-dir for {want}",
+            dir.root().display()
+        ))),
+        (Some(have), _) => Ok(have),
+        (None, Some(want)) => Ok(want),
+        (None, None) => Ok(DeviceId::new_random()),
+    }
+}

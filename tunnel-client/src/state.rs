@@ -1,0 +1,267 @@
+//! The device's state dir: its identity (UUID, certificate and key, WireGuard key) and
+//! what the server told it at enrollment. Loaded strictly: a damaged state dir is an
+//! error that says what is wrong, never a reason to make a new identity.
+
+use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use floto_client::files::{self, FileError};
+use floto_client::{ApiClient, Identity};
+use floto_proto::enroll::EnrollResponse;
+use floto_proto::wgconf::WgQuickConfig;
+use floto_proto::{DeviceId, WgKey};
+
+/// Version of `state.json` this code writes.
+const STATE_VERSION: u32 = 1;
+
+/// Why the state dir cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// There is no identity here yet.
+    #[error("{} holds no device identity; run `floto-tunnel enroll` first", .0.display())]
+    NotEnrolled(PathBuf),
+    /// A file is missing, unreadable or does not parse.
+    #[error("state dir {} is damaged: {file}: {reason}. Not creating a new identity: restore the state dir from a backup, or move it away and enroll again (the device then gets a new UUID)", dir.display())]
+    Damaged {
+        dir: PathBuf,
+        file: &'static str,
+        reason: String,
+    },
+    /// Reading or writing failed.
+    #[error(transparent)]
+    File(#[from] FileError),
+}
+
+/// `state.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateFile {
+    pub version: u32,
+    pub uuid: DeviceId,
+    /// The API URL the device enrolled with.
+    pub server: String,
+    pub overlay_ip: Ipv4Addr,
+    pub server_overlay_ip: Ipv4Addr,
+    pub overlay_network: String,
+    pub endpoint: String,
+    pub server_public_key: WgKey,
+    pub persistent_keepalive: u16,
+    #[serde(with = "time::serde::rfc3339")]
+    pub renew_after: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+/// A loaded, consistent identity.
+#[derive(Clone)]
+pub struct DeviceState {
+    pub file: StateFile,
+    pub device_key_pem: String,
+    pub cert_pem: String,
+    /// The CA the server's TLS certificate chains to (from `--ca` at enrollment).
+    pub server_ca_pem: String,
+    pub wg_private: [u8; 32],
+}
+
+impl std::fmt::Debug for DeviceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceState")
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceState {
+    pub fn wg_public(&self) -> WgKey {
+        let secret = x25519_dalek::StaticSecret::from(self.wg_private);
+        WgKey(x25519_dalek::PublicKey::from(&secret).to_bytes())
+    }
+
+    /// The complete wg-quick config, private key included.
+    pub fn wg_quick_config(&self) -> String {
+        WgQuickConfig {
+            address: self.file.overlay_ip,
+            allowed_ips: self.file.overlay_network.clone(),
+            server_public_key: self.file.server_public_key,
+            endpoint: self.file.endpoint.clone(),
+            persistent_keepalive: self.file.persistent_keepalive,
+        }
+        .render(Some(&WgKey(self.wg_private).to_base64()))
+    }
+
+    pub fn identity(&self) -> Identity {
+        Identity {
+            cert_pem: self.cert_pem.clone(),
+            key_pem: self.device_key_pem.clone(),
+        }
+    }
+
+    /// An API client that presents the device certificate.
+    pub fn api(&self) -> Result<ApiClient, floto_client::ClientError> {
+        ApiClient::new(
+            &self.file.server,
+            &self.server_ca_pem,
+            Some(&self.identity()),
+        )
+    }
+}
+
+/// The state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn state_json(&self) -> PathBuf {
+        self.root.join("state.json")
+    }
+    pub fn device_key(&self) -> PathBuf {
+        self.root.join("device.key")
+    }
+    pub fn device_cert(&self) -> PathBuf {
+        self.root.join("device.pem")
+    }
+    pub fn server_ca(&self) -> PathBuf {
+        self.root.join("server-ca.pem")
+    }
+    pub fn wg_key(&self) -> PathBuf {
+        self.root.join("wg.key")
+    }
+    /// Written before an enrollment request, so a retry reuses the same keys.
+    pub fn pending(&self) -> PathBuf {
+        self.root.join("pending.json")
+    }
+    /// Written by a running agent.
+    pub fn status(&self) -> PathBuf {
+        self.root.join("status.json")
+    }
+
+    pub fn is_enrolled(&self) -> bool {
+        self.state_json().exists()
+    }
+
+    fn damaged(&self, file: &'static str, reason: impl std::fmt::Display) -> StateError {
+        StateError::Damaged {
+            dir: self.root.clone(),
+            file,
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Reads a file that must be there, turning a parse failure into `Damaged`.
+    fn read(&self, path: &Path, name: &'static str, secret: bool) -> Result<String, StateError> {
+        let read = if secret {
+            tighten(path);
+            files::read_secret(path)
+        } else {
+            files::read_to_string(path)
+        };
+        read.map_err(|e| {
+            if e.is_not_found() {
+                self.damaged(name, "missing")
+            } else {
+                self.damaged(name, e.source)
+            }
+        })
+    }
+
+    /// Loads and cross-checks the identity.
+    pub fn load(&self) -> Result<DeviceState, StateError> {
+        if !self.is_enrolled() {
+            return Err(StateError::NotEnrolled(self.root.clone()));
+        }
+        let text = self.read(&self.state_json(), "state.json", false)?;
+        let file: StateFile =
+            serde_json::from_str(&text).map_err(|e| self.damaged("state.json", e))?;
+        if file.version != STATE_VERSION {
+            return Err(self.damaged(
+                "state.json",
+                format!("version {} is not {STATE_VERSION}", file.version),
+            ));
+        }
+        let device_key_pem = self.read(&self.device_key(), "device.key", true)?;
+        let cert_pem = self.read(&self.device_cert(), "device.pem", false)?;
+        let server_ca_pem = self.read(&self.server_ca(), "server-ca.pem", false)?;
+        let wg_text = self.read(&self.wg_key(), "wg.key", true)?;
+        let wg: WgKey = wg_text
+            .trim()
+            .parse()
+            .map_err(|e| self.damaged("wg.key", e))?;
+        let cert =
+            floto_pki::parse_cert_pem(&cert_pem).map_err(|e| self.damaged("device.pem", e))?;
+        if cert.device_id() != Some(file.uuid) {
+            return Err(self.damaged(
+                "device.pem",
+                format!("the certificate is not for device {}", file.uuid),
+            ));
+        }
+        match floto_pki::key_matches_cert(&device_key_pem, &cert_pem) {
+            Ok(true) => {}
+            Ok(false) => return Err(self.damaged("device.key", "does not belong to device.pem")),
+            Err(e) => return Err(self.damaged("device.key", e)),
+        }
+        Ok(DeviceState {
+            file,
+            device_key_pem,
+            cert_pem,
+            server_ca_pem,
+            wg_private: wg.0,
+        })
+    }
+
+    /// Writes a new certificate and what the server said, after the keys it belongs to.
+    pub fn save_enrollment(
+        &self,
+        resp: &EnrollResponse,
+        server: &str,
+        server_ca_pem: &str,
+        now: OffsetDateTime,
+    ) -> Result<StateFile, StateError> {
+        let file = StateFile {
+            version: STATE_VERSION,
+            uuid: resp.uuid,
+            server: server.to_owned(),
+            overlay_ip: resp.overlay_ip,
+            server_overlay_ip: resp.server_overlay_ip,
+            overlay_network: resp.overlay_network.clone(),
+            endpoint: resp.endpoint.clone(),
+            server_public_key: resp.server_public_key,
+            persistent_keepalive: resp.persistent_keepalive,
+            renew_after: resp.renew_after,
+            expires_at: resp.expires_at,
+            updated_at: now,
+        };
+        files::write_public(&self.server_ca(), server_ca_pem.as_bytes())?;
+        files::write_public(&self.device_cert(), resp.certificate_pem.as_bytes())?;
+        let json =
+            serde_json::to_string_pretty(&file).map_err(|e| self.damaged("state.json", e))?;
+        // state.json last: its presence means the rest is complete.
+        files::write_public(&self.state_json(), json.as_bytes())?;
+        Ok(file)
+    }
+}
+
+/// Secrets readable by others are made private again (and the read warns).
+fn tighten(path: &Path) {
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "secret was readable by others; setting it to 0600");
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! Admin and operator routes: provisioning keys, operators, login, revocation, CA and CRL.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::Json;
+use time::OffsetDateTime;
+use tracing::info;
+
+use floto_pki::{RevokedSerial, Serial};
+use floto_proto::admin::{
+    validate_fleet_name, validate_operator_name, AddOperatorRequest, AddOperatorResponse,
+    CreateKeyRequest, CreateKeyResponse, KeyInfo, LoginRequest, LoginResponse, OperatorInfo, Role,
+};
+use floto_proto::devices::DeviceInfo;
+use floto_proto::ErrorCode;
+
+use super::devices::{parse_uuid, unknown};
+use super::{parse_json, ConnInfo, Failure, LimitedBody};
+use crate::secret::{hash_secret, new_secret, secret_id};
+use crate::store::{AuditRecord, CertKind, IssuedCertRecord, NewKey, NewOperator, TokenRefusal};
+use crate::AppState;
+
+/// Longest provisioning-key lifetime accepted.
+const MAX_KEY_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// How long a login token may wait to be used.
+pub const LOGIN_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Validity of the CRL the server publishes.
+const CRL_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+
+fn bad(message: impl Into<String>) -> Failure {
+    Failure::new(ErrorCode::BadRequest, message)
+}
+
+/// `POST /v1/keys` (admin): a new provisioning key, shown once.
+pub async fn create_key(
+    State(state): State<Arc<AppState>>,
+    conn: axum::Extension<ConnInfo>,
+    LimitedBody(body): LimitedBody,
+) -> Result<(StatusCode, Json<CreateKeyResponse>), Failure> {
+    let op = conn.operator(&state, Role::Admin).await?;
+    let req: CreateKeyRequest = parse_json(&body)?;
+    validate_fleet_name(&req.fleet).map_err(bad)?;
+    if req.uses == Some(0) {
+        return Err(bad("uses must be at least 1 (omit it for unlimited)"));
+    }
+    let now = OffsetDateTime::now_utc();
+    let expires_at = match req.expires_in_secs {
+        None => None,
+        Some(0) => return Err(bad("expires_in_secs must be at least 1")),
+        Some(s) if Duration::from_secs(s) > MAX_KEY_LIFETIME => {
+            return Err(bad("a provisioning key may live at most 10 years"))
+        }
+        Some(s) => Some(now + Duration::from_secs(s)),
+    };
+    let secret = new_secret("fpk");
+    let hash = hash_secret(&secret);
+    let key = state
+        .store
+        .create_key(NewKey {
+            id: secret_id(&hash),
+            hash,
+            fleet: req.fleet.clone(),
+            uses: req.uses,
+            expires_at,
+            created_at: now,
+        })
+        .await?;
+    state
+        .audit(AuditRecord {
+            at: now,
+            actor: op.name.clone(),
+            action: "key.created".into(),
+            device: None,
+            detail: serde_json::json!({"id": key.id, "fleet": key.fleet, "uses": key.uses_left, "expires_at": expires_at.map(|t| t.unix_timestamp())}).to_string(),
+        })
+        .await;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreateKeyResponse {
+            id: key.id,
+            key: secret,
+            fleet: key.fleet,
+            uses: key.uses_left,
+            expires_at,
+        }),
+    ))
+}
+
+/// `GET /v1/keys` (admin): keys without their secrets.
+pub async fn list_keys(
+    State(state): State<Arc<AppState>>,
+    conn: axum::Extension<ConnInfo>,
+) -> Result<Json<Vec<KeyInfo>>, Failure> {
+    conn.operator(&state, Role::Admin).await?;
+    let keys = state.store.list_keys().await?;
+    Ok(Json(
+        keys.into_iter()
+            .map(|k| KeyInfo {
+                id: k.id,
+                fleet: k.fleet,
+                uses_left: k.uses_left,
+                expires_at: k.expires_at,
+                created_at: k.created_at,
+                revoked_at: k.revoked_at,
+            })
+            .collect(),
+    ))
+}
+
+/// `POST /v1/operators` (admin): a new operator and its one-time login token.
+pub async fn add_operator(
+    State(state): State<Arc<AppState>>,
+    conn: axum::Extension<ConnInfo>,
+    LimitedBody(body): LimitedBody,
+) -> Result<(StatusCode, Json<AddOperatorResponse>), Failure> {
+    let admin = conn.operator(&state, Role::Admin).await?;
+    let req: AddOperatorRequest = parse_json(&body)?;
+    validate_operator_name(&req.name).map_err(bad)?;
+    for fleet in &req.fleets {
+        validate_fleet_name(fleet).map_err(bad)?;
+    }
+    if req.role == Role::Operator && req.fleets.is_empty() {
+        return Err(bad(
+            "an operator needs at least one fleet (--fleet NAME); admins reach every fleet",
+        ));
+    }
+    let fleets = if req.role == Role::Admin {
+        Vec::new()
+    } else {
+        let mut f = req.fleets.clone();
+        f.sort();
+        f.dedup();
+        f
+    };
+    let now = OffsetDateTime::now_utc();
+    let token = new_secret("fot");
+    let token_expires_at = now + LOGIN_TOKEN_LIFETIME;
+    let added = state
+        .store
+        .add_operator(NewOperator {
+            name: req.name.clone(),
+            role: req.role,
+            fleets: fleets.clone(),
+            token_hash: hash_secret(&token),
+            token_expires_at,
+            now,
+        })
+        .await?;
+    if added.is_none() {
+        return Err(Failure::new(
+            ErrorCode::Conflict,
+            format!("operator {:?} already exists", req.name),
+        ));
+    }
+    state
+        .audit(AuditRecord {
+            at: now,
+            actor: admin.name.clone(),
+            action: "operator.added".into(),
+            device: None,
+            detail: serde_json::json!({"name": req.name, "role": req.role, "fleets": fleets})
+                .to_string(),
+        })
+        .await;
+    Ok((
+        StatusCode::CREATED,
+        Json(AddOperatorResponse {
+            name: req.name,
+            role: req.role,
+            fleets,
+            token,
+            token_expires_at,
+        }),
+    ))
+}
+
+/// `GET /v1/operators` (admin)
+pub async fn list_operators(
+    State(state): State<Arc<AppState>>,
+    conn: axum::Extension<ConnInfo>,
+) -> Result<Json<Vec<OperatorInfo>>, Failure> {
+    conn.operator(&state, Role::Admin).await?;
+    let ops = state.store.operators().await?;
+    Ok(Json(
+        ops.into_iter()
+            .map(|o| OperatorInfo {
+                name: o.name,
+                role: o.role,
+                fleets: o.fleets,
+                created_at: o.created_at,
+                revoked_at: o.revoked_at,
+            })
+            .collect(),
+    ))
+}
+
+/// `POST /v1/login`: a one-time token and a CSR for an operator certificate.
+pub async fn login(
+    State(state): State<Arc<AppState>>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Json<LoginResponse>, Failure> {
+    let req: LoginRequest = parse_json(&body)?;
+    // Check the CSR before taking the token, so a bad CSR does not burn it.
+    let csr = floto_pki::parse_csr(&req.csr_pem).map_err(|e| bad(format!("csr_pem: {e}")))?;
+    let now = OffsetDateTime::now_utc();
+    let op = state
+        .store
+        .consume_login_token(&hash_secret(&req.token), now)
+        .await?
+        .map_err(|refusal| {
+            let message = match refusal {
+                TokenRefusal::Unknown => "unknown login token",
+                TokenRefusal::Used => {
+                    "this login token was already used; ask an admin for a new one (operator add)"
+                }
+                TokenRefusal::Expired => "this login token expired; ask an admin for a new one",
+                TokenRefusal::OperatorRevoked => "this operator was revoked",
+            };
+            Failure::new(ErrorCode::Unauthorized, message)
+        })?;
+    let serial = Serial::random();
+    let cert = state
+        .ca
+        .sign_operator(
+            &csr,
+            &op.name,
+            &serial,
+            now,
+            state.config.operator_cert_lifetime,
+        )
+        .map_err(|e| Failure::internal(format!("signing an operator certificate: {e}")))?;
+    state
+        .store
+        .record_certificate(IssuedCertRecord {
+            serial: serial.to_hex(),
+            kind: CertKind::Operator,
+            subject: op.name.clone(),
+            issued_at: now,
+            expires_at: cert.not_after,
+            revoked_at: None,
+        })
+        .await?;
+    state
+        .audit(AuditRecord {
+            at: now,
+            actor: op.name.clone(),
+            action: "operator.login".into(),
+            device: None,
+            detail: serde_json::json!({"serial": serial.to_hex()}).to_string(),
+        })
+        .await;
+    info!(operator = %op.name, "operator logged in");
+    Ok(Json(LoginResponse {
+        name: op.name,
+        role: op.role,
+        fleets: op.fleets,
+        certificate_pem: cert.pem,
+        ca_pem: state.ca.cert_pem().to_owned(),
+        expires_at: cert.not_after,
+        quic_port: state.bound.quic.port(),
+    }))
+}
+
+/// `POST /v1/devices/{uuid}/revoke` (admin): the peer and its session go at once, its
+/// certificates are refused from now on, and its broker sessions are closed.
+pub async fn revoke_device(
+    State(state): State<Arc<AppState>>,
+    conn: axum::Extension<ConnInfo>,
+    Path(uuid): Path<String>,
+) -> Result<Json<DeviceInfo>, Failure> {
+    let admin = conn.operator(&state, Role::Admin).await?;
+    let id = parse_uuid(&uuid)?;
+    let now = OffsetDateTime::now_utc();
+    let device = state
+        .store
+        .revoke_device(&id, now)
+        .await?
+        .ok_or_else(|| unknown(&id))?;
+    state.wg.remove_peer(&id);
+    state.broker.close_device(&id);
+    for cert in state.store.revoked_certificates(now).await? {
+        state.revoked.insert(cert.serial);
+    }
+    state
+        .audit(AuditRecord {
+            at: now,
+            actor: admin.name.clone(),
+            action: "device.revoked".into(),
+            device: Some(id),
+            detail: serde_json::json!({"fleet": device.fleet, "serial": device.cert_serial})
+                .to_string(),
+        })
+        .await;
+    info!(device = %id, by = %admin.name, "device revoked");
+    Ok(Json(state.live_info(&device)))
+}
+
+/// `GET /v1/ca`: the CA certificate, PEM.
+pub async fn ca_pem(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/x-pem-file")],
+        state.ca.cert_pem().to_owned(),
+    )
+}
+
+/// `GET /v1/crl`: the current CRL, PEM, signed at each request.
+pub async fn crl_pem(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, Failure> {
+    let now = OffsetDateTime::now_utc();
+    let revoked = state.store.revoked_certificates(now).await?;
+    let entries = revoked
+        .iter()
+        .filter_map(|c| {
+            Some(RevokedSerial {
+                serial: Serial::from_hex(&c.serial).ok()?,
+                revoked_at: c.revoked_at?,
+            })
+        })
+        .collect::<Vec<_>>();
+    let number = state.store.next_crl_number().await?;
+    let pem = state
+        .ca
+        .crl(&entries, number, now, CRL_VALIDITY)
+        .map_err(|e| Failure::internal(format!("signing the CRL: {e}")))?;
+    Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem))
+}

@@ -1,0 +1,122 @@
+//! `GET /v1/devices` and `GET /v1/devices/{uuid}`: registry facts joined with the live
+//! session table.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::Json;
+use serde::Deserialize;
+
+use floto_proto::admin::Role;
+use floto_proto::devices::DeviceInfo;
+use floto_proto::{DeviceId, ErrorCode};
+
+use super::{ConnInfo, Failure};
+use crate::events::WallClock;
+use crate::store::{Device, Operator};
+use crate::wg::PeerStatus;
+use crate::AppState;
+
+/// Joins a registry row with its live status (absent when the server is not running or
+/// the device is revoked).
+pub fn device_info(d: &Device, live: Option<&PeerStatus>, clock: &WallClock) -> DeviceInfo {
+    let (online, online_since, last_seen, endpoint, generation, rx, tx) = match live {
+        Some(s) => (
+            s.online,
+            s.online_since.map(|t| clock.wall(t)),
+            s.last_seen.map(|t| clock.wall(t)).or(d.last_seen),
+            s.endpoint.or(d.last_endpoint),
+            s.generation,
+            s.rx_bytes,
+            s.tx_bytes,
+        ),
+        None => (false, None, d.last_seen, d.last_endpoint, 0, 0, 0),
+    };
+    DeviceInfo {
+        uuid: d.id,
+        fleet: d.fleet.clone(),
+        overlay_ip: d.overlay_ip,
+        wg_public_key: d.wg_public_key,
+        online,
+        online_since,
+        last_seen,
+        endpoint: endpoint.map(|e| e.to_string()),
+        generation,
+        rx_bytes: rx,
+        tx_bytes: tx,
+        cert_serial: d.cert_serial.clone(),
+        cert_expires_at: d.cert_expires_at,
+        created_at: d.created_at,
+        revoked_at: d.revoked_at,
+        device_type: d.device_type.clone(),
+        hostname: d.hostname.clone(),
+    }
+}
+
+/// May this operator see devices of `fleet`?
+pub fn may_see(op: &Operator, fleet: &str) -> bool {
+    crate::authz::allowed(
+        op.role,
+        &op.fleets,
+        crate::authz::Action::ViewDevice,
+        Some(fleet),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    #[serde(default)]
+    pub online: Option<bool>,
+    #[serde(default)]
+    pub fleet: Option<String>,
+}
+
+impl AppState {
+    pub fn live_info(&self, d: &Device) -> DeviceInfo {
+        device_info(d, self.wg.table.status(&d.id).as_ref(), self.events.clock())
+    }
+}
+
+/// `GET /v1/devices[?online=true][&fleet=F]`
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    conn: axum::Extension<ConnInfo>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<DeviceInfo>>, Failure> {
+    let op = conn.operator(&state, Role::Viewer).await?;
+    let devices = state.store.devices().await?;
+    let out = devices
+        .iter()
+        .filter(|d| may_see(&op, &d.fleet))
+        .filter(|d| q.fleet.as_ref().is_none_or(|f| *f == d.fleet))
+        .map(|d| state.live_info(d))
+        .filter(|i| q.online.is_none_or(|want| i.online == want))
+        .collect();
+    Ok(Json(out))
+}
+
+/// `GET /v1/devices/{uuid}`
+pub async fn show(
+    State(state): State<Arc<AppState>>,
+    conn: axum::Extension<ConnInfo>,
+    Path(uuid): Path<String>,
+) -> Result<Json<DeviceInfo>, Failure> {
+    let op = conn.operator(&state, Role::Viewer).await?;
+    let id = parse_uuid(&uuid)?;
+    let device = state.store.device(&id).await?.ok_or_else(|| unknown(&id))?;
+    if !may_see(&op, &device.fleet) {
+        return Err(Failure::new(
+            ErrorCode::Forbidden,
+            format!("operator {:?} may not see device {id}", op.name),
+        ));
+    }
+    Ok(Json(state.live_info(&device)))
+}
+
+pub fn parse_uuid(s: &str) -> Result<DeviceId, Failure> {
+    DeviceId::from_host(s).map_err(|e| Failure::new(ErrorCode::BadRequest, e.to_string()))
+}
+
+pub fn unknown(id: &DeviceId) -> Failure {
+    Failure::new(ErrorCode::NotFound, format!("no device {id} is enrolled"))
+}

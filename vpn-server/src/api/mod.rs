@@ -1,0 +1,348 @@
+//! The HTTPS API on TCP 8443 (enrollment, REST, admin, and the broker's CONNECT), and the
+//! plain-HTTP metrics and health endpoints on 9090.
+//!
+//! TLS asks every client for a certificate but does not require one; what a client
+//! presented is checked against our CA here, per request, so that a device with an expired
+//! or revoked certificate gets an HTTP answer that says so (and a route that needs no
+//! certificate, like enrollment, still works).
+
+pub mod admin;
+pub mod devices;
+pub mod server;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use time::OffsetDateTime;
+use tracing::error;
+
+use floto_pki::{CertInfo, VerifyError};
+use floto_proto::admin::Role;
+use floto_proto::{paths, ApiError, DeviceId, ErrorCode};
+
+use crate::store::{Operator, StoreError};
+use crate::AppState;
+
+/// Largest request body any route accepts.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// An error answer: status from the code, JSON body, and `Retry-After` when shedding.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: ApiError,
+    pub retry_after: Option<Duration>,
+}
+
+impl Failure {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            error: ApiError::new(code, message),
+            retry_after: None,
+        }
+    }
+
+    /// 500: logged here with the detail; the client gets a pointer to the log.
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        error!(error = %detail, "request failed");
+        Self::new(
+            ErrorCode::Internal,
+            "internal server error; the server log has the details",
+        )
+    }
+
+    /// 429 with a randomised `Retry-After`.
+    pub fn shed(message: impl Into<String>) -> Self {
+        Self {
+            error: ApiError::new(ErrorCode::TooManyRequests, message),
+            retry_after: Some(crate::enroll::retry_after_jitter()),
+        }
+    }
+
+    /// The `result` label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self.error.error {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::PayloadTooLarge => "too_large",
+            ErrorCode::TooManyRequests => "shed",
+            ErrorCode::Unavailable => "unavailable",
+            _ => "error",
+        }
+    }
+}
+
+impl From<ApiError> for Failure {
+    fn from(error: ApiError) -> Self {
+        Self {
+            error,
+            retry_after: None,
+        }
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure::internal(e)
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.error.error.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut resp = (status, Json(self.error)).into_response();
+        if let Some(after) = self.retry_after {
+            if let Ok(v) = HeaderValue::from_str(&after.as_secs().max(1).to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}
+
+/// Parses a JSON body, with a message that names what is wrong.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Failure> {
+    serde_json::from_slice(body).map_err(|e| {
+        Failure::new(
+            ErrorCode::BadRequest,
+            format!("request body is not valid JSON for this route: {e}"),
+        )
+    })
+}
+
+/// What a connection brought: addresses, the host asked for, and the client certificate.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+    /// Host of this request (from `Host`/`:authority`, else SNI), without the port.
+    pub host: Option<String>,
+    /// The client certificate as checked against our CA at handshake time.
+    pub peer_cert: PeerCert,
+}
+
+/// A client certificate, checked once per connection.
+#[derive(Clone, Debug)]
+pub enum PeerCert {
+    None,
+    Valid(Arc<CertInfo>),
+    Invalid(Arc<VerifyError>),
+}
+
+impl ConnInfo {
+    /// The verified, unrevoked certificate, or the 401 that says why not.
+    pub fn certificate(
+        &self,
+        state: &AppState,
+        now: OffsetDateTime,
+    ) -> Result<Arc<CertInfo>, Failure> {
+        let info = match &self.peer_cert {
+            PeerCert::None => {
+                return Err(Failure::new(
+                    ErrorCode::Unauthorized,
+                    "this route needs a client certificate (mTLS); none was presented",
+                ))
+            }
+            PeerCert::Invalid(e) => {
+                return Err(Failure::new(
+                    ErrorCode::Unauthorized,
+                    certificate_message(e),
+                ))
+            }
+            PeerCert::Valid(info) => info.clone(),
+        };
+        // Checked again per request: a long connection may outlive its certificate.
+        if info.not_after <= now {
+            return Err(Failure::new(
+                ErrorCode::Unauthorized,
+                certificate_message(&VerifyError::Expired {
+                    not_after: info.not_after,
+                }),
+            ));
+        }
+        if state.revoked.contains(&info.serial.to_hex()) {
+            return Err(Failure::new(
+                ErrorCode::Unauthorized,
+                format!("client certificate {} was revoked", info.serial),
+            ));
+        }
+        Ok(info)
+    }
+
+    /// The device this connection's certificate names.
+    pub fn device_identity(
+        &self,
+        state: &AppState,
+        now: OffsetDateTime,
+    ) -> Result<(DeviceId, Arc<CertInfo>), Failure> {
+        let info = self.certificate(state, now)?;
+        let device = info.device_id().ok_or_else(|| {
+            Failure::new(
+                ErrorCode::Forbidden,
+                "this route is for devices; the client certificate is not a device certificate",
+            )
+        })?;
+        Ok((device, info))
+    }
+
+    /// The operator this connection's certificate names, if it holds at least `role`.
+    pub async fn operator(&self, state: &AppState, role: Role) -> Result<Operator, Failure> {
+        let now = OffsetDateTime::now_utc();
+        let info = self.certificate(state, now)?;
+        let name = info.operator_name().ok_or_else(|| {
+            Failure::new(
+                ErrorCode::Forbidden,
+                "this route is for operators; the client certificate is not an operator certificate",
+            )
+        })?;
+        let op = state.store.operator(name).await?.ok_or_else(|| {
+            Failure::new(
+                ErrorCode::Unauthorized,
+                format!("operator {name:?} is not known here"),
+            )
+        })?;
+        if op.revoked_at.is_some() {
+            return Err(Failure::new(
+                ErrorCode::Unauthorized,
+                format!("operator {name:?} was revoked"),
+            ));
+        }
+        if op.role < role {
+            return Err(Failure::new(
+                ErrorCode::Forbidden,
+                format!("operator {name:?} has role {}; this needs {role}", op.role),
+            ));
+        }
+        Ok(op)
+    }
+}
+
+fn certificate_message(e: &VerifyError) -> String {
+    match e {
+        VerifyError::Expired { not_after } => format!(
+            "client certificate expired at {}; a device re-enrolls with its provisioning key, an operator runs `floto login` again",
+            not_after
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default()
+        ),
+        other => format!("client certificate refused: {other}"),
+    }
+}
+
+/// The API routes (the CONNECT broker is dispatched before these; see [`server`]).
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route(paths::ENROLL, post(crate::enroll::enroll_handler))
+        .route(paths::RENEW, post(crate::enroll::renew_handler))
+        .route(paths::DEVICES, get(devices::list))
+        .route("/v1/devices/{uuid}", get(devices::show))
+        .route("/v1/devices/{uuid}/revoke", post(admin::revoke_device))
+        .route(paths::KEYS, post(admin::create_key).get(admin::list_keys))
+        .route(
+            paths::OPERATORS,
+            post(admin::add_operator).get(admin::list_operators),
+        )
+        .route(paths::LOGIN, post(admin::login))
+        .route(paths::CA, get(admin::ca_pem))
+        .route(paths::CRL, get(admin::crl_pem))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn not_found() -> Failure {
+    Failure::new(
+        ErrorCode::NotFound,
+        "no such route; see the API paths in DESIGN.md",
+    )
+}
+
+async fn method_not_allowed() -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(ApiError::new(
+            ErrorCode::BadRequest,
+            "method not allowed on this route",
+        )),
+    )
+        .into_response()
+}
+
+/// A request body of at most [`MAX_BODY`] bytes; larger ones get a JSON 413 before they
+/// are read to the end.
+#[derive(Debug)]
+pub struct LimitedBody(pub bytes::Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for LimitedBody {
+    type Rejection = Failure;
+
+    async fn from_request(req: axum::extract::Request, _: &S) -> Result<Self, Failure> {
+        use http_body_util::BodyExt as _;
+        let too_large = || {
+            Failure::new(
+                ErrorCode::PayloadTooLarge,
+                format!("request body is larger than the {MAX_BODY}-byte limit"),
+            )
+        };
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let mut body = req.into_body();
+        if declared.is_some_and(|n| n > MAX_BODY as u64) {
+            drain(body, declared.unwrap_or(0)).await;
+            return Err(too_large());
+        }
+        let mut collected = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                Failure::new(
+                    ErrorCode::BadRequest,
+                    format!("could not read the request body: {e}"),
+                )
+            })?;
+            if let Ok(data) = frame.into_data() {
+                collected.extend_from_slice(&data);
+                if collected.len() > MAX_BODY {
+                    drain(body, 0).await;
+                    return Err(too_large());
+                }
+            }
+        }
+        Ok(LimitedBody(collected.into()))
+    }
+}
+
+/// Reads and discards the rest of an oversized body (up to 1 MiB, for up to 2 s), so that
+/// the client, still sending, reads our 413 instead of a reset connection. Bigger or
+/// slower bodies are cut off.
+async fn drain(mut body: axum::body::Body, declared: u64) {
+    use http_body_util::BodyExt as _;
+    const DRAIN_MAX: u64 = 1 << 20;
+    if declared > DRAIN_MAX {
+        return;
+    }
+    let mut seen = 0u64;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                seen += data.len() as u64;
+                if seen > DRAIN_MAX {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+}

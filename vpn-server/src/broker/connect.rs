@@ -1,0 +1,54 @@
+//! The broker's HTTPS front end, for networks that block UDP: `CONNECT UUID:PORT` (also
+//! `UUID.floto:PORT` and `UUID.balena:PORT`) on the API port, with the operator's client
+//! certificate.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::response::{IntoResponse as _, Response};
+use http::{Request, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tracing::debug;
+
+use floto_proto::admin::Role;
+use floto_proto::ErrorCode;
+
+use crate::api::{ConnInfo, Failure};
+use crate::AppState;
+
+/// Answers a CONNECT: 200 and then a spliced byte stream, or a JSON error.
+pub async fn http_connect(
+    state: Arc<AppState>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let target = match req.uri().authority() {
+        Some(a) => match a.port_u16() {
+            Some(port) => (a.host().to_owned(), port),
+            None => return bad("CONNECT needs a target of the form UUID:PORT").into_response(),
+        },
+        None => return bad("CONNECT needs a target of the form UUID:PORT").into_response(),
+    };
+    let op = match conn.operator(&state, Role::Operator).await {
+        Ok(op) => op,
+        Err(f) => return f.into_response(),
+    };
+    let session = match super::open(&state, &op, &target.0, target.1, "connect").await {
+        Ok(s) => s,
+        Err(f) => return f.into_response(),
+    };
+    tokio::spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => super::splice(&state, session, TokioIo::new(upgraded), &[]).await,
+            Err(e) => debug!(error = %e, "CONNECT upgrade failed"),
+        }
+    });
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::OK;
+    resp
+}
+
+fn bad(message: &str) -> Failure {
+    Failure::new(ErrorCode::BadRequest, message)
+}

@@ -1,0 +1,421 @@
+//! The broker: puts an operator into one port of one device, through the device's tunnel.
+//! Two front ends, QUIC ([`quic`]) and HTTPS CONNECT ([`connect`]), share what is here:
+//! resolve the device, authorize, dial it through the netstack, splice, and write an audit
+//! record of every session and every refusal.
+
+pub mod connect;
+pub mod quic;
+
+pub use connect::http_connect;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use time::OffsetDateTime;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use floto_proto::{DeviceId, ErrorCode};
+
+use crate::api::Failure;
+use crate::authz::{allowed, Action};
+use crate::netstack::{ConnectError, TcpStream};
+use crate::store::{AuditRecord, Device, Operator};
+use crate::AppState;
+
+/// Broker sessions open at once; more are refused with 429.
+pub const MAX_SESSIONS: usize = 4096;
+/// Time a device has to accept the TCP connection.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Open sessions, so that revocations can close them.
+#[derive(Debug)]
+pub struct Broker {
+    sessions: DashMap<u64, SessionHandle>,
+    next_id: AtomicU64,
+    slots: Arc<Semaphore>,
+}
+
+#[derive(Debug)]
+struct SessionHandle {
+    device: DeviceId,
+    operator: String,
+    cancel: CancellationToken,
+}
+
+impl Default for Broker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A dialled device connection, ready to splice.
+#[derive(Debug)]
+pub struct OpenSession {
+    guard: SessionGuard,
+    pub device: Device,
+    pub port: u16,
+    pub operator: String,
+    pub via: &'static str,
+    stream: TcpStream,
+    started: OffsetDateTime,
+    cancel: CancellationToken,
+}
+
+/// Unregisters a session however it ends (also when it is dropped before splicing).
+struct SessionGuard {
+    id: u64,
+    state: Arc<AppState>,
+    result: &'static str,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl std::fmt::Debug for SessionGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionGuard")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.state.broker.sessions.remove(&self.id);
+        self.state.metrics.broker_session_ended(self.result);
+    }
+}
+
+impl Broker {
+    pub fn new() -> Self {
+        Self {
+            sessions: DashMap::new(),
+            next_id: AtomicU64::new(1),
+            slots: Arc::new(Semaphore::new(MAX_SESSIONS)),
+        }
+    }
+
+    /// Sessions open now.
+    pub fn active(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Closes every session to a device (it was revoked).
+    pub fn close_device(&self, id: &DeviceId) -> usize {
+        self.close_where(|s| s.device == *id)
+    }
+
+    /// Closes every session of an operator (it was revoked).
+    pub fn close_operator(&self, name: &str) -> usize {
+        self.close_where(|s| s.operator == name)
+    }
+
+    fn close_where(&self, pred: impl Fn(&SessionHandle) -> bool) -> usize {
+        let mut n = 0;
+        for s in self.sessions.iter().filter(|s| pred(s.value())) {
+            s.cancel.cancel();
+            n += 1;
+        }
+        n
+    }
+}
+
+/// Resolves, authorizes and dials. Every refusal is audited.
+pub async fn open(
+    state: &Arc<AppState>,
+    op: &Operator,
+    target: &str,
+    port: u16,
+    via: &'static str,
+) -> Result<OpenSession, Failure> {
+    let now = OffsetDateTime::now_utc();
+    let refuse = |f: Failure, device: Option<DeviceId>, result: &'static str| {
+        let state = state.clone();
+        let operator = op.name.clone();
+        let message = f.error.message.clone();
+        async move {
+            state.metrics.broker_refused(result);
+            state
+                .audit(AuditRecord {
+                    at: now,
+                    actor: operator,
+                    action: "broker.refused".into(),
+                    device,
+                    detail: serde_json::json!({"port": port, "via": via, "result": result, "message": message}).to_string(),
+                })
+                .await;
+            f
+        }
+    };
+    let id = match DeviceId::from_host(target) {
+        Ok(id) => id,
+        Err(e) => {
+            let f = Failure::new(
+                ErrorCode::BadRequest,
+                format!("{e}; use the device UUID, UUID.floto or UUID.balena"),
+            );
+            return Err(refuse(f, None, "bad_request").await);
+        }
+    };
+    if port == 0 {
+        let f = Failure::new(ErrorCode::BadRequest, "port 0 is not a port");
+        return Err(refuse(f, Some(id), "bad_request").await);
+    }
+    let device = match state.store.device(&id).await? {
+        Some(d) if !d.is_revoked() => d,
+        Some(_) => {
+            let f = Failure::new(ErrorCode::NotFound, format!("device {id} was revoked"));
+            return Err(refuse(f, Some(id), "unknown_device").await);
+        }
+        None => {
+            let f = Failure::new(
+                ErrorCode::NotFound,
+                format!("unknown device {id}: no device with this UUID is enrolled"),
+            );
+            return Err(refuse(f, Some(id), "unknown_device").await);
+        }
+    };
+    if !allowed(op.role, &op.fleets, Action::Connect, Some(&device.fleet)) {
+        let f = Failure::new(
+            ErrorCode::Forbidden,
+            format!("operator {:?} ({}) may not connect to device {id}: it is not in the operator's fleets", op.name, op.role),
+        );
+        return Err(refuse(f, Some(id), "forbidden").await);
+    }
+    let status = state.wg.table.status(&id);
+    if !status.as_ref().is_some_and(|s| s.online) {
+        let seen = status
+            .and_then(|s| s.last_seen)
+            .map(|t| state.events.clock().wall(t))
+            .or(device.last_seen);
+        let when = match seen {
+            Some(t) => format!("last seen {} ago", humanize(now - t)),
+            None => "never seen by this server".to_owned(),
+        };
+        let f = Failure::new(
+            ErrorCode::Unavailable,
+            format!("device {id} is offline ({when})"),
+        );
+        return Err(refuse(f, Some(id), "offline").await);
+    }
+    let Ok(slot) = state.broker.slots.clone().try_acquire_owned() else {
+        let f = Failure::shed(format!(
+            "the broker has {MAX_SESSIONS} sessions open; retry later"
+        ));
+        return Err(refuse(f, Some(id), "shed").await);
+    };
+    let stream = match state
+        .netstack
+        .connect(device.overlay_ip, port, DIAL_TIMEOUT)
+        .await
+    {
+        Ok(s) => s,
+        Err(ConnectError::Refused) => {
+            let f = Failure::new(
+                ErrorCode::BadGateway,
+                format!("port {port} on device {id} is unreachable: the device refused the connection (is the service running?)"),
+            );
+            return Err(refuse(f, Some(id), "port_unreachable").await);
+        }
+        Err(ConnectError::TimedOut) => {
+            let f = Failure::new(
+                ErrorCode::GatewayTimeout,
+                format!(
+                    "device {id} did not answer on port {port} within {}s",
+                    DIAL_TIMEOUT.as_secs()
+                ),
+            );
+            return Err(refuse(f, Some(id), "timeout").await);
+        }
+        Err(e) => {
+            let f = Failure::new(
+                ErrorCode::Unavailable,
+                format!("could not dial device {id}: {e}"),
+            );
+            return Err(refuse(f, Some(id), "error").await);
+        }
+    };
+    let session_id = state.broker.next_id.fetch_add(1, Ordering::Relaxed);
+    let cancel = CancellationToken::new();
+    state.broker.sessions.insert(
+        session_id,
+        SessionHandle {
+            device: id,
+            operator: op.name.clone(),
+            cancel: cancel.clone(),
+        },
+    );
+    state.metrics.broker_session_started();
+    info!(operator = %op.name, device = %id, port, via, "broker session opened");
+    Ok(OpenSession {
+        guard: SessionGuard {
+            id: session_id,
+            state: state.clone(),
+            result: "aborted",
+            _slot: slot,
+        },
+        device,
+        port,
+        operator: op.name.clone(),
+        via,
+        stream,
+        started: now,
+        cancel,
+    })
+}
+
+/// Copies bytes both ways until both sides close, or the session is cancelled (a
+/// revocation or shutdown), then writes the session's audit record.
+pub async fn splice<C>(state: &Arc<AppState>, session: OpenSession, mut client: C, leftover: &[u8])
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let OpenSession {
+        mut guard,
+        device,
+        port,
+        operator,
+        via,
+        mut stream,
+        started,
+        cancel,
+    } = session;
+    let mut client = Counted::new(&mut client);
+    let result = async {
+        if !leftover.is_empty() {
+            stream.write_all(leftover).await?;
+        }
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut client, &mut stream) => r.map(|_| "closed"),
+            _ = cancel.cancelled() => Ok("cancelled"),
+        }
+    }
+    .await;
+    let result = match result {
+        Ok(r) => r,
+        // A client that exits without closing its stream (ssh kills its ProxyCommand) has
+        // still ended its session normally.
+        Err(e) if is_hangup(&e) => "closed",
+        Err(e) => {
+            warn!(device = %device.id, error = %e, "broker session failed");
+            "error"
+        }
+    };
+    // Bytes the client wrote went to the device (plus what came with the header).
+    let up = client.read + leftover.len() as u64;
+    let down = client.written;
+    guard.result = result;
+    drop(guard);
+    let ended = OffsetDateTime::now_utc();
+    info!(operator = %operator, device = %device.id, port, up, down, result, "broker session ended");
+    state
+        .audit(AuditRecord {
+            at: ended,
+            actor: operator,
+            action: "broker.session".into(),
+            device: Some(device.id),
+            detail: serde_json::json!({
+                "port": port,
+                "via": via,
+                "start": started.unix_timestamp(),
+                "end": ended.unix_timestamp(),
+                "bytes_to_device": up,
+                "bytes_from_device": down,
+                "result": result,
+            })
+            .to_string(),
+        })
+        .await;
+}
+
+fn is_hangup(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        UnexpectedEof | ConnectionReset | BrokenPipe | ConnectionAborted
+    )
+}
+
+/// Counts the bytes read from and written to a stream, so that a session's audit record
+/// has them however the session ends.
+struct Counted<'a, S> {
+    inner: &'a mut S,
+    read: u64,
+    written: u64,
+}
+
+impl<'a, S> Counted<'a, S> {
+    fn new(inner: &'a mut S) -> Self {
+        Self {
+            inner,
+            read: 0,
+            written: 0,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut *self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut *self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = r {
+            self.written += n as u64;
+        }
+        r
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
+/// "4 min", "2 h", "3 d".
+pub fn humanize(d: time::Duration) -> String {
+    let s = d.whole_seconds().max(0);
+    match s {
+        0..=119 => format!("{s} s"),
+        120..=7199 => format!("{} min", s / 60),
+        7200..=172_799 => format!("{} h", s / 3600),
+        _ => format!("{} d", s / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn humanized_durations() {
+        assert_eq!(humanize(time::Duration::seconds(5)), "5 s");
+        assert_eq!(humanize(time::Duration::seconds(240)), "4 min");
+        assert_eq!(humanize(time::Duration::seconds(3 * 3600)), "3 h");
+        assert_eq!(humanize(time::Duration::seconds(3 * 86_400)), "3 d");
+    }
+}

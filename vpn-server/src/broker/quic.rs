@@ -1,0 +1,206 @@
+//! The broker's QUIC front end on UDP 8443, ALPN `floto-broker/1`. An operator connects
+//! with its certificate; each bidirectional stream starts with a [`BrokerRequest`] line,
+//! gets a [`BrokerResponse`] line, and then carries the device connection's bytes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use quinn::crypto::rustls::QuicServerConfig;
+use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use floto_proto::admin::Role;
+use floto_proto::broker::{
+    decode_header, encode_header, BrokerRequest, BrokerResponse, MAX_HEADER,
+};
+use floto_proto::{ApiError, ErrorCode};
+
+use crate::api::{ConnInfo, Failure, PeerCert};
+use crate::AppState;
+
+/// QUIC application close codes.
+pub mod close {
+    /// The server is shutting down.
+    pub const SHUTDOWN: u32 = 0;
+    /// The operator's credential was refused; the reason says why.
+    pub const UNAUTHORIZED: u32 = 1;
+}
+
+/// A quinn endpoint on an already-bound socket.
+pub fn endpoint(
+    socket: std::net::UdpSocket,
+    tls: rustls::ServerConfig,
+) -> anyhow::Result<quinn::Endpoint> {
+    let crypto = QuicServerConfig::try_from(tls).context("QUIC TLS config")?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(256u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(Duration::from_secs(30)).context("idle timeout")?,
+        ));
+    server.transport_config(Arc::new(transport));
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .context("starting the QUIC endpoint")
+}
+
+/// Accepts operator connections until `shutdown`.
+pub async fn serve(endpoint: quinn::Endpoint, state: Arc<AppState>, shutdown: CancellationToken) {
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            i = endpoint.accept() => match i { Some(i) => i, None => break },
+        };
+        let state = state.clone();
+        let local = endpoint.local_addr().ok();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!(error = %e, "QUIC handshake failed");
+                    return;
+                }
+            };
+            serve_connection(conn, state, local, shutdown).await;
+        });
+    }
+    endpoint.close(close::SHUTDOWN.into(), b"server shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
+async fn serve_connection(
+    conn: quinn::Connection,
+    state: Arc<AppState>,
+    local: Option<std::net::SocketAddr>,
+    shutdown: CancellationToken,
+) {
+    let peer_cert = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.first().cloned())
+        .map_or(PeerCert::None, |der| {
+            match state.ca.verify_client_cert(&der, OffsetDateTime::now_utc()) {
+                Ok(info) => PeerCert::Valid(Arc::new(info)),
+                Err(e) => PeerCert::Invalid(Arc::new(e)),
+            }
+        });
+    let info = ConnInfo {
+        remote: conn.remote_address(),
+        local: local.unwrap_or_else(|| conn.remote_address()),
+        host: None,
+        peer_cert,
+    };
+    let op = match info.operator(&state, Role::Operator).await {
+        Ok(op) => op,
+        Err(f) => {
+            let reason = serde_json::to_vec(&f.error).unwrap_or_default();
+            conn.close(close::UNAUTHORIZED.into(), &reason);
+            return;
+        }
+    };
+    debug!(operator = %op.name, remote = %conn.remote_address(), "operator connected over QUIC");
+    loop {
+        let (send, recv) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+        };
+        let state = state.clone();
+        let op = op.clone();
+        tokio::spawn(async move { serve_stream(state, op, send, recv).await });
+    }
+}
+
+async fn serve_stream(
+    state: Arc<AppState>,
+    op: crate::store::Operator,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let (request, leftover) = match read_request(&mut recv).await {
+        Ok(r) => r,
+        Err(f) => {
+            let _ = respond(&mut send, Err(f.error)).await;
+            return;
+        }
+    };
+    let session = match super::open(&state, &op, &request.device, request.port, "quic").await {
+        Ok(s) => s,
+        Err(f) => {
+            let _ = respond(&mut send, Err(f.error)).await;
+            return;
+        }
+    };
+    if respond(&mut send, Ok(())).await.is_err() {
+        return;
+    }
+    super::splice(&state, session, tokio::io::join(recv, send), &leftover).await;
+    info!(operator = %op.name, "QUIC stream done");
+}
+
+/// Reads the header line; returns it and whatever bytes followed it.
+async fn read_request(recv: &mut quinn::RecvStream) -> Result<(BrokerRequest, Vec<u8>), Failure> {
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 1024];
+    let read = async {
+        loop {
+            match decode_header::<BrokerRequest>(&buf) {
+                Ok(Some((req, used))) => return Ok((req, buf[used..].to_vec())),
+                Ok(None) => {}
+                Err(e) => return Err(Failure::new(ErrorCode::BadRequest, e.to_string())),
+            }
+            let want = (MAX_HEADER + 1 - buf.len()).min(chunk.len());
+            match recv.read(&mut chunk[..want]).await {
+                Ok(Some(n)) => buf.extend_from_slice(&chunk[..n]),
+                Ok(None) => {
+                    return Err(Failure::new(
+                        ErrorCode::BadRequest,
+                        "stream ended before the request header",
+                    ))
+                }
+                Err(e) => {
+                    return Err(Failure::new(
+                        ErrorCode::BadRequest,
+                        format!("reading the request header: {e}"),
+                    ))
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Failure::new(
+                ErrorCode::BadRequest,
+                "no request header within 10 s",
+            ))
+        })
+}
+
+async fn respond(
+    send: &mut quinn::SendStream,
+    result: Result<(), ApiError>,
+) -> Result<(), quinn::WriteError> {
+    let ok = result.is_ok();
+    let resp = BrokerResponse {
+        ok,
+        error: result.err(),
+    };
+    send.write_all(&encode_header(&resp)).await?;
+    if !ok {
+        let _ = send.finish();
+    }
+    Ok(())
+}

@@ -1,0 +1,393 @@
+//! One typed configuration, merged from flags, `FLOTO_*` environment variables and the
+//! config file (in that order of precedence), and validated before any port is bound.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use floto_proto::defaults;
+
+/// Name of the config file inside the data dir, written by `init`.
+pub const CONFIG_FILE: &str = "config.toml";
+
+/// Server settings that may come from flags, environment or the config file.
+///
+/// Every field is optional here; [`Config::load`] fills in the defaults. The same names
+/// (with `_` for `-`) are the keys of the TOML config file.
+#[derive(Debug, Clone, Default, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct ServerSettings {
+    /// Overlay network the devices' addresses come from; the server takes the first address.
+    #[arg(long, env = "FLOTO_OVERLAY", value_name = "CIDR")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<Ipv4Net>,
+
+    /// WireGuard endpoint devices are told to use, HOST:PORT. Defaults to the host name
+    /// the device used to reach the API, with the WireGuard port.
+    #[arg(long, env = "FLOTO_ENDPOINT", value_name = "HOST:PORT")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+
+    /// UDP address of the WireGuard concentrator.
+    #[arg(long, env = "FLOTO_WG_LISTEN", value_name = "ADDR:PORT")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wg_listen: Option<SocketAddr>,
+
+    /// TCP address of the HTTPS API (enrollment, REST, broker CONNECT).
+    #[arg(long, env = "FLOTO_API_LISTEN", value_name = "ADDR:PORT")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_listen: Option<SocketAddr>,
+
+    /// UDP address of the QUIC broker.
+    #[arg(long, env = "FLOTO_QUIC_LISTEN", value_name = "ADDR:PORT")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quic_listen: Option<SocketAddr>,
+
+    /// TCP address of the plain-HTTP metrics and health endpoints.
+    #[arg(long, env = "FLOTO_METRICS_LISTEN", value_name = "ADDR:PORT")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Lifetime of device certificates, e.g. `30d`, `12h`, `60s`.
+    #[arg(long, env = "FLOTO_CERT_LIFETIME", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cert_lifetime: Option<Duration>,
+
+    /// Lifetime of operator certificates issued by `floto login`.
+    #[arg(long, env = "FLOTO_OPERATOR_CERT_LIFETIME", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub operator_cert_lifetime: Option<Duration>,
+
+    /// A device is online while an authenticated packet arrived within this window.
+    #[arg(long, env = "FLOTO_ONLINE_WINDOW", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub online_window: Option<Duration>,
+
+    /// PEM certificate chain for the API's TLS, e.g. mounted by cert-manager. Without it
+    /// the server issues its own from its CA.
+    #[arg(
+        long,
+        env = "FLOTO_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for `--tls-cert`.
+    #[arg(
+        long,
+        env = "FLOTO_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Extra DNS names or IP addresses for the server's own TLS certificate (repeatable).
+    #[arg(
+        long = "tls-name",
+        env = "FLOTO_TLS_NAMES",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tls_names: Vec<String>,
+
+    /// Enrollments processed at once; more are answered 429 with Retry-After.
+    #[arg(long, env = "FLOTO_MAX_CONCURRENT_ENROLLMENTS", value_name = "N")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_enrollments: Option<usize>,
+
+    /// Log format.
+    #[arg(long, env = "FLOTO_LOG_FORMAT", value_enum)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+/// The validated configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub overlay: Ipv4Net,
+    pub endpoint: Option<String>,
+    pub wg_listen: SocketAddr,
+    pub api_listen: SocketAddr,
+    pub quic_listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub cert_lifetime: Duration,
+    pub operator_cert_lifetime: Duration,
+    pub online_window: Duration,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_names: Vec<String>,
+    pub max_concurrent_enrollments: usize,
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Merges `flags` (which already carry environment values, through clap) over the
+    /// config file, over the defaults, and validates the result.
+    ///
+    /// The config file is `file` when given, else `data_dir/config.toml` when it exists.
+    pub fn load(
+        data_dir: &Path,
+        file: Option<&Path>,
+        flags: &ServerSettings,
+    ) -> anyhow::Result<Self> {
+        let from_file = match file {
+            Some(path) => read_settings(path)?,
+            None => {
+                let default = data_dir.join(CONFIG_FILE);
+                if default.exists() {
+                    read_settings(&default)?
+                } else {
+                    ServerSettings::default()
+                }
+            }
+        };
+        Self::from_settings(data_dir, &flags.clone().over(from_file))
+    }
+
+    /// Applies defaults to `s` and validates.
+    pub fn from_settings(data_dir: &Path, s: &ServerSettings) -> anyhow::Result<Self> {
+        let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        let config = Config {
+            data_dir: data_dir.to_owned(),
+            overlay: match s.overlay {
+                Some(net) => net,
+                None => defaults::OVERLAY.parse().context("built-in overlay")?,
+            },
+            endpoint: s.endpoint.clone(),
+            wg_listen: s.wg_listen.unwrap_or(any(defaults::WG_PORT)),
+            api_listen: s.api_listen.unwrap_or(any(defaults::API_PORT)),
+            quic_listen: s.quic_listen.unwrap_or(any(defaults::API_PORT)),
+            metrics_listen: s.metrics_listen.unwrap_or(any(defaults::METRICS_PORT)),
+            cert_lifetime: s
+                .cert_lifetime
+                .unwrap_or(Duration::from_secs(defaults::DEVICE_CERT_LIFETIME_SECS)),
+            operator_cert_lifetime: s
+                .operator_cert_lifetime
+                .unwrap_or(Duration::from_secs(12 * 3600)),
+            online_window: s.online_window.unwrap_or(Duration::from_secs(
+                3 * u64::from(defaults::PERSISTENT_KEEPALIVE_SECS) + 10,
+            )),
+            tls_cert: s.tls_cert.clone(),
+            tls_key: s.tls_key.clone(),
+            tls_names: s.tls_names.clone(),
+            max_concurrent_enrollments: s.max_concurrent_enrollments.unwrap_or(256),
+            log_format: s.log_format.unwrap_or_default(),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let prefix = self.overlay.prefix_len();
+        if !(8..=30).contains(&prefix) {
+            bail!(
+                "overlay {} has prefix /{prefix}: use a network between /8 and /30",
+                self.overlay
+            );
+        }
+        if self.overlay.network() != self.overlay.addr() {
+            bail!(
+                "overlay {} is not a network address: did you mean {}?",
+                self.overlay,
+                self.overlay.trunc()
+            );
+        }
+        if let Some(endpoint) = &self.endpoint {
+            validate_endpoint(endpoint)?;
+        }
+        if self.cert_lifetime < Duration::from_secs(30) {
+            bail!(
+                "cert lifetime {} is too short: at least 30s",
+                humantime::format_duration(self.cert_lifetime)
+            );
+        }
+        if self.operator_cert_lifetime < Duration::from_secs(30) {
+            bail!("operator cert lifetime must be at least 30s");
+        }
+        if self.online_window < Duration::from_secs(5) {
+            bail!("online window must be at least 5s");
+        }
+        if self.max_concurrent_enrollments == 0 {
+            bail!("max concurrent enrollments must be at least 1");
+        }
+        for name in &self.tls_names {
+            if name.is_empty() || name.contains(char::is_whitespace) {
+                bail!("TLS name {name:?} is not a DNS name or IP address");
+            }
+        }
+        if self.api_listen == self.metrics_listen && self.api_listen.port() != 0 {
+            bail!("API and metrics cannot both listen on {}", self.api_listen);
+        }
+        Ok(())
+    }
+
+    /// The server's own overlay address: the first host of the overlay.
+    pub fn server_overlay_ip(&self) -> Ipv4Addr {
+        let n = u32::from(self.overlay.network());
+        Ipv4Addr::from(n + 1)
+    }
+
+    /// The settings `init` writes to the config file: only what was chosen explicitly.
+    pub fn persisted_settings(overlay: Ipv4Net, endpoint: Option<String>) -> ServerSettings {
+        ServerSettings {
+            overlay: Some(overlay),
+            endpoint,
+            ..ServerSettings::default()
+        }
+    }
+}
+
+impl ServerSettings {
+    /// `self` where set, else `lower`.
+    fn over(self, lower: ServerSettings) -> ServerSettings {
+        ServerSettings {
+            overlay: self.overlay.or(lower.overlay),
+            endpoint: self.endpoint.or(lower.endpoint),
+            wg_listen: self.wg_listen.or(lower.wg_listen),
+            api_listen: self.api_listen.or(lower.api_listen),
+            quic_listen: self.quic_listen.or(lower.quic_listen),
+            metrics_listen: self.metrics_listen.or(lower.metrics_listen),
+            cert_lifetime: self.cert_lifetime.or(lower.cert_lifetime),
+            operator_cert_lifetime: self.operator_cert_lifetime.or(lower.operator_cert_lifetime),
+            online_window: self.online_window.or(lower.online_window),
+            tls_cert: self.tls_cert.or(lower.tls_cert),
+            tls_key: self.tls_key.or(lower.tls_key),
+            tls_names: if self.tls_names.is_empty() {
+                lower.tls_names
+            } else {
+                self.tls_names
+            },
+            max_concurrent_enrollments: self
+                .max_concurrent_enrollments
+                .or(lower.max_concurrent_enrollments),
+            log_format: self.log_format.or(lower.log_format),
+        }
+    }
+}
+
+/// Reads a TOML config file.
+pub fn read_settings(path: &Path) -> anyhow::Result<ServerSettings> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config file {} is not valid", path.display()))
+}
+
+/// `HOST:PORT` where HOST is a DNS name, an IPv4 address or a bracketed IPv6 address.
+pub fn validate_endpoint(endpoint: &str) -> anyhow::Result<()> {
+    let bad = || {
+        anyhow::anyhow!(
+            "endpoint {endpoint:?} must be HOST:PORT (a DNS name or IP address, and a port 1-65535)"
+        )
+    };
+    if endpoint.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let (host, port) = endpoint.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if port == 0 || !host_ok {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_design() {
+        let c = Config::from_settings(Path::new("d"), &ServerSettings::default()).unwrap();
+        assert_eq!(c.overlay.to_string(), "10.240.0.0/16");
+        assert_eq!(c.server_overlay_ip(), Ipv4Addr::new(10, 240, 0, 1));
+        assert_eq!(c.wg_listen.port(), 51820);
+        assert_eq!(c.api_listen.port(), 8443);
+        assert_eq!(c.quic_listen.port(), 8443);
+        assert_eq!(c.metrics_listen.port(), 9090);
+        assert_eq!(c.cert_lifetime, Duration::from_secs(30 * 24 * 3600));
+        assert_eq!(c.online_window, Duration::from_secs(85));
+    }
+
+    #[test]
+    fn flags_win_over_file() {
+        let file: ServerSettings = toml::from_str(
+            "overlay = \"10.9.0.0/16\"\nendpoint = \"a.example:1\"\ncert_lifetime = \"2d\"\n",
+        )
+        .unwrap();
+        let flags = ServerSettings {
+            endpoint: Some("b.example:2".into()),
+            ..Default::default()
+        };
+        let c = Config::from_settings(Path::new("d"), &flags.over(file)).unwrap();
+        assert_eq!(c.endpoint.as_deref(), Some("b.example:2"));
+        assert_eq!(c.overlay.to_string(), "10.9.0.0/16");
+        assert_eq!(c.cert_lifetime, Duration::from_secs(2 * 24 * 3600));
+    }
+
+    #[test]
+    fn invalid_settings_are_refused_with_a_reason() {
+        let cases = [
+            ("overlay = \"10.240.0.1/16\"", "not a network address"),
+            ("overlay = \"10.240.0.0/31\"", "prefix /31"),
+            ("endpoint = \"no-port\"", "HOST:PORT"),
+            ("endpoint = \"host:0\"", "HOST:PORT"),
+            ("cert_lifetime = \"1s\"", "too short"),
+        ];
+        for (toml_text, want) in cases {
+            let s: ServerSettings = toml::from_str(toml_text).unwrap();
+            let err = Config::from_settings(Path::new("d"), &s).unwrap_err();
+            assert!(format!("{err:#}").contains(want), "{toml_text}: {err:#}");
+        }
+        assert!(toml::from_str::<ServerSettings>("no_such_key = 1").is_err());
+    }
+
+    #[test]
+    fn endpoints() {
+        for ok in [
+            "vpn.example.org:51820",
+            "10.0.0.1:51820",
+            "[::1]:51820",
+            "localhost:1",
+        ] {
+            validate_endpoint(ok).unwrap();
+        }
+        for bad in ["", ":51820", "host:", "host:70000", "ho st:1", "a..b:1"] {
+            assert!(validate_endpoint(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! floto-vpn-server: the floto-connect server. A userspace WireGuard concentrator
+//! (boringtun, no kernel module, no root), the HTTPS enrollment and REST API, the device
+//! registry, the operator broker, and Prometheus metrics, in one process.
+//!
+//! [`start`] binds every port and returns a handle; [`run`] is `start` plus waiting for a
+//! shutdown future and draining. Signals are handled only by the binary.
+
+pub mod api;
+pub mod authz;
+pub mod broker;
+pub mod config;
+pub mod datadir;
+pub mod enroll;
+pub mod events;
+pub mod metrics;
+pub mod netstack;
+pub mod secret;
+pub mod store;
+pub mod wg;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use dashmap::DashSet;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use floto_pki::{Ca, Serial};
+use floto_proto::admin::Role;
+use floto_proto::WgKey;
+
+use crate::config::Config;
+use crate::datadir::{DataDir, InitOptions};
+use crate::events::{EventHub, WallClock};
+use crate::metrics::Metrics;
+use crate::store::sqlite::SqliteRegistry;
+use crate::store::{AuditRecord, CertKind, IssuedCertRecord, NewOperator, Registry};
+use crate::wg::{Concentrator, PeerTable};
+
+/// Name of the built-in admin operator whose certificate the admin subcommands use.
+pub const LOCAL_ADMIN: &str = "admin";
+/// Lifetime of the local admin's certificate; renewed at start when under a third remains.
+const LOCAL_ADMIN_CERT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Everything the request handlers share.
+pub struct AppState {
+    pub config: Config,
+    pub data: DataDir,
+    pub store: Arc<dyn Registry>,
+    pub ca: Arc<Ca>,
+    pub wg: Arc<Concentrator>,
+    pub server_wg_public: WgKey,
+    /// Serials (hex) of revoked certificates that have not expired.
+    pub revoked: DashSet<String>,
+    pub metrics: Arc<Metrics>,
+    pub enroll_slots: Arc<Semaphore>,
+    pub bound: Bound,
+    pub events: Arc<EventHub>,
+    pub netstack: netstack::NetstackHandle,
+    pub broker: broker::Broker,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("bound", &self.bound)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    /// Appends an audit record and logs it; a failure to write is logged, not fatal to the
+    /// request that already happened.
+    pub async fn audit(&self, record: AuditRecord) {
+        info!(
+            target: "floto::audit",
+            actor = %record.actor,
+            action = %record.action,
+            device = ?record.device.map(|d| d.to_string()),
+            detail = %record.detail,
+            "audit"
+        );
+        if let Err(e) = self.store.append_audit(record).await {
+            warn!(error = %e, "could not write the audit record");
+        }
+    }
+}
+
+/// The addresses a running server actually bound (ports may have been 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bound {
+    pub wg: SocketAddr,
+    pub api: SocketAddr,
+    pub quic: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+/// What a running server writes to `server.json` in its data dir, for the admin CLI.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RuntimeInfo {
+    pub pid: u32,
+    pub bound: Bound,
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+}
+
+/// A started server.
+pub struct RunningServer {
+    pub bound: Bound,
+    pub state: Arc<AppState>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl std::fmt::Debug for RunningServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningServer")
+            .field("bound", &self.bound)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunningServer {
+    /// Stops accepting, drains, persists endpoints, closes the registry.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        let state = &self.state;
+        persist_presence(state).await;
+        let _ = std::fs::remove_file(state.data.runtime());
+        info!("stopped");
+    }
+}
+
+/// Runs the server until `shutdown` completes, then drains.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let server = start(config).await?;
+    shutdown.await;
+    info!("shutting down");
+    server.stop().await;
+    Ok(())
+}
+
+/// Initialises the data dir if needed, opens the registry, binds every port and starts
+/// serving. Fails before binding anything if the configuration or data dir is unusable.
+pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
+    let data = DataDir::new(&config.data_dir);
+    if !data.is_initialised() {
+        let report = data.init(
+            &InitOptions {
+                overlay: Some(config.overlay),
+                endpoint: config.endpoint.clone(),
+                import_ca: None,
+            },
+            OffsetDateTime::now_utc(),
+        )?;
+        info!(created = ?report.created, dir = %data.root().display(), "initialised the data dir");
+    }
+    let ca = Arc::new(data.load_ca()?);
+    let wg_private = data.load_wg_key()?;
+    let registry = SqliteRegistry::open(&data.database(), config.overlay)
+        .await
+        .with_context(|| format!("opening the registry {}", data.database().display()))?;
+    let store: Arc<dyn Registry> = Arc::new(registry);
+    ensure_local_admin(&data, &ca, store.as_ref()).await?;
+
+    let now = OffsetDateTime::now_utc();
+    let revoked = DashSet::new();
+    for cert in store.revoked_certificates(now).await? {
+        revoked.insert(cert.serial);
+    }
+
+    // The concentrator, with every enrolled device as a peer.
+    let clock = WallClock::new();
+    let events = Arc::new(EventHub::new(clock));
+    let table = Arc::new(PeerTable::new(
+        wg_private,
+        config.overlay,
+        config.server_overlay_ip(),
+        config.online_window,
+    ));
+    let devices = store.devices().await?;
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let (concentrator, from_devices) =
+        Concentrator::bind(config.wg_listen, workers, table.clone(), events.clone())?;
+    let concentrator = Arc::new(concentrator);
+    let mut call_back = Vec::new();
+    for device in devices.iter().filter(|d| !d.is_revoked()) {
+        concentrator.upsert_peer(device, None);
+        if let Some(endpoint) = device.last_endpoint {
+            call_back.push((device.id, endpoint));
+        }
+    }
+
+    // Sockets, all bound before anything is served.
+    let api_listener = TcpListener::bind(config.api_listen)
+        .await
+        .with_context(|| format!("binding the HTTPS API on TCP {}", config.api_listen))?;
+    let metrics_listener = TcpListener::bind(config.metrics_listen)
+        .await
+        .with_context(|| format!("binding metrics on TCP {}", config.metrics_listen))?;
+    let quic_socket = UdpSocket::bind(config.quic_listen)
+        .await
+        .with_context(|| format!("binding the QUIC broker on UDP {}", config.quic_listen))?
+        .into_std()?;
+    let bound = Bound {
+        wg: concentrator.local_addr(),
+        api: api_listener.local_addr()?,
+        quic: quic_socket.local_addr()?,
+        metrics: metrics_listener.local_addr()?,
+    };
+
+    let server_cert = api::tls::ServerCert::load(&config, &data, &ca)?;
+    let https = api::tls::https_config(server_cert.clone())?;
+    let quic = api::tls::quic_config(server_cert.clone())?;
+
+    let shutdown = CancellationToken::new();
+    let (netstack, netstack_task) = netstack::Netstack::new(
+        config.server_overlay_ip(),
+        config.overlay.prefix_len(),
+        concentrator.clone(),
+        from_devices,
+    );
+    let metrics = Arc::new(Metrics::new(table.clone()));
+    let state = Arc::new(AppState {
+        enroll_slots: Arc::new(Semaphore::new(config.max_concurrent_enrollments)),
+        server_wg_public: concentrator.public_key(),
+        broker: broker::Broker::new(),
+        config,
+        data,
+        store,
+        ca,
+        wg: concentrator.clone(),
+        revoked,
+        metrics,
+        bound,
+        events,
+        netstack,
+    });
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(concentrator.clone().run(shutdown.clone()));
+    tasks.spawn(netstack_task.run(shutdown.clone()));
+    tasks.spawn(api::server::serve_https(
+        api_listener,
+        https,
+        state.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(api::server::serve_metrics(
+        metrics_listener,
+        state.clone(),
+        shutdown.clone(),
+    ));
+    let quic_endpoint = broker::quic::endpoint(quic_socket, quic)?;
+    tasks.spawn(broker::quic::serve(
+        quic_endpoint,
+        state.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(presence_loop(state.clone(), shutdown.clone()));
+    {
+        let wg = concentrator.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move { wg.call_back(call_back, CALL_BACK_RATE, shutdown).await });
+    }
+
+    let runtime = RuntimeInfo {
+        pid: std::process::id(),
+        bound,
+        started_at: OffsetDateTime::now_utc(),
+    };
+    datadir::write_public(
+        &state.data.runtime(),
+        serde_json::to_string_pretty(&runtime)?.as_bytes(),
+    )?;
+    info!(
+        wg = %bound.wg,
+        api = %bound.api,
+        quic = %bound.quic,
+        metrics = %bound.metrics,
+        devices = table.len(),
+        public_key = %state.server_wg_public,
+        "floto-vpn-server listening"
+    );
+    Ok(RunningServer {
+        bound,
+        state,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Handshakes per second the server starts to call devices back after a restart.
+const CALL_BACK_RATE: u32 = 2000;
+/// How often live endpoints are written to the registry.
+const PRESENCE_EVERY: Duration = Duration::from_secs(30);
+
+async fn presence_loop(state: Arc<AppState>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(PRESENCE_EVERY);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => persist_presence(&state).await,
+        }
+    }
+}
+
+async fn persist_presence(state: &AppState) {
+    let clock = *state.events.clock();
+    let presence: Vec<store::Presence> = state
+        .wg
+        .table
+        .endpoints()
+        .into_iter()
+        .map(|(device, endpoint, seen)| store::Presence {
+            device,
+            endpoint,
+            last_seen: clock.wall(seen),
+        })
+        .collect();
+    if let Err(e) = state.store.save_presence(&presence).await {
+        warn!(error = %e, "could not persist device endpoints");
+    }
+}
+
+/// Makes sure the local admin operator exists and holds a valid certificate from the
+/// current CA in the data dir.
+async fn ensure_local_admin(data: &DataDir, ca: &Ca, store: &dyn Registry) -> anyhow::Result<()> {
+    let now = OffsetDateTime::now_utc();
+    if store.operator(LOCAL_ADMIN).await?.is_none() {
+        store
+            .add_operator(NewOperator {
+                name: LOCAL_ADMIN.into(),
+                role: Role::Admin,
+                fleets: Vec::new(),
+                // No login token: the local admin's credential lives in the data dir.
+                token_hash: rand::random(),
+                token_expires_at: now,
+                now,
+            })
+            .await?;
+    }
+    let current = std::fs::read_to_string(data.admin_cert())
+        .ok()
+        .and_then(|pem| {
+            let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+            ca.verify_client_cert(&der, now).ok()
+        });
+    let fresh_enough = current.is_some_and(|c| {
+        c.not_after - now > LOCAL_ADMIN_CERT_LIFETIME / 3 && data.admin_key().exists()
+    });
+    if fresh_enough {
+        return Ok(());
+    }
+    let key = floto_pki::generate_key()?;
+    let csr = floto_pki::parse_csr(&floto_pki::make_csr(&key, LOCAL_ADMIN)?)?;
+    let serial = Serial::random();
+    let cert = ca.sign_operator(&csr, LOCAL_ADMIN, &serial, now, LOCAL_ADMIN_CERT_LIFETIME)?;
+    store
+        .record_certificate(IssuedCertRecord {
+            serial: serial.to_hex(),
+            kind: CertKind::Operator,
+            subject: LOCAL_ADMIN.into(),
+            issued_at: now,
+            expires_at: cert.not_after,
+            revoked_at: None,
+        })
+        .await?;
+    datadir::write_secret(&data.admin_key(), key.as_bytes())?;
+    datadir::write_public(&data.admin_cert(), cert.pem.as_bytes())?;
+    info!("issued the local admin certificate");
+    Ok(())
+}
+
+use rustls_pki_types::pem::PemObject as _;

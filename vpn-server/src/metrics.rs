@@ -1,0 +1,238 @@
+//! Prometheus metrics. Gauges of online state and the data-plane counters are read from
+//! the live session table at each scrape, so they are right after a restart; request
+//! counters and latency histograms are kept here.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::wg::{DropReason, PeerTable};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+/// The server's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    enrollments: Family<ResultLabel, Counter>,
+    enrollment_seconds: Histogram,
+    handshake_seconds: Histogram,
+    broker_sessions: Family<ResultLabel, Counter>,
+    broker_active: Gauge,
+}
+
+impl Metrics {
+    pub fn new(table: Arc<PeerTable>) -> Self {
+        let mut registry = Registry::default();
+        let enrollments = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "floto_enrollments",
+            "Enrollment requests by result",
+            enrollments.clone(),
+        );
+        let enrollment_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register(
+            "floto_enrollment_duration_seconds",
+            "Time to answer an enrollment request",
+            enrollment_seconds.clone(),
+        );
+        let handshake_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 12));
+        registry.register(
+            "floto_handshake_duration_seconds",
+            "Time to process one WireGuard handshake initiation",
+            handshake_seconds.clone(),
+        );
+        let broker_sessions = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "floto_broker_sessions",
+            "Broker sessions by result",
+            broker_sessions.clone(),
+        );
+        let broker_active = Gauge::default();
+        registry.register(
+            "floto_broker_sessions_active",
+            "Broker sessions open now",
+            broker_active.clone(),
+        );
+        registry.register_collector(Box::new(LiveCollector { table }));
+        Self {
+            registry,
+            enrollments,
+            enrollment_seconds,
+            handshake_seconds,
+            broker_sessions,
+            broker_active,
+        }
+    }
+
+    pub fn enrollment(&self, result: &'static str, elapsed: Duration) {
+        self.enrollments
+            .get_or_create(&ResultLabel { result })
+            .inc();
+        self.enrollment_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn handshake(&self, elapsed: Duration) {
+        self.handshake_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn broker_session_started(&self) {
+        self.broker_active.inc();
+    }
+
+    pub fn broker_session_ended(&self, result: &'static str) {
+        self.broker_active.dec();
+        self.broker_sessions
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// A broker request refused before a session started.
+    pub fn broker_refused(&self, result: &'static str) {
+        self.broker_sessions
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// Reads the session table at scrape time.
+#[derive(Debug)]
+struct LiveCollector {
+    table: Arc<PeerTable>,
+}
+
+impl Collector for LiveCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let t = &self.table;
+        let c = &t.counters;
+        gauge(
+            &mut encoder,
+            "floto_devices_online",
+            "Devices with an authenticated packet within the online window",
+            t.online_count() as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            "floto_devices_enrolled",
+            "Enrolled devices that are not revoked",
+            t.len() as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            "floto_wg_sessions",
+            "Peers holding a WireGuard session state (Tunn)",
+            t.active_sessions() as i64,
+        )?;
+        {
+            let help = "WireGuard handshakes by result";
+            let mut family = encoder.encode_descriptor(
+                "floto_handshakes",
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (result, value) in [
+                ("completed", c.handshakes_completed.load(Ordering::Relaxed)),
+                ("initiated", c.handshakes_initiated.load(Ordering::Relaxed)),
+                ("responded", c.handshakes_responded.load(Ordering::Relaxed)),
+                ("unknown_peer", c.dropped(DropReason::UnknownPeer)),
+                (
+                    "invalid",
+                    c.dropped(DropReason::BadHandshake) + c.dropped(DropReason::BadMac),
+                ),
+            ] {
+                let labels = ResultLabel { result };
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        counter(
+            &mut encoder,
+            "floto_cookie_replies",
+            "Cookie replies sent under handshake load",
+            c.cookie_replies.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            "floto_wg_rx_bytes",
+            "Decapsulated payload bytes received from devices",
+            c.rx_bytes.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            "floto_wg_tx_bytes",
+            "Payload bytes encapsulated to devices",
+            c.tx_bytes.load(Ordering::Relaxed),
+        )?;
+        {
+            #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+            struct Reason {
+                reason: &'static str,
+            }
+            let mut family = encoder.encode_descriptor(
+                "floto_wg_dropped",
+                "Datagrams and packets dropped by reason",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for why in DropReason::ALL {
+                ConstCounter::new(c.dropped(why)).encode(family.encode_family(&Reason {
+                    reason: why.label(),
+                })?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(v);
+    g.encode(e.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?)
+}
+
+fn counter(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: u64,
+) -> Result<(), std::fmt::Error> {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?)
+}
+
+/// Finds a sample's value in an exposition (for tests and the status command).
+pub fn sample(exposition: &str, name_and_labels: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let rest = line.strip_prefix(name_and_labels)?;
+        let mut parts = rest.split_whitespace();
+        let first = parts.next()?;
+        first.parse().ok()
+    })
+}

@@ -1,0 +1,68 @@
+//! The server's userspace TCP stack on its overlay address, used only to dial devices for
+//! broker sessions: packets the concentrator decapsulates for the server's address come
+//! in; what the stack sends goes out through the concentrator.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use floto_netstack::{ConnectError, TcpStream};
+
+use crate::wg::{peers::MAX_DATAGRAM, Concentrator, HostPacket};
+
+/// Dials devices.
+#[derive(Clone)]
+pub struct NetstackHandle {
+    inner: floto_netstack::NetstackHandle,
+}
+
+impl std::fmt::Debug for NetstackHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NetstackHandle")
+    }
+}
+
+impl NetstackHandle {
+    /// Opens a TCP connection from the server's overlay address to a device.
+    pub async fn connect(
+        &self,
+        device: Ipv4Addr,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<TcpStream, ConnectError> {
+        self.inner
+            .connect(SocketAddrV4::new(device, port), timeout)
+            .await
+    }
+}
+
+/// The stack's driver task.
+pub struct Netstack {
+    driver: floto_netstack::NetstackDriver,
+}
+
+impl Netstack {
+    /// A stack on `server_ip`, fed by the concentrator's host packets and sending through it.
+    pub fn new(
+        server_ip: Ipv4Addr,
+        overlay_prefix: u8,
+        concentrator: Arc<Concentrator>,
+        from_devices: mpsc::Receiver<HostPacket>,
+    ) -> (NetstackHandle, Netstack) {
+        let mut scratch = vec![0u8; MAX_DATAGRAM];
+        let sink = move |packet: &[u8]| concentrator.send_to_device(packet, &mut scratch);
+        let (inner, driver) = floto_netstack::new(
+            floto_netstack::Config::new(server_ip, overlay_prefix),
+            from_devices,
+            sink,
+        );
+        (NetstackHandle { inner }, Netstack { driver })
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        self.driver.run(shutdown).await;
+    }
+}

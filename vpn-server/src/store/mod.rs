@@ -1,0 +1,291 @@
+//! The device registry: devices, provisioning keys, issued certificates, operators and
+//! the audit log, behind the [`Registry`] trait. SQLite ([`sqlite::SqliteRegistry`]) is the
+//! embedded default.
+//!
+//! The rules of enrollment and renewal are not here: a transaction reads the facts, hands
+//! them to the pure functions in [`crate::enroll`], and writes what they decide.
+
+pub mod sqlite;
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use floto_proto::admin::Role;
+use floto_proto::{DeviceId, WgKey};
+
+use crate::enroll::{EnrollRefusal, RenewRefusal};
+
+/// A storage fault (not a refusal): the database is unreachable, corrupt or full.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database driver failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A stored value does not parse: the database was edited by hand or is corrupt.
+    #[error("corrupt registry row: {0}")]
+    Corrupt(String),
+    /// The registry holds data this server cannot serve (e.g. addresses outside the overlay).
+    #[error("{0}")]
+    Inconsistent(String),
+}
+
+/// An enrolled device as the registry holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub id: DeviceId,
+    pub fleet: String,
+    pub wg_public_key: WgKey,
+    pub overlay_ip: Ipv4Addr,
+    /// Serial (hex) of the newest certificate; only it may renew.
+    pub cert_serial: String,
+    /// SubjectPublicKeyInfo DER of the newest certificate's key.
+    pub cert_public_key: Vec<u8>,
+    pub cert_expires_at: OffsetDateTime,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+    pub revoked_at: Option<OffsetDateTime>,
+    /// Id of the provisioning key that enrolled it.
+    pub key_id: Option<String>,
+    pub device_type: Option<String>,
+    pub hostname: Option<String>,
+    /// Last authenticated endpoint, persisted so the server can call devices back after a restart.
+    pub last_endpoint: Option<SocketAddr>,
+    pub last_seen: Option<OffsetDateTime>,
+}
+
+impl Device {
+    pub fn is_revoked(&self) -> bool {
+        self.revoked_at.is_some()
+    }
+}
+
+/// A provisioning key (the secret itself is never stored; only its SHA-256).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProvisioningKey {
+    pub id: String,
+    pub fleet: String,
+    /// `None` is unlimited.
+    pub uses_left: Option<u32>,
+    pub expires_at: Option<OffsetDateTime>,
+    pub created_at: OffsetDateTime,
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// A key to insert.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub id: String,
+    pub hash: [u8; 32],
+    pub fleet: String,
+    pub uses: Option<u32>,
+    pub expires_at: Option<OffsetDateTime>,
+    pub created_at: OffsetDateTime,
+}
+
+/// What a validated enrollment asks the registry to record.
+#[derive(Debug, Clone)]
+pub struct EnrollCommit {
+    pub key_hash: [u8; 32],
+    pub device: DeviceId,
+    pub wg_public_key: WgKey,
+    pub cert_serial: String,
+    pub cert_public_key: Vec<u8>,
+    pub cert_expires_at: OffsetDateTime,
+    pub device_type: Option<String>,
+    pub hostname: Option<String>,
+    pub now: OffsetDateTime,
+}
+
+/// What an enrollment did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnrollOutcome {
+    /// A new device (HTTP 201).
+    Created(Device),
+    /// An existing device proved its key again and got a new certificate (HTTP 200).
+    Reenrolled {
+        device: Device,
+        /// Its WireGuard key before, when the re-enrollment brought a new one.
+        previous_wg_key: Option<WgKey>,
+    },
+}
+
+impl EnrollOutcome {
+    pub fn device(&self) -> &Device {
+        match self {
+            Self::Created(d) | Self::Reenrolled { device: d, .. } => d,
+        }
+    }
+}
+
+/// What a validated renewal asks the registry to record.
+#[derive(Debug, Clone)]
+pub struct RenewCommit {
+    pub device: DeviceId,
+    /// Serial of the certificate presented over mTLS.
+    pub presented_serial: String,
+    pub new_wg_public_key: Option<WgKey>,
+    pub cert_serial: String,
+    pub cert_public_key: Vec<u8>,
+    pub cert_expires_at: OffsetDateTime,
+    pub now: OffsetDateTime,
+}
+
+/// Result of a renewal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Renewed {
+    pub device: Device,
+    pub previous_wg_key: Option<WgKey>,
+}
+
+/// A certificate the CA issued, for the CRL and the revocation check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedCertRecord {
+    pub serial: String,
+    pub kind: CertKind,
+    /// Device UUID or operator name.
+    pub subject: String,
+    pub issued_at: OffsetDateTime,
+    pub expires_at: OffsetDateTime,
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertKind {
+    Device,
+    Operator,
+}
+
+impl CertKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Device => "device",
+            Self::Operator => "operator",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, StoreError> {
+        match s {
+            "device" => Ok(Self::Device),
+            "operator" => Ok(Self::Operator),
+            other => Err(StoreError::Corrupt(format!("certificate kind {other:?}"))),
+        }
+    }
+}
+
+/// An operator (a person or machine client).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operator {
+    pub name: String,
+    pub role: Role,
+    pub fleets: Vec<String>,
+    pub created_at: OffsetDateTime,
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// A new operator with its one-time login token (hashed).
+#[derive(Debug, Clone)]
+pub struct NewOperator {
+    pub name: String,
+    pub role: Role,
+    pub fleets: Vec<String>,
+    pub token_hash: [u8; 32],
+    pub token_expires_at: OffsetDateTime,
+    pub now: OffsetDateTime,
+}
+
+/// Why a login token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRefusal {
+    Unknown,
+    Used,
+    Expired,
+    OperatorRevoked,
+}
+
+/// One audit record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub at: OffsetDateTime,
+    /// Operator name, `device:<uuid>`, `key:<id>` or `system`.
+    pub actor: String,
+    pub action: String,
+    pub device: Option<DeviceId>,
+    /// JSON with the action's details.
+    pub detail: String,
+}
+
+/// Persisted presence of one device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Presence {
+    pub device: DeviceId,
+    pub endpoint: SocketAddr,
+    pub last_seen: OffsetDateTime,
+}
+
+/// The registry. Implementations must make `enroll`, `renew` and `consume_login_token`
+/// atomic: two concurrent calls never both take the last use of a key, the same UUID, or
+/// the same token.
+#[async_trait]
+pub trait Registry: Send + Sync + 'static {
+    // provisioning keys
+    async fn create_key(&self, key: NewKey) -> Result<ProvisioningKey, StoreError>;
+    async fn find_key(&self, hash: &[u8; 32]) -> Result<Option<ProvisioningKey>, StoreError>;
+    async fn list_keys(&self) -> Result<Vec<ProvisioningKey>, StoreError>;
+
+    // devices
+    async fn enroll(
+        &self,
+        c: EnrollCommit,
+    ) -> Result<Result<EnrollOutcome, EnrollRefusal>, StoreError>;
+    async fn renew(&self, c: RenewCommit) -> Result<Result<Renewed, RenewRefusal>, StoreError>;
+    async fn device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError>;
+    async fn devices(&self) -> Result<Vec<Device>, StoreError>;
+    /// Marks the device and all its certificates revoked. `None` if unknown; an already
+    /// revoked device is returned as it is.
+    async fn revoke_device(
+        &self,
+        id: &DeviceId,
+        now: OffsetDateTime,
+    ) -> Result<Option<Device>, StoreError>;
+    async fn save_presence(&self, presence: &[Presence]) -> Result<(), StoreError>;
+    async fn count_devices(&self) -> Result<u64, StoreError>;
+
+    // certificates
+    async fn record_certificate(&self, cert: IssuedCertRecord) -> Result<(), StoreError>;
+    /// Revoked certificates that have not yet expired at `now`.
+    async fn revoked_certificates(
+        &self,
+        now: OffsetDateTime,
+    ) -> Result<Vec<IssuedCertRecord>, StoreError>;
+    /// Bumps and returns the CRL number.
+    async fn next_crl_number(&self) -> Result<u64, StoreError>;
+
+    // operators
+    async fn add_operator(&self, op: NewOperator) -> Result<Option<Operator>, StoreError>;
+    async fn operator(&self, name: &str) -> Result<Option<Operator>, StoreError>;
+    async fn operators(&self) -> Result<Vec<Operator>, StoreError>;
+    /// Takes a one-time token: afterwards it can never be used again.
+    async fn consume_login_token(
+        &self,
+        hash: &[u8; 32],
+        now: OffsetDateTime,
+    ) -> Result<Result<Operator, TokenRefusal>, StoreError>;
+    /// Marks the operator and its certificates revoked.
+    async fn revoke_operator(
+        &self,
+        name: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<Operator>, StoreError>;
+
+    // audit
+    async fn append_audit(&self, record: AuditRecord) -> Result<(), StoreError>;
+    async fn audit(
+        &self,
+        device: Option<&DeviceId>,
+        actor: Option<&str>,
+        since: Option<OffsetDateTime>,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
+}

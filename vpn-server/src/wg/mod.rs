@@ -1,0 +1,283 @@
+//! The WireGuard concentrator: the I/O-free [`peers::PeerTable`] and the UDP driver
+//! around it (one `SO_REUSEPORT` socket per worker, a timer task, no per-peer sockets or
+//! tasks).
+
+pub mod peers;
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use floto_proto::{DeviceId, WgKey};
+
+pub use peers::{DropReason, Output, Peer, PeerConfig, PeerEvent, PeerStatus, PeerTable};
+
+use crate::events::EventHub;
+use crate::store::Device;
+
+/// An IP packet from a device to the server's overlay address, for the netstack.
+pub type HostPacket = Vec<u8>;
+
+/// Packets waiting for the netstack; beyond this they are dropped (TCP retransmits).
+const HOST_QUEUE: usize = 4096;
+
+/// The running concentrator: the peer table plus the sockets that feed it.
+pub struct Concentrator {
+    pub table: Arc<PeerTable>,
+    sockets: Vec<Arc<UdpSocket>>,
+    to_host: mpsc::Sender<HostPacket>,
+    events: Arc<EventHub>,
+    local_addr: SocketAddr,
+}
+
+impl std::fmt::Debug for Concentrator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Concentrator")
+            .field("local_addr", &self.local_addr)
+            .field("peers", &self.table.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The socket side of [`Output`].
+struct SocketOutput<'a> {
+    socket: &'a UdpSocket,
+    to_host: &'a mpsc::Sender<HostPacket>,
+    events: &'a EventHub,
+}
+
+impl Output for SocketOutput<'_> {
+    fn send_datagram(&mut self, to: SocketAddr, datagram: &[u8]) {
+        if let Err(e) = self.socket.try_send_to(datagram, to) {
+            // UDP: a full send buffer drops, as the kernel would.
+            debug!(%to, error = %e, "datagram not sent");
+        }
+    }
+
+    fn deliver_to_host(&mut self, _from: &Peer, packet: &[u8]) {
+        if self.to_host.try_send(packet.to_vec()).is_err() {
+            debug!("netstack queue full; packet dropped");
+        }
+    }
+
+    fn event(&mut self, event: PeerEvent) {
+        self.events.publish_peer(event);
+    }
+}
+
+impl Concentrator {
+    /// Binds `workers` sockets on `listen` (the first one picks the port when it is 0).
+    pub fn bind(
+        listen: SocketAddr,
+        workers: usize,
+        table: Arc<PeerTable>,
+        events: Arc<EventHub>,
+    ) -> anyhow::Result<(Self, mpsc::Receiver<HostPacket>)> {
+        let mut sockets = Vec::with_capacity(workers.max(1));
+        let first = reuseport_socket(listen)
+            .with_context(|| format!("binding the WireGuard socket on UDP {listen}"))?;
+        let local_addr = first.local_addr()?;
+        sockets.push(Arc::new(first));
+        for _ in 1..workers.max(1) {
+            sockets.push(Arc::new(reuseport_socket(local_addr)?));
+        }
+        let (to_host, from_devices) = mpsc::channel(HOST_QUEUE);
+        Ok((
+            Self {
+                table,
+                sockets,
+                to_host,
+                events,
+                local_addr,
+            },
+            from_devices,
+        ))
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn public_key(&self) -> WgKey {
+        self.table.public_key()
+    }
+
+    fn output(&self) -> SocketOutput<'_> {
+        SocketOutput {
+            socket: &self.sockets[0],
+            to_host: &self.to_host,
+            events: &self.events,
+        }
+    }
+
+    /// Brings the live peer in line with the registry row: adds it, re-keys it, or removes
+    /// it when revoked.
+    pub fn upsert_peer(&self, device: &Device, previous_wg_key: Option<&WgKey>) {
+        let now = Instant::now();
+        let mut out = self.output();
+        if device.is_revoked() {
+            self.table.remove(&device.id, now, &mut out);
+            return;
+        }
+        if let Some(old) = previous_wg_key {
+            debug!(device = %device.id, old = %old, new = %device.wg_public_key, "WireGuard key rotated");
+        }
+        self.table.upsert(
+            PeerConfig {
+                id: device.id,
+                public_key: device.wg_public_key,
+                overlay_ip: device.overlay_ip,
+            },
+            now,
+            &mut out,
+        );
+    }
+
+    /// Removes a device's peer and drops its session at once.
+    pub fn remove_peer(&self, id: &DeviceId) -> bool {
+        self.table.remove(id, Instant::now(), &mut self.output())
+    }
+
+    /// Sends an IP packet from the server's netstack to a device.
+    pub fn send_to_device(&self, packet: &[u8], scratch: &mut [u8]) {
+        self.table
+            .send_to_device(packet, Instant::now(), scratch, &mut self.output());
+    }
+
+    /// Starts handshakes to devices' last known endpoints, `per_second` at a time, so that
+    /// after a restart devices are back in seconds rather than after their own retry timers.
+    pub async fn call_back(
+        &self,
+        targets: Vec<(DeviceId, SocketAddr)>,
+        per_second: u32,
+        shutdown: CancellationToken,
+    ) {
+        if targets.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let gap = Duration::from_secs(1) / per_second.max(1);
+        let mut tick = tokio::time::interval(gap);
+        let mut scratch = vec![0u8; peers::MAX_DATAGRAM];
+        let mut sent = 0usize;
+        for (id, endpoint) in &targets {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if self.table.initiate(
+                id,
+                *endpoint,
+                Instant::now(),
+                &mut scratch,
+                &mut self.output(),
+            ) {
+                sent += 1;
+            }
+        }
+        info!(sent, known = targets.len(), elapsed = ?started.elapsed(), "called back devices at their last endpoints");
+    }
+
+    /// Runs the worker and timer loops until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for socket in &self.sockets {
+            let me = self.clone();
+            let socket = socket.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move { me.receive_loop(&socket, shutdown).await });
+        }
+        let me = self.clone();
+        let timer_shutdown = shutdown.clone();
+        tasks.spawn(async move { me.timer_loop(timer_shutdown).await });
+        while let Some(r) = tasks.join_next().await {
+            if let Err(e) = r {
+                warn!(error = %e, "concentrator task ended abnormally");
+            }
+        }
+    }
+
+    async fn receive_loop(&self, socket: &UdpSocket, shutdown: CancellationToken) {
+        let mut buf = vec![0u8; peers::MAX_DATAGRAM];
+        let mut scratch = vec![0u8; peers::MAX_DATAGRAM];
+        let mut out = SocketOutput {
+            socket,
+            to_host: &self.to_host,
+            events: &self.events,
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = socket.readable() => {
+                    if let Err(e) = r {
+                        warn!(error = %e, "WireGuard socket failed");
+                        return;
+                    }
+                }
+            }
+            // Drain what is queued before yielding again.
+            for _ in 0..256 {
+                match socket.try_recv_from(&mut buf) {
+                    Ok((n, from)) => {
+                        self.table.route_datagram(
+                            from,
+                            &buf[..n],
+                            Instant::now(),
+                            &mut scratch,
+                            &mut out,
+                        );
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        // ICMP errors surface here on Linux (ECONNREFUSED); nothing to do.
+                        debug!(error = %e, "recv error");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn timer_loop(&self, shutdown: CancellationToken) {
+        let mut scratch = vec![0u8; peers::MAX_DATAGRAM];
+        loop {
+            let now = Instant::now();
+            // At least once a second, for the rate limiter's reset.
+            let next = self
+                .table
+                .poll_timeout()
+                .map_or(now + Duration::from_secs(1), |(at, _)| at)
+                .min(now + Duration::from_secs(1));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(next.into()) => {}
+            }
+            self.table
+                .handle_timeout(Instant::now(), &mut scratch, &mut self.output());
+        }
+    }
+}
+
+/// A non-blocking UDP socket with `SO_REUSEPORT`, so several workers share one port.
+fn reuseport_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    // Bigger buffers ride out bursts (handshake storms); the kernel caps them at rmem_max.
+    let _ = socket.set_recv_buffer_size(8 << 20);
+    let _ = socket.set_send_buffer_size(8 << 20);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}

@@ -1,0 +1,497 @@
+//! In-memory tests of the concentrator core: simulated devices (boringtun initiators)
+//! talk to a [`PeerTable`] through queues; the table's own time is virtual.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+
+use floto_proto::{DeviceId, WgKey};
+
+use super::peers::*;
+
+const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 1);
+const WINDOW: Duration = Duration::from_secs(85);
+
+/// Everything the table produced.
+#[derive(Default)]
+struct Collected {
+    datagrams: Vec<(SocketAddr, Vec<u8>)>,
+    host: Vec<(DeviceId, Vec<u8>)>,
+    events: Vec<PeerEvent>,
+}
+
+impl Output for Collected {
+    fn send_datagram(&mut self, to: SocketAddr, datagram: &[u8]) {
+        self.datagrams.push((to, datagram.to_vec()));
+    }
+    fn deliver_to_host(&mut self, from: &Peer, packet: &[u8]) {
+        self.host.push((from.id, packet.to_vec()));
+    }
+    fn event(&mut self, event: PeerEvent) {
+        self.events.push(event);
+    }
+}
+
+struct Server {
+    table: PeerTable,
+    public: PublicKey,
+    scratch: Vec<u8>,
+    out: Collected,
+    now: Instant,
+}
+
+impl Server {
+    fn new() -> Self {
+        let private = StaticSecret::from([3u8; 32]);
+        let public = PublicKey::from(&private);
+        Self {
+            table: PeerTable::new(private, "10.240.0.0/16".parse().unwrap(), SERVER_IP, WINDOW),
+            public,
+            scratch: vec![0; MAX_DATAGRAM],
+            out: Collected::default(),
+            now: Instant::now(),
+        }
+    }
+
+    fn enroll(&mut self, n: u8) -> Device {
+        let private = StaticSecret::from([n.wrapping_add(100); 32]);
+        let public = PublicKey::from(&private);
+        let id = DeviceId::new_random();
+        let ip = Ipv4Addr::new(10, 240, 0, 10 + n);
+        self.table.upsert(
+            PeerConfig {
+                id,
+                public_key: WgKey(public.to_bytes()),
+                overlay_ip: ip,
+            },
+            self.now,
+            &mut self.out,
+        );
+        Device {
+            id,
+            ip,
+            addr: SocketAddr::from(([192, 0, 2, n], 40000 + u16::from(n))),
+            tunn: Tunn::new(private, self.public, None, None, u32::from(n), None),
+            buf: vec![0; MAX_DATAGRAM],
+        }
+    }
+
+    /// Feeds one datagram from `from`; returns what the server sent back to it.
+    fn receive(&mut self, from: SocketAddr, datagram: &[u8]) -> Vec<Vec<u8>> {
+        let before = self.out.datagrams.len();
+        self.table
+            .route_datagram(from, datagram, self.now, &mut self.scratch, &mut self.out);
+        self.out.datagrams[before..]
+            .iter()
+            .filter(|(to, _)| *to == from)
+            .map(|(_, d)| d.clone())
+            .collect()
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        self.table
+            .handle_timeout(self.now, &mut self.scratch, &mut self.out);
+    }
+
+    fn dropped(&self, why: DropReason) -> u64 {
+        self.table.counters.dropped(why)
+    }
+}
+
+struct Device {
+    id: DeviceId,
+    ip: Ipv4Addr,
+    addr: SocketAddr,
+    tunn: Tunn,
+    buf: Vec<u8>,
+}
+
+impl Device {
+    /// Handshake, then the initiator's confirming keepalive: the device is online after.
+    fn connect(&mut self, server: &mut Server) {
+        let init = self.initiation();
+        let replies = server.receive(self.addr, &init);
+        assert_eq!(replies.len(), 1, "expected one handshake response");
+        let keepalive = self.receive(&replies[0]);
+        assert_eq!(
+            keepalive.len(),
+            1,
+            "initiator sends a keepalive after the response"
+        );
+        server.receive(self.addr, &keepalive[0]);
+    }
+
+    fn initiation(&mut self) -> Vec<u8> {
+        match self.tunn.format_handshake_initiation(&mut self.buf, true) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            other => panic!("no initiation: {other:?}"),
+        }
+    }
+
+    /// Feeds a datagram from the server; returns datagrams the device sends back.
+    fn receive(&mut self, datagram: &[u8]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut input = datagram;
+        while let TunnResult::WriteToNetwork(p) = self.tunn.decapsulate(None, input, &mut self.buf)
+        {
+            out.push(p.to_vec());
+            input = &[];
+        }
+        out
+    }
+
+    /// Decrypts a datagram from the server into an IP packet.
+    fn decrypt(&mut self, datagram: &[u8]) -> Option<Vec<u8>> {
+        match self.tunn.decapsulate(None, datagram, &mut self.buf) {
+            TunnResult::WriteToTunnelV4(p, _) => Some(p.to_vec()),
+            _ => None,
+        }
+    }
+
+    fn encrypt(&mut self, ip_packet: &[u8]) -> Vec<u8> {
+        match self.tunn.encapsulate(ip_packet, &mut self.buf) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            other => panic!("no session to encrypt with: {other:?}"),
+        }
+    }
+}
+
+/// A minimal IPv4/UDP packet.
+fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+    let total = 20 + 8 + payload.len();
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let mut sum = 0u32;
+    for chunk in p[..20].chunks(2) {
+        sum += u32::from(u16::from_be_bytes([chunk[0], chunk[1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    p[20..22].copy_from_slice(&1234u16.to_be_bytes());
+    p[22..24].copy_from_slice(&5678u16.to_be_bytes());
+    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p[28..].copy_from_slice(payload);
+    p
+}
+
+#[test]
+fn handshake_makes_the_device_online_and_data_reaches_the_host() {
+    let mut s = Server::new();
+    let mut d = s.enroll(1);
+    assert_eq!(s.table.online_count(), 0);
+    d.connect(&mut s);
+    let status = s.table.status(&d.id).unwrap();
+    assert!(status.online);
+    assert_eq!(status.generation, 1);
+    assert_eq!(status.endpoint, Some(d.addr));
+    assert_eq!(s.table.online_count(), 1);
+    assert!(matches!(
+        s.out.events[..],
+        [PeerEvent::Online { generation: 1, .. }]
+    ));
+
+    let packet = ipv4(d.ip, SERVER_IP, b"hello");
+    let datagram = d.encrypt(&packet);
+    s.receive(d.addr, &datagram);
+    assert_eq!(s.out.host, vec![(d.id, packet)]);
+}
+
+#[test]
+fn the_server_reaches_the_device_and_rx_tx_are_counted() {
+    let mut s = Server::new();
+    let mut d = s.enroll(1);
+    d.connect(&mut s);
+    let packet = ipv4(SERVER_IP, d.ip, b"from the broker");
+    let before = s.out.datagrams.len();
+    s.table
+        .send_to_device(&packet, s.now, &mut s.scratch, &mut s.out);
+    let (to, datagram) = s.out.datagrams[before].clone();
+    assert_eq!(to, d.addr);
+    assert_eq!(d.decrypt(&datagram), Some(packet.clone()));
+    let status = s.table.status(&d.id).unwrap();
+    assert_eq!(status.tx_bytes, packet.len() as u64);
+}
+
+#[test]
+fn spoofed_sources_and_device_to_device_traffic_are_dropped() {
+    let mut s = Server::new();
+    let mut a = s.enroll(1);
+    let mut b = s.enroll(2);
+    a.connect(&mut s);
+    b.connect(&mut s);
+    // a claims b's address
+    let spoof = a.encrypt(&ipv4(b.ip, SERVER_IP, b"spoof"));
+    s.receive(a.addr, &spoof);
+    assert_eq!(s.dropped(DropReason::Spoofed), 1);
+    // a talks to b directly
+    let lateral = a.encrypt(&ipv4(a.ip, b.ip, b"hi b"));
+    s.receive(a.addr, &lateral);
+    assert_eq!(s.dropped(DropReason::Isolated), 1);
+    // outside the overlay
+    let out = a.encrypt(&ipv4(a.ip, Ipv4Addr::new(192, 0, 2, 1), b"out"));
+    s.receive(a.addr, &out);
+    assert_eq!(s.dropped(DropReason::NotRoutable), 1);
+    assert!(s.out.host.is_empty());
+    // the session is unharmed
+    let fine = a.encrypt(&ipv4(a.ip, SERVER_IP, b"fine"));
+    s.receive(a.addr, &fine);
+    assert_eq!(s.out.host.len(), 1);
+}
+
+#[test]
+fn unknown_keys_malformed_and_unknown_indices_are_dropped_quietly() {
+    let mut s = Server::new();
+    let mut d = s.enroll(1);
+    // A device whose key the server does not know.
+    let stranger_key = StaticSecret::from([77u8; 32]);
+    let mut stranger = Tunn::new(stranger_key, s.public, None, None, 9, None);
+    let mut buf = vec![0u8; 2048];
+    let init = match stranger.format_handshake_initiation(&mut buf, false) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        _ => unreachable!(),
+    };
+    let from: SocketAddr = "198.51.100.7:5555".parse().unwrap();
+    assert!(s.receive(from, &init).is_empty());
+    assert_eq!(s.dropped(DropReason::UnknownPeer), 1);
+
+    // Malformed: empty, short, wrong type, wrong lengths, random.
+    for junk in [
+        vec![],
+        vec![1, 0, 0],
+        vec![9, 0, 0, 0, 1, 2, 3, 4],
+        vec![1, 0, 0, 0]
+            .into_iter()
+            .chain([0u8; 100])
+            .collect::<Vec<_>>(),
+        vec![2, 0, 0, 0]
+            .into_iter()
+            .chain([0u8; 10])
+            .collect::<Vec<_>>(),
+        (0..200u8).collect::<Vec<_>>(),
+    ] {
+        assert!(s.receive(from, &junk).is_empty());
+    }
+    assert!(
+        s.dropped(DropReason::Malformed) >= 5,
+        "{}",
+        s.dropped(DropReason::Malformed)
+    );
+
+    // A handshake initiation for another server (bad MAC1).
+    let mut wrong = init.clone();
+    wrong[120] ^= 0xff;
+    assert!(s.receive(from, &wrong).is_empty());
+    assert_eq!(s.dropped(DropReason::BadMac), 1);
+
+    // Data for an index nobody holds.
+    let mut data = vec![4u8, 0, 0, 0];
+    data.extend_from_slice(&0x00ab_cd00u32.to_le_bytes());
+    data.extend_from_slice(&[0u8; 40]);
+    assert!(s.receive(from, &data).is_empty());
+    assert_eq!(s.dropped(DropReason::UnknownIndex), 1);
+
+    // Nothing of that touched the enrolled device, which still connects.
+    d.connect(&mut s);
+    assert!(s.table.status(&d.id).unwrap().online);
+}
+
+#[test]
+fn replayed_initiations_are_rejected_and_do_not_move_the_endpoint() {
+    let mut s = Server::new();
+    let mut d = s.enroll(1);
+    let init = d.initiation();
+    let replies = s.receive(d.addr, &init);
+    assert_eq!(replies.len(), 1);
+    for k in d.receive(&replies[0]) {
+        s.receive(d.addr, &k);
+    }
+    assert_eq!(s.table.status(&d.id).unwrap().endpoint, Some(d.addr));
+    // An attacker replays the captured initiation from elsewhere.
+    let attacker: SocketAddr = "203.0.113.9:666".parse().unwrap();
+    assert!(s.receive(attacker, &init).is_empty());
+    assert_eq!(s.dropped(DropReason::Rejected), 1);
+    assert_eq!(s.table.status(&d.id).unwrap().endpoint, Some(d.addr));
+    // A captured data packet replayed is rejected too (counter reuse).
+    let data = d.encrypt(&ipv4(d.ip, SERVER_IP, b"once"));
+    s.receive(d.addr, &data);
+    s.receive(attacker, &data);
+    assert_eq!(s.out.host.len(), 1);
+    assert_eq!(s.dropped(DropReason::Rejected), 2);
+    assert_eq!(s.table.status(&d.id).unwrap().endpoint, Some(d.addr));
+}
+
+#[test]
+fn an_unanswered_initiation_from_a_replay_does_not_make_a_device_online() {
+    let mut s = Server::new();
+    let mut d = s.enroll(1);
+    let init = d.initiation();
+    // The server answers, but nobody confirms the session with data.
+    assert_eq!(s.receive(d.addr, &init).len(), 1);
+    let st = s.table.status(&d.id).unwrap();
+    assert!(!st.online);
+    assert_eq!(st.endpoint, None);
+}
+
+#[test]
+fn a_silent_device_goes_offline_after_the_window_and_the_other_stays() {
+    let mut s = Server::new();
+    let mut a = s.enroll(1);
+    let mut b = s.enroll(2);
+    a.connect(&mut s);
+    b.connect(&mut s);
+    assert_eq!(s.table.online_count(), 2);
+    // b keeps sending keepalives; a falls silent.
+    for _ in 0..4 {
+        s.advance(Duration::from_secs(25));
+        let ka = b.encrypt(&[]);
+        s.receive(b.addr, &ka);
+    }
+    assert!(!s.table.status(&a.id).unwrap().online);
+    assert!(s.table.status(&b.id).unwrap().online);
+    assert_eq!(s.table.online_count(), 1);
+    let offline: Vec<_> = s
+        .out
+        .events
+        .iter()
+        .filter(|e| matches!(e, PeerEvent::Offline { .. }))
+        .collect();
+    assert_eq!(offline.len(), 1);
+    assert!(matches!(offline[0], PeerEvent::Offline { id, generation: 2, .. } if *id == a.id));
+    // a comes back: a new generation.
+    a.connect(&mut s);
+    assert_eq!(s.table.status(&a.id).unwrap().generation, 3);
+}
+
+#[test]
+fn idle_sessions_are_freed_and_can_be_made_again() {
+    let mut s = Server::new();
+    let mut d = s.enroll(1);
+    d.connect(&mut s);
+    assert_eq!(s.table.active_sessions(), 1);
+    s.advance(WINDOW);
+    s.advance(TUNN_IDLE_DROP);
+    assert_eq!(s.table.active_sessions(), 0);
+    assert!(!s.table.status(&d.id).unwrap().online);
+    d.connect(&mut s);
+    assert_eq!(s.table.active_sessions(), 1);
+    assert!(s.table.status(&d.id).unwrap().online);
+}
+
+#[test]
+fn removing_a_peer_drops_its_session_at_once() {
+    let mut s = Server::new();
+    let mut d = s.enroll(1);
+    d.connect(&mut s);
+    assert!(s.table.remove(&d.id, s.now, &mut s.out));
+    assert!(matches!(
+        s.out.events.last(),
+        Some(PeerEvent::Removed { generation: 2, .. })
+    ));
+    assert_eq!(s.table.online_count(), 0);
+    assert_eq!(s.table.active_sessions(), 0);
+    let data = d.encrypt(&ipv4(d.ip, SERVER_IP, b"after revoke"));
+    s.receive(d.addr, &data);
+    assert!(s.out.host.is_empty());
+    // and it cannot handshake again
+    let init = d.initiation();
+    assert!(s.receive(d.addr, &init).is_empty());
+    assert_eq!(s.dropped(DropReason::UnknownPeer), 1);
+}
+
+#[test]
+fn a_rotated_key_replaces_the_old_one() {
+    let mut s = Server::new();
+    let mut d = s.enroll(1);
+    d.connect(&mut s);
+    let new_private = StaticSecret::from([201u8; 32]);
+    let new_public = PublicKey::from(&new_private);
+    s.table.upsert(
+        PeerConfig {
+            id: d.id,
+            public_key: WgKey(new_public.to_bytes()),
+            overlay_ip: d.ip,
+        },
+        s.now,
+        &mut s.out,
+    );
+    // The old key is gone.
+    let old_init = d.initiation();
+    assert!(s.receive(d.addr, &old_init).is_empty());
+    // The new key works, same address and id, generation continues.
+    d.tunn = Tunn::new(new_private, s.public, None, None, 50, None);
+    d.connect(&mut s);
+    let st = s.table.status(&d.id).unwrap();
+    assert!(st.online);
+    assert_eq!(
+        st.generation, 1,
+        "a replaced peer starts a new session history"
+    );
+    assert_eq!(s.table.len(), 1);
+}
+
+#[test]
+fn an_initiation_flood_gets_cookies_and_established_devices_keep_flowing() {
+    let mut s = Server::new();
+    let mut d = s.enroll(1);
+    d.connect(&mut s);
+    // Initiations from one unknown key, many sources: valid MAC1, so they count.
+    let stranger_key = StaticSecret::from([78u8; 32]);
+    let mut stranger = Tunn::new(stranger_key, s.public, None, None, 10, None);
+    let mut buf = vec![0u8; 2048];
+    let mut cookies = 0;
+    for i in 0..(HANDSHAKE_RATE_LIMIT + 200) {
+        let init = match stranger.format_handshake_initiation(&mut buf, true) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            _ => unreachable!(),
+        };
+        let from = SocketAddr::from(([198, 51, 100, (i % 250) as u8], 1000 + (i % 5000) as u16));
+        let replies = s.receive(from, &init);
+        cookies += replies.iter().filter(|r| r[0] == 3).count();
+        if i % 500 == 0 {
+            // data from the established device in the middle of the flood
+            let data = d.encrypt(&ipv4(d.ip, SERVER_IP, b"still here"));
+            s.receive(d.addr, &data);
+        }
+    }
+    assert!(cookies > 0, "no cookie replies under load");
+    assert!(
+        s.table
+            .counters
+            .cookie_replies
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= cookies as u64
+    );
+    assert_eq!(
+        s.out.host.len(),
+        (HANDSHAKE_RATE_LIMIT as usize + 200).div_ceil(500)
+    );
+    // Still under load: a new legitimate device gets a cookie, proves its address with
+    // it, and connects.
+    let mut fresh = s.enroll(2);
+    let init = fresh.initiation();
+    let replies = s.receive(fresh.addr, &init);
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0][0], 3, "expected a cookie reply under load");
+    assert!(fresh.receive(&replies[0]).is_empty());
+    let init = fresh.initiation();
+    let replies = s.receive(fresh.addr, &init);
+    assert_eq!(replies.len(), 1);
+    assert_eq!(
+        replies[0][0], 2,
+        "expected a handshake response with a valid cookie"
+    );
+    for k in fresh.receive(&replies[0]) {
+        s.receive(fresh.addr, &k);
+    }
+    assert!(s.table.status(&fresh.id).unwrap().online);
+}
