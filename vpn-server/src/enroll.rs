@@ -42,6 +42,18 @@ pub fn overlay_address(overlay: Ipv4Net, offset: u32) -> Option<Ipv4Addr> {
     Some(Ipv4Addr::from(u32::from(overlay.network()) + offset))
 }
 
+/// The address after the highest one given out (`None` before the first device), or
+/// `None` when the overlay is full.
+pub fn next_overlay_address(overlay: Ipv4Net, highest: Option<Ipv4Addr>) -> Option<Ipv4Addr> {
+    let offset = match highest {
+        None => 2,
+        Some(ip) => u32::from(ip)
+            .checked_sub(u32::from(overlay.network()))?
+            .checked_add(1)?,
+    };
+    overlay_address(overlay, offset)
+}
+
 /// How many devices an overlay can hold.
 pub fn overlay_capacity(overlay: Ipv4Net) -> u64 {
     (1u64 << (32 - overlay.prefix_len())).saturating_sub(3)
@@ -361,8 +373,8 @@ async fn enroll(
         info!(device = %device, ignored = ?cert.ignored_requests, "CSR asked for more than a device certificate; ignored");
     }
 
-    // 4. The registry decides and records, atomically. Run it as its own task so that a
-    // client hanging up cannot cancel it half-way.
+    // 4. The registry decides and records, atomically. Its writer task runs the commit, so
+    // a client hanging up cannot cancel it half-way.
     let commit = EnrollCommit {
         key_hash,
         device,
@@ -374,10 +386,10 @@ async fn enroll(
         hostname: valid.hostname,
         now,
     };
-    let store = state.store.clone();
-    let outcome = tokio::spawn(async move { store.enroll(commit).await })
-        .await
-        .map_err(|e| Failure::internal(format!("enrollment task: {e}")))??
+    let outcome = state
+        .store
+        .enroll(commit)
+        .await?
         .map_err(|refusal| Failure::from(refusal.to_api_error(&device)))?;
 
     // 5. The running concentrator learns the peer.
@@ -452,10 +464,10 @@ async fn renew(
         cert_expires_at: cert.not_after,
         now,
     };
-    let store = state.store.clone();
-    let renewed = tokio::spawn(async move { store.renew(commit).await })
-        .await
-        .map_err(|e| Failure::internal(format!("renewal task: {e}")))??
+    let renewed = state
+        .store
+        .renew(commit)
+        .await?
         .map_err(|refusal| {
             if let RenewRefusal::NotNewestSerial { presented, newest } = &refusal {
                 warn!(device = %device, presented, newest, "superseded certificate tried to renew: the device key may be cloned");
@@ -601,6 +613,22 @@ mod tests {
             Some(Ipv4Addr::new(10, 240, 255, 254))
         );
         assert_eq!(overlay_address(big, 65535), None);
+        assert_eq!(
+            next_overlay_address(net, None),
+            Some(Ipv4Addr::new(10, 240, 0, 2))
+        );
+        assert_eq!(
+            next_overlay_address(net, Some(Ipv4Addr::new(10, 240, 0, 2))),
+            None
+        );
+        assert_eq!(
+            next_overlay_address(big, Some(Ipv4Addr::new(10, 240, 1, 255))),
+            Some(Ipv4Addr::new(10, 240, 2, 0))
+        );
+        assert_eq!(
+            next_overlay_address(big, Some(Ipv4Addr::new(10, 240, 255, 254))),
+            None
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row as _, Sqlite, Transaction};
 use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
 
 use floto_proto::admin::Role;
 use floto_proto::{DeviceId, WgKey};
@@ -77,6 +78,23 @@ CREATE TABLE operators (
     token_expires_at INTEGER,
     token_used_at    INTEGER
 );
+-- Invariants kept by the database itself, so one INSERT or UPDATE of a device is the
+-- whole write of an enrollment or renewal:
+-- every certificate a device is given is recorded (for the CRL and revocation) ...
+CREATE TRIGGER device_certificate_on_insert AFTER INSERT ON devices BEGIN
+    INSERT INTO certificates(serial, kind, subject, issued_at, expires_at)
+        VALUES (NEW.cert_serial, 'device', NEW.uuid, NEW.updated_at, NEW.cert_expires_at);
+    -- ... and a new device takes one use of the key that enrolled it.
+    UPDATE provisioning_keys SET uses_left = uses_left - 1
+        WHERE id = NEW.key_id AND uses_left > 0;
+END;
+CREATE TRIGGER device_certificate_on_update AFTER UPDATE OF cert_serial ON devices
+    WHEN NEW.cert_serial <> OLD.cert_serial BEGIN
+    INSERT INTO certificates(serial, kind, subject, issued_at, expires_at)
+        VALUES (NEW.cert_serial, 'device', NEW.uuid, NEW.updated_at, NEW.cert_expires_at);
+END;
+-- Device rows are never deleted (revocation keeps them), so the next address is the
+-- highest one given out plus one, and no address is ever given out twice.
 CREATE TABLE audit (
     id     INTEGER PRIMARY KEY AUTOINCREMENT,
     at     INTEGER NOT NULL,
@@ -89,12 +107,17 @@ CREATE INDEX audit_device ON audit(device, at);
 CREATE INDEX audit_actor ON audit(actor, at);
 "#;
 
+/// Enrollments and renewals committed together at most.
+const MAX_BATCH: usize = 256;
+
 /// The SQLite registry.
 #[derive(Debug, Clone)]
 pub struct SqliteRegistry {
     writer: SqlitePool,
     reader: SqlitePool,
     overlay: Ipv4Net,
+    /// Enrollments and renewals, committed in groups by [`group_commit`].
+    jobs: mpsc::Sender<Job>,
 }
 
 impl SqliteRegistry {
@@ -122,10 +145,13 @@ impl SqliteRegistry {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(opts)
             .await?;
+        let (jobs, queue) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(group_commit(writer.clone(), overlay, queue));
         let registry = Self {
             writer,
             reader,
             overlay,
+            jobs,
         };
         registry.check_overlay().await?;
         Ok(registry)
@@ -209,43 +235,54 @@ fn ip_to_db(ip: Ipv4Addr) -> i64 {
 }
 
 fn device_from_row(row: &SqliteRow) -> Result<Device, StoreError> {
-    let uuid: String = row.try_get("uuid")?;
+    device_from_prefixed(row, "")
+}
+
+/// A device from columns named `{prefix}{column}`.
+fn device_from_prefixed(row: &SqliteRow, prefix: &str) -> Result<Device, StoreError> {
+    let col = |name: &str| format!("{prefix}{name}");
+    let uuid: String = row.try_get(col("uuid").as_str())?;
     let id: DeviceId = uuid
         .parse()
         .map_err(|e| StoreError::Corrupt(format!("device uuid {uuid:?}: {e}")))?;
-    let key: String = row.try_get("wg_public_key")?;
+    let key: String = row.try_get(col("wg_public_key").as_str())?;
     let wg_public_key: WgKey = key
         .parse()
         .map_err(|e| StoreError::Corrupt(format!("device {id} WireGuard key: {e}")))?;
-    let endpoint: Option<String> = row.try_get("last_endpoint")?;
+    let endpoint: Option<String> = row.try_get(col("last_endpoint").as_str())?;
     Ok(Device {
         id,
-        fleet: row.try_get("fleet")?,
+        fleet: row.try_get(col("fleet").as_str())?,
         wg_public_key,
-        overlay_ip: ip_from_db(row.try_get("overlay_ip")?),
-        cert_serial: row.try_get("cert_serial")?,
-        cert_public_key: row.try_get("cert_public_key")?,
-        cert_expires_at: from_ts(row.try_get("cert_expires_at")?)?,
-        created_at: from_ts(row.try_get("created_at")?)?,
-        updated_at: from_ts(row.try_get("updated_at")?)?,
-        revoked_at: opt_ts(row.try_get("revoked_at")?)?,
-        key_id: row.try_get("key_id")?,
-        device_type: row.try_get("device_type")?,
-        hostname: row.try_get("hostname")?,
+        overlay_ip: ip_from_db(row.try_get(col("overlay_ip").as_str())?),
+        cert_serial: row.try_get(col("cert_serial").as_str())?,
+        cert_public_key: row.try_get(col("cert_public_key").as_str())?,
+        cert_expires_at: from_ts(row.try_get(col("cert_expires_at").as_str())?)?,
+        created_at: from_ts(row.try_get(col("created_at").as_str())?)?,
+        updated_at: from_ts(row.try_get(col("updated_at").as_str())?)?,
+        revoked_at: opt_ts(row.try_get(col("revoked_at").as_str())?)?,
+        key_id: row.try_get(col("key_id").as_str())?,
+        device_type: row.try_get(col("device_type").as_str())?,
+        hostname: row.try_get(col("hostname").as_str())?,
         last_endpoint: endpoint.and_then(|e| SocketAddr::from_str(&e).ok()),
-        last_seen: opt_ts(row.try_get("last_seen")?)?,
+        last_seen: opt_ts(row.try_get(col("last_seen").as_str())?)?,
     })
 }
 
 fn key_from_row(row: &SqliteRow) -> Result<ProvisioningKey, StoreError> {
-    let uses: Option<i64> = row.try_get("uses_left")?;
+    key_from_prefixed(row, "")
+}
+
+fn key_from_prefixed(row: &SqliteRow, prefix: &str) -> Result<ProvisioningKey, StoreError> {
+    let col = |name: &str| format!("{prefix}{name}");
+    let uses: Option<i64> = row.try_get(col("uses_left").as_str())?;
     Ok(ProvisioningKey {
-        id: row.try_get("id")?,
-        fleet: row.try_get("fleet")?,
+        id: row.try_get(col("id").as_str())?,
+        fleet: row.try_get(col("fleet").as_str())?,
         uses_left: uses.map(|u| u.clamp(0, i64::from(u32::MAX)) as u32),
-        expires_at: opt_ts(row.try_get("expires_at")?)?,
-        created_at: from_ts(row.try_get("created_at")?)?,
-        revoked_at: opt_ts(row.try_get("revoked_at")?)?,
+        expires_at: opt_ts(row.try_get(col("expires_at").as_str())?)?,
+        created_at: from_ts(row.try_get(col("created_at").as_str())?)?,
+        revoked_at: opt_ts(row.try_get(col("revoked_at").as_str())?)?,
     })
 }
 
@@ -287,36 +324,6 @@ fn audit_from_row(row: &SqliteRow) -> Result<AuditRecord, StoreError> {
     })
 }
 
-async fn device_in_tx(
-    tx: &mut Transaction<'static, Sqlite>,
-    id: &DeviceId,
-) -> Result<Option<Device>, StoreError> {
-    sqlx::query("SELECT * FROM devices WHERE uuid = ?")
-        .bind(id.to_string())
-        .fetch_optional(&mut **tx)
-        .await?
-        .as_ref()
-        .map(device_from_row)
-        .transpose()
-}
-
-async fn wg_key_owner(
-    tx: &mut Transaction<'static, Sqlite>,
-    key: &WgKey,
-) -> Result<Option<DeviceId>, StoreError> {
-    let owner: Option<String> =
-        sqlx::query_scalar("SELECT uuid FROM devices WHERE wg_public_key = ?")
-            .bind(key.to_base64())
-            .fetch_optional(&mut **tx)
-            .await?;
-    owner
-        .map(|u| {
-            u.parse()
-                .map_err(|e| StoreError::Corrupt(format!("device uuid {u:?}: {e}")))
-        })
-        .transpose()
-}
-
 async fn insert_cert(
     tx: &mut Transaction<'static, Sqlite>,
     cert: &IssuedCertRecord,
@@ -336,25 +343,332 @@ async fn insert_cert(
     Ok(())
 }
 
-/// Takes the next never-used address of the overlay, or `None` when none is left.
-async fn allocate_ip(
+const DEVICE_COLUMNS: [&str; 15] = [
+    "uuid",
+    "fleet",
+    "wg_public_key",
+    "overlay_ip",
+    "cert_serial",
+    "cert_public_key",
+    "cert_expires_at",
+    "created_at",
+    "updated_at",
+    "revoked_at",
+    "key_id",
+    "device_type",
+    "hostname",
+    "last_endpoint",
+    "last_seen",
+];
+const KEY_COLUMNS: [&str; 6] = [
+    "id",
+    "fleet",
+    "uses_left",
+    "expires_at",
+    "created_at",
+    "revoked_at",
+];
+
+/// One query for every fact an enrollment or renewal decides on: the key (?1, by hash),
+/// the device (?2, by UUID), the holder of the WireGuard key (?3), and the highest address
+/// given out so far.
+static FACTS_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let mut cols: Vec<String> = KEY_COLUMNS
+        .iter()
+        .map(|c| format!("k.{c} AS k_{c}"))
+        .collect();
+    cols.extend(DEVICE_COLUMNS.iter().map(|c| format!("d.{c} AS d_{c}")));
+    format!(
+        "SELECT {}, o.uuid AS owner, (SELECT MAX(overlay_ip) FROM devices) AS max_ip \
+         FROM (SELECT 1) AS one \
+         LEFT JOIN provisioning_keys AS k ON k.hash = ?1 \
+         LEFT JOIN devices AS d ON d.uuid = ?2 \
+         LEFT JOIN devices AS o ON o.wg_public_key = ?3",
+        cols.join(", ")
+    )
+});
+
+/// A new device (the triggers record its certificate and take its key's use).
+const CREATE_SQL: &str =
+    "INSERT INTO devices(uuid, fleet, wg_public_key, overlay_ip, cert_serial, \
+    cert_public_key, cert_expires_at, created_at, updated_at, key_id, device_type, hostname) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11)";
+
+/// A new certificate (and maybe WireGuard key) for an existing device (the trigger records
+/// the certificate).
+const RECERTIFY_SQL: &str = "UPDATE devices SET wg_public_key = ?1, cert_serial = ?2, \
+    cert_public_key = ?3, cert_expires_at = ?4, updated_at = ?5, device_type = ?6, hostname = ?7 \
+    WHERE uuid = ?8";
+
+struct Facts {
+    key: Option<ProvisioningKey>,
+    device: Option<Device>,
+    owner: Option<DeviceId>,
+    /// The highest overlay address given out, if any.
+    max_ip: Option<Ipv4Addr>,
+}
+
+async fn facts(
     tx: &mut Transaction<'static, Sqlite>,
-    overlay: Ipv4Net,
-) -> Result<Option<Ipv4Addr>, StoreError> {
-    let next: String = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'next_ip_offset'")
+    key_hash: Option<&[u8; 32]>,
+    device: &DeviceId,
+    wg_key: Option<&WgKey>,
+) -> Result<Facts, StoreError> {
+    let row = sqlx::query(&FACTS_SQL)
+        .bind(key_hash.map(|h| h.to_vec()))
+        .bind(device.to_string())
+        .bind(wg_key.map(WgKey::to_base64))
         .fetch_one(&mut **tx)
         .await?;
-    let offset: u32 = next
-        .parse()
-        .map_err(|_| StoreError::Corrupt(format!("next_ip_offset {next:?}")))?;
-    let Some(ip) = enroll::overlay_address(overlay, offset) else {
-        return Ok(None);
+    let key_id: Option<String> = row.try_get("k_id")?;
+    let device_uuid: Option<String> = row.try_get("d_uuid")?;
+    let owner: Option<String> = row.try_get("owner")?;
+    let max_ip: Option<i64> = row.try_get("max_ip")?;
+    Ok(Facts {
+        key: key_id.map(|_| key_from_prefixed(&row, "k_")).transpose()?,
+        device: device_uuid
+            .map(|_| device_from_prefixed(&row, "d_"))
+            .transpose()?,
+        owner: owner
+            .map(|u| {
+                u.parse()
+                    .map_err(|e| StoreError::Corrupt(format!("device uuid {u:?}: {e}")))
+            })
+            .transpose()?,
+        max_ip: max_ip.map(ip_from_db),
+    })
+}
+
+/// Timestamps are stored in whole seconds; the rows we return say what a read would.
+fn whole_seconds(t: OffsetDateTime) -> Result<OffsetDateTime, StoreError> {
+    from_ts(ts(t))
+}
+
+async fn enroll_in(
+    tx: &mut Transaction<'static, Sqlite>,
+    overlay: Ipv4Net,
+    c: &EnrollCommit,
+) -> Result<Result<EnrollOutcome, EnrollRefusal>, StoreError> {
+    let f = facts(tx, Some(&c.key_hash), &c.device, Some(&c.wg_public_key)).await?;
+    let decision =
+        match enroll::decide_enrollment(f.key.as_ref(), f.device.as_ref(), f.owner.as_ref(), c) {
+            Ok(d) => d,
+            Err(refusal) => return Ok(Err(refusal)),
+        };
+    let (Some(key), now) = (f.key, whole_seconds(c.now)?) else {
+        return Ok(Err(EnrollRefusal::KeyUnknown));
     };
-    sqlx::query("UPDATE meta SET value = ? WHERE key = 'next_ip_offset'")
-        .bind((offset + 1).to_string())
+    let expires = whole_seconds(c.cert_expires_at)?;
+    match (decision, f.device) {
+        (EnrollDecision::Create, _) => {
+            let Some(ip) = enroll::next_overlay_address(overlay, f.max_ip) else {
+                return Ok(Err(EnrollRefusal::AddressPoolExhausted { overlay }));
+            };
+            sqlx::query(CREATE_SQL)
+                .bind(c.device.to_string())
+                .bind(&key.fleet)
+                .bind(c.wg_public_key.to_base64())
+                .bind(ip_to_db(ip))
+                .bind(&c.cert_serial)
+                .bind(&c.cert_public_key)
+                .bind(ts(expires))
+                .bind(ts(now))
+                .bind(&key.id)
+                .bind(&c.device_type)
+                .bind(&c.hostname)
+                .execute(&mut **tx)
+                .await?;
+            Ok(Ok(EnrollOutcome::Created(Device {
+                id: c.device,
+                fleet: key.fleet,
+                wg_public_key: c.wg_public_key,
+                overlay_ip: ip,
+                cert_serial: c.cert_serial.clone(),
+                cert_public_key: c.cert_public_key.clone(),
+                cert_expires_at: expires,
+                created_at: now,
+                updated_at: now,
+                revoked_at: None,
+                key_id: Some(key.id),
+                device_type: c.device_type.clone(),
+                hostname: c.hostname.clone(),
+                last_endpoint: None,
+                last_seen: None,
+            })))
+        }
+        (EnrollDecision::Reenroll, Some(existing)) => {
+            let previous_wg_key = Some(existing.wg_public_key).filter(|k| *k != c.wg_public_key);
+            let device = Device {
+                wg_public_key: c.wg_public_key,
+                cert_serial: c.cert_serial.clone(),
+                cert_public_key: c.cert_public_key.clone(),
+                cert_expires_at: expires,
+                updated_at: now,
+                device_type: c.device_type.clone().or(existing.device_type.clone()),
+                hostname: c.hostname.clone().or(existing.hostname.clone()),
+                ..existing
+            };
+            recertify(tx, &device).await?;
+            Ok(Ok(EnrollOutcome::Reenrolled {
+                device,
+                previous_wg_key,
+            }))
+        }
+        (EnrollDecision::Reenroll, None) => Err(StoreError::Inconsistent(
+            "re-enrollment decided for a device that is not there".into(),
+        )),
+    }
+}
+
+async fn recertify(tx: &mut Transaction<'static, Sqlite>, d: &Device) -> Result<(), StoreError> {
+    sqlx::query(RECERTIFY_SQL)
+        .bind(d.wg_public_key.to_base64())
+        .bind(&d.cert_serial)
+        .bind(&d.cert_public_key)
+        .bind(ts(d.cert_expires_at))
+        .bind(ts(d.updated_at))
+        .bind(&d.device_type)
+        .bind(&d.hostname)
+        .bind(d.id.to_string())
         .execute(&mut **tx)
         .await?;
-    Ok(Some(ip))
+    Ok(())
+}
+
+async fn renew_in(
+    tx: &mut Transaction<'static, Sqlite>,
+    c: &RenewCommit,
+) -> Result<Result<Renewed, RenewRefusal>, StoreError> {
+    let f = facts(tx, None, &c.device, c.new_wg_public_key.as_ref()).await?;
+    let before = match enroll::decide_renewal(f.device.as_ref(), f.owner.as_ref(), c) {
+        Ok(d) => d.clone(),
+        Err(refusal) => return Ok(Err(refusal)),
+    };
+    let new_key = c.new_wg_public_key.unwrap_or(before.wg_public_key);
+    let device = Device {
+        wg_public_key: new_key,
+        cert_serial: c.cert_serial.clone(),
+        cert_public_key: c.cert_public_key.clone(),
+        cert_expires_at: whole_seconds(c.cert_expires_at)?,
+        updated_at: whole_seconds(c.now)?,
+        ..before.clone()
+    };
+    recertify(tx, &device).await?;
+    Ok(Ok(Renewed {
+        previous_wg_key: Some(before.wg_public_key).filter(|k| *k != new_key),
+        device,
+    }))
+}
+
+type EnrollResult = Result<Result<EnrollOutcome, EnrollRefusal>, StoreError>;
+type RenewResult = Result<Result<Renewed, RenewRefusal>, StoreError>;
+
+/// An enrollment or renewal waiting for the writer.
+enum Job {
+    Enroll(EnrollCommit, oneshot::Sender<EnrollResult>),
+    Renew(RenewCommit, oneshot::Sender<RenewResult>),
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Job::Enroll(c, _) => write!(f, "Enroll({})", c.device),
+            Job::Renew(c, _) => write!(f, "Renew({})", c.device),
+        }
+    }
+}
+
+/// A job's result, before it is sent back.
+enum Done {
+    Enroll(Result<EnrollOutcome, EnrollRefusal>),
+    Renew(Result<Renewed, RenewRefusal>),
+}
+
+/// The writer: takes every job that is waiting (up to [`MAX_BATCH`]), runs them one after
+/// the other in one IMMEDIATE transaction, commits once, and answers each. Jobs in a batch
+/// see each other's writes, so races are decided exactly as if each had its own
+/// transaction; one fsync serves the batch. If the batch fails, each job is retried alone
+/// so that one bad job cannot fail the others.
+async fn group_commit(pool: SqlitePool, overlay: Ipv4Net, mut queue: mpsc::Receiver<Job>) {
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        match run_batch(&pool, overlay, &batch).await {
+            Ok(done) => {
+                for (job, result) in batch.into_iter().zip(done) {
+                    reply(job, Ok(result));
+                }
+            }
+            Err(e) if batch.len() == 1 => {
+                if let Some(job) = batch.pop() {
+                    reply(job, Err(e));
+                }
+            }
+            Err(_) => {
+                for job in batch {
+                    let one = std::slice::from_ref(&job);
+                    let result = run_batch(&pool, overlay, one)
+                        .await
+                        .map(|mut d| {
+                            d.pop()
+                                .ok_or_else(|| StoreError::Inconsistent("empty batch".into()))
+                        })
+                        .and_then(|r| r);
+                    reply(job, result);
+                }
+            }
+        }
+    }
+}
+
+async fn run_batch(
+    pool: &SqlitePool,
+    overlay: Ipv4Net,
+    batch: &[Job],
+) -> Result<Vec<Done>, StoreError> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut done = Vec::with_capacity(batch.len());
+    for job in batch {
+        done.push(match job {
+            Job::Enroll(c, _) => Done::Enroll(enroll_in(&mut tx, overlay, c).await?),
+            Job::Renew(c, _) => Done::Renew(renew_in(&mut tx, c).await?),
+        });
+    }
+    tx.commit().await?;
+    Ok(done)
+}
+
+fn reply(job: Job, result: Result<Done, StoreError>) {
+    // A caller that went away no longer needs its answer; the commit stands.
+    match (job, result) {
+        (Job::Enroll(_, tx), Ok(Done::Enroll(r))) => {
+            let _ = tx.send(Ok(r));
+        }
+        (Job::Renew(_, tx), Ok(Done::Renew(r))) => {
+            let _ = tx.send(Ok(r));
+        }
+        (Job::Enroll(_, tx), Err(e)) => {
+            let _ = tx.send(Err(e));
+        }
+        (Job::Renew(_, tx), Err(e)) => {
+            let _ = tx.send(Err(e));
+        }
+        (Job::Enroll(_, tx), Ok(_)) => {
+            let _ = tx.send(Err(StoreError::Inconsistent(
+                "mismatched job result".into(),
+            )));
+        }
+        (Job::Renew(_, tx), Ok(_)) => {
+            let _ = tx.send(Err(StoreError::Inconsistent(
+                "mismatched job result".into(),
+            )));
+        }
+    }
 }
 
 #[async_trait]
@@ -401,160 +715,24 @@ impl Registry for SqliteRegistry {
             .collect()
     }
 
-    async fn enroll(
-        &self,
-        c: EnrollCommit,
-    ) -> Result<Result<EnrollOutcome, EnrollRefusal>, StoreError> {
-        let mut tx = self.begin().await?;
-        let key = sqlx::query("SELECT * FROM provisioning_keys WHERE hash = ?")
-            .bind(&c.key_hash[..])
-            .fetch_optional(&mut *tx)
-            .await?
-            .as_ref()
-            .map(key_from_row)
-            .transpose()?;
-        let existing = device_in_tx(&mut tx, &c.device).await?;
-        let owner = wg_key_owner(&mut tx, &c.wg_public_key).await?;
-        let decision =
-            match enroll::decide_enrollment(key.as_ref(), existing.as_ref(), owner.as_ref(), &c) {
-                Ok(d) => d,
-                Err(refusal) => return Ok(Err(refusal)),
-            };
-        // `decide_enrollment` returned Ok, so the key exists.
-        let Some(key) = key else {
-            return Ok(Err(EnrollRefusal::KeyUnknown));
-        };
-        let now = ts(c.now);
-        let outcome = match decision {
-            EnrollDecision::Create => {
-                let Some(ip) = allocate_ip(&mut tx, self.overlay).await? else {
-                    return Ok(Err(EnrollRefusal::AddressPoolExhausted {
-                        overlay: self.overlay,
-                    }));
-                };
-                sqlx::query(
-                    "INSERT INTO devices(uuid, fleet, wg_public_key, overlay_ip, cert_serial, \
-                     cert_public_key, cert_expires_at, created_at, updated_at, key_id, device_type, hostname) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                )
-                .bind(c.device.to_string())
-                .bind(&key.fleet)
-                .bind(c.wg_public_key.to_base64())
-                .bind(ip_to_db(ip))
-                .bind(&c.cert_serial)
-                .bind(&c.cert_public_key)
-                .bind(ts(c.cert_expires_at))
-                .bind(now)
-                .bind(now)
-                .bind(&key.id)
-                .bind(&c.device_type)
-                .bind(&c.hostname)
-                .execute(&mut *tx)
-                .await?;
-                if key.uses_left.is_some() {
-                    sqlx::query("UPDATE provisioning_keys SET uses_left = uses_left - 1 WHERE id = ? AND uses_left > 0")
-                        .bind(&key.id)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                None
-            }
-            EnrollDecision::Reenroll => {
-                sqlx::query(
-                    "UPDATE devices SET wg_public_key = ?, cert_serial = ?, cert_public_key = ?, \
-                     cert_expires_at = ?, updated_at = ?, \
-                     device_type = COALESCE(?, device_type), hostname = COALESCE(?, hostname) \
-                     WHERE uuid = ?",
-                )
-                .bind(c.wg_public_key.to_base64())
-                .bind(&c.cert_serial)
-                .bind(&c.cert_public_key)
-                .bind(ts(c.cert_expires_at))
-                .bind(now)
-                .bind(&c.device_type)
-                .bind(&c.hostname)
-                .bind(c.device.to_string())
-                .execute(&mut *tx)
-                .await?;
-                // Some(previous key if it changed): this was a re-enrollment.
-                Some(
-                    existing
-                        .as_ref()
-                        .map(|d| d.wg_public_key)
-                        .filter(|k| *k != c.wg_public_key),
-                )
-            }
-        };
-        insert_cert(
-            &mut tx,
-            &IssuedCertRecord {
-                serial: c.cert_serial.clone(),
-                kind: CertKind::Device,
-                subject: c.device.to_string(),
-                issued_at: c.now,
-                expires_at: c.cert_expires_at,
-                revoked_at: None,
-            },
-        )
-        .await?;
-        let device = device_in_tx(&mut tx, &c.device).await?.ok_or_else(|| {
-            StoreError::Inconsistent("device vanished inside its transaction".into())
-        })?;
-        tx.commit().await?;
-        Ok(Ok(match outcome {
-            None => EnrollOutcome::Created(device),
-            Some(previous_wg_key) => EnrollOutcome::Reenrolled {
-                device,
-                previous_wg_key,
-            },
-        }))
+    async fn enroll(&self, c: EnrollCommit) -> EnrollResult {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Enroll(c, tx))
+            .await
+            .map_err(|_| StoreError::Inconsistent("the registry writer stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Inconsistent("the registry writer stopped".into()))?
     }
 
-    async fn renew(&self, c: RenewCommit) -> Result<Result<Renewed, RenewRefusal>, StoreError> {
-        let mut tx = self.begin().await?;
-        let existing = device_in_tx(&mut tx, &c.device).await?;
-        let owner = match &c.new_wg_public_key {
-            Some(k) => wg_key_owner(&mut tx, k).await?,
-            None => None,
-        };
-        let device = match enroll::decide_renewal(existing.as_ref(), owner.as_ref(), &c) {
-            Ok(d) => d,
-            Err(refusal) => return Ok(Err(refusal)),
-        };
-        let new_key = c.new_wg_public_key.unwrap_or(device.wg_public_key);
-        sqlx::query(
-            "UPDATE devices SET wg_public_key = ?, cert_serial = ?, cert_public_key = ?, \
-             cert_expires_at = ?, updated_at = ? WHERE uuid = ?",
-        )
-        .bind(new_key.to_base64())
-        .bind(&c.cert_serial)
-        .bind(&c.cert_public_key)
-        .bind(ts(c.cert_expires_at))
-        .bind(ts(c.now))
-        .bind(c.device.to_string())
-        .execute(&mut *tx)
-        .await?;
-        insert_cert(
-            &mut tx,
-            &IssuedCertRecord {
-                serial: c.cert_serial.clone(),
-                kind: CertKind::Device,
-                subject: c.device.to_string(),
-                issued_at: c.now,
-                expires_at: c.cert_expires_at,
-                revoked_at: None,
-            },
-        )
-        .await?;
-        let previous_wg_key = Some(device.wg_public_key).filter(|k| *k != new_key);
-        let device = device_in_tx(&mut tx, &c.device).await?.ok_or_else(|| {
-            StoreError::Inconsistent("device vanished inside its transaction".into())
-        })?;
-        tx.commit().await?;
-        Ok(Ok(Renewed {
-            device,
-            previous_wg_key,
-        }))
+    async fn renew(&self, c: RenewCommit) -> RenewResult {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Renew(c, tx))
+            .await
+            .map_err(|_| StoreError::Inconsistent("the registry writer stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Inconsistent("the registry writer stopped".into()))?
     }
 
     async fn device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
@@ -593,7 +771,13 @@ impl Registry for SqliteRegistry {
             .bind(id.to_string())
             .execute(&mut *tx)
             .await?;
-        let device = device_in_tx(&mut tx, id).await?;
+        let device = sqlx::query("SELECT * FROM devices WHERE uuid = ?")
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?
+            .as_ref()
+            .map(device_from_row)
+            .transpose()?;
         tx.commit().await?;
         Ok(device)
     }
@@ -794,5 +978,298 @@ impl Registry for SqliteRegistry {
         .iter()
         .map(audit_from_row)
         .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn commit(key: [u8; 32], device: DeviceId, wg: u8, now: OffsetDateTime) -> EnrollCommit {
+        EnrollCommit {
+            key_hash: key,
+            device,
+            wg_public_key: WgKey([wg; 32]),
+            cert_serial: format!("{:032x}", rand::random::<u128>()),
+            cert_public_key: vec![wg],
+            cert_expires_at: now + Duration::from_secs(3600),
+            device_type: None,
+            hostname: None,
+            now,
+        }
+    }
+
+    async fn registry(overlay: &str) -> (tempfile::TempDir, SqliteRegistry) {
+        let dir = tempfile::tempdir().unwrap();
+        let r = SqliteRegistry::open(&dir.path().join("db"), overlay.parse().unwrap())
+            .await
+            .unwrap();
+        (dir, r)
+    }
+
+    async fn key(r: &SqliteRegistry, hash: u8, uses: Option<u32>, now: OffsetDateTime) {
+        r.create_key(NewKey {
+            id: format!("k{hash}"),
+            hash: [hash; 32],
+            fleet: "lab".into(),
+            uses,
+            expires_at: None,
+            created_at: now,
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn enrollment_records_certificate_takes_a_use_and_allocates_in_order() {
+        let (_d, r) = registry("10.240.0.0/16").await;
+        let now = OffsetDateTime::now_utc();
+        key(&r, 1, Some(2), now).await;
+        let a = r
+            .enroll(commit([1; 32], DeviceId::new_random(), 1, now))
+            .await
+            .unwrap()
+            .unwrap();
+        let b = r
+            .enroll(commit([1; 32], DeviceId::new_random(), 2, now))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.device().overlay_ip, Ipv4Addr::new(10, 240, 0, 2));
+        assert_eq!(b.device().overlay_ip, Ipv4Addr::new(10, 240, 0, 3));
+        // What enroll returned is what a read says.
+        assert_eq!(
+            r.device(&a.device().id).await.unwrap().as_ref(),
+            Some(a.device())
+        );
+        assert_eq!(r.list_keys().await.unwrap()[0].uses_left, Some(0));
+        assert_eq!(
+            r.enroll(commit([1; 32], DeviceId::new_random(), 3, now))
+                .await
+                .unwrap(),
+            Err(EnrollRefusal::KeyUsedUp)
+        );
+        // The triggers recorded both certificates; revocation marks them.
+        r.revoke_device(&a.device().id, now).await.unwrap();
+        let revoked = r.revoked_certificates(now).await.unwrap();
+        assert_eq!(revoked.len(), 1);
+        assert_eq!(revoked[0].serial, a.device().cert_serial);
+        // A revoked device keeps its address: the next device gets a new one.
+        key(&r, 2, None, now).await;
+        let c = r
+            .enroll(commit([2; 32], DeviceId::new_random(), 4, now))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.device().overlay_ip, Ipv4Addr::new(10, 240, 0, 4));
+    }
+
+    #[tokio::test]
+    async fn reenrollment_keeps_the_address_and_records_the_new_certificate() {
+        let (_d, r) = registry("10.240.0.0/16").await;
+        let now = OffsetDateTime::now_utc();
+        key(&r, 1, Some(1), now).await;
+        let id = DeviceId::new_random();
+        let first = r
+            .enroll(commit([1; 32], id, 1, now))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut again = commit([1; 32], id, 9, now);
+        again.cert_public_key = vec![1]; // the same device key
+        let second = r.enroll(again.clone()).await.unwrap().unwrap();
+        match &second {
+            EnrollOutcome::Reenrolled {
+                device,
+                previous_wg_key,
+            } => {
+                assert_eq!(device.overlay_ip, first.device().overlay_ip);
+                assert_eq!(device.wg_public_key, WgKey([9; 32]));
+                assert_eq!(*previous_wg_key, Some(WgKey([1; 32])));
+            }
+            other => panic!("expected a re-enrollment, got {other:?}"),
+        }
+        assert_eq!(r.device(&id).await.unwrap().as_ref(), Some(second.device()));
+        r.revoke_device(&id, now).await.unwrap();
+        assert_eq!(r.revoked_certificates(now).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_full_overlay_is_refused_without_writing() {
+        let (_d, r) = registry("10.240.0.0/30").await;
+        let now = OffsetDateTime::now_utc();
+        key(&r, 1, None, now).await;
+        r.enroll(commit([1; 32], DeviceId::new_random(), 1, now))
+            .await
+            .unwrap()
+            .unwrap();
+        let refused = r
+            .enroll(commit([1; 32], DeviceId::new_random(), 2, now))
+            .await
+            .unwrap();
+        assert!(matches!(
+            refused,
+            Err(EnrollRefusal::AddressPoolExhausted { .. })
+        ));
+        assert_eq!(r.count_devices().await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_jobs_in_one_batch_see_each_other() {
+        let (_d, r) = registry("10.240.0.0/16").await;
+        let r = Arc::new(r);
+        let now = OffsetDateTime::now_utc();
+        key(&r, 1, Some(1), now).await;
+        key(&r, 2, None, now).await;
+        let same = DeviceId::new_random();
+        let mut tasks = Vec::new();
+        for i in 0..64u8 {
+            let r = r.clone();
+            tasks.push(tokio::spawn(async move {
+                // Half race for the last use of key 1, half for one UUID under key 2.
+                if i % 2 == 0 {
+                    r.enroll(commit([1; 32], DeviceId::new_random(), i + 1, now))
+                        .await
+                } else {
+                    r.enroll(commit([2; 32], same, i + 1, now)).await
+                }
+            }));
+        }
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.unwrap().unwrap());
+        }
+        let created = results
+            .iter()
+            .filter(|r| matches!(r, Ok(EnrollOutcome::Created(_))))
+            .count();
+        let used_up = results
+            .iter()
+            .filter(|r| matches!(r, Err(EnrollRefusal::KeyUsedUp)))
+            .count();
+        let held = results
+            .iter()
+            .filter(|r| matches!(r, Err(EnrollRefusal::UuidHeldByAnotherKey)))
+            .count();
+        assert_eq!(created, 2, "one winner per race");
+        assert_eq!(used_up, 31);
+        assert_eq!(held, 31);
+        let ips: std::collections::HashSet<_> = r
+            .devices()
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.overlay_ip)
+            .collect();
+        assert_eq!(ips.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn one_failing_job_does_not_fail_its_batch() {
+        let (_d, r) = registry("10.240.0.0/16").await;
+        let r = Arc::new(r);
+        let now = OffsetDateTime::now_utc();
+        key(&r, 1, None, now).await;
+        // A certificate serial that is already recorded makes the trigger's INSERT fail.
+        let first = r
+            .enroll(commit([1; 32], DeviceId::new_random(), 1, now))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..16u8 {
+            let r = r.clone();
+            let mut c = commit([1; 32], DeviceId::new_random(), i + 10, now);
+            if i == 7 {
+                c.cert_serial = first.device().cert_serial.clone();
+            }
+            tasks.push(tokio::spawn(async move { (i, r.enroll(c).await) }));
+        }
+        for t in tasks {
+            let (i, result) = t.await.unwrap();
+            if i == 7 {
+                assert!(matches!(result, Err(StoreError::Database(_))), "{result:?}");
+            } else {
+                assert!(
+                    matches!(result, Ok(Ok(EnrollOutcome::Created(_)))),
+                    "{i}: {result:?}"
+                );
+            }
+        }
+        assert_eq!(r.count_devices().await.unwrap(), 16);
+    }
+
+    #[tokio::test]
+    async fn login_tokens_are_single_use_and_expire() {
+        let (_d, r) = registry("10.240.0.0/16").await;
+        let now = OffsetDateTime::now_utc();
+        let op = |name: &str, hash: u8, expires: OffsetDateTime| NewOperator {
+            name: name.into(),
+            role: Role::Operator,
+            fleets: vec!["lab".into()],
+            token_hash: [hash; 32],
+            token_expires_at: expires,
+            now,
+        };
+        assert!(r
+            .add_operator(op("alice", 1, now + Duration::from_secs(60)))
+            .await
+            .unwrap()
+            .is_some());
+        assert!(
+            r.add_operator(op("alice", 2, now)).await.unwrap().is_none(),
+            "names are unique"
+        );
+        assert!(r.add_operator(op("bob", 3, now)).await.unwrap().is_some());
+        assert_eq!(
+            r.consume_login_token(&[1; 32], now)
+                .await
+                .unwrap()
+                .unwrap()
+                .name,
+            "alice"
+        );
+        assert_eq!(
+            r.consume_login_token(&[1; 32], now).await.unwrap(),
+            Err(TokenRefusal::Used)
+        );
+        assert_eq!(
+            r.consume_login_token(&[3; 32], now).await.unwrap(),
+            Err(TokenRefusal::Expired)
+        );
+        assert_eq!(
+            r.consume_login_token(&[9; 32], now).await.unwrap(),
+            Err(TokenRefusal::Unknown)
+        );
+        assert_eq!(
+            r.operator("alice").await.unwrap().unwrap().fleets,
+            vec!["lab".to_owned()]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_registry_from_another_overlay_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let now = OffsetDateTime::now_utc();
+        {
+            let r = SqliteRegistry::open(&path, "10.240.0.0/16".parse().unwrap())
+                .await
+                .unwrap();
+            key(&r, 1, None, now).await;
+            r.enroll(commit([1; 32], DeviceId::new_random(), 1, now))
+                .await
+                .unwrap()
+                .unwrap();
+            r.close().await;
+        }
+        let err = SqliteRegistry::open(&path, "10.9.0.0/16".parse().unwrap())
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("outside the configured overlay"),
+            "{err}"
+        );
     }
 }
