@@ -15,7 +15,7 @@ use floto_proto::enroll::EnrollRequest;
 use floto_proto::{DeviceId, WgKey};
 
 use crate::report::{self, Machine};
-use crate::server::Server;
+use floto_e2e::server::Server;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Args {
@@ -95,12 +95,12 @@ fn material(n: usize) -> anyhow::Result<Vec<Material>> {
 }
 
 async fn one_run(mode: Mode, args: Args) -> anyhow::Result<Run> {
-    let server = Server::start(&["--max-concurrent-enrollments", "100000"])?;
-    let key = Arc::new(server.create_key("bench")?);
-    let ca = Arc::new(server.ca_pem()?);
-    let url = Arc::new(server.api_url());
+    let server = Server::start_logging(&["--max-concurrent-enrollments", "100000"], "warn");
+    let key = Arc::new(server.create_key("bench", None));
+    let ca = Arc::new(std::fs::read_to_string(server.ca_path())?);
+    let url = Arc::new(server.local_url());
     let queue = Arc::new(Mutex::new(material(args.devices)?));
-    let cpu_before = server.cpu_seconds();
+    let cpu_before = report::cpu_seconds(server.child.pid());
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..args.concurrency {
@@ -152,7 +152,7 @@ async fn one_run(mode: Mode, args: Args) -> anyhow::Result<Run> {
         failures += f;
     }
     let seconds = started.elapsed().as_secs_f64();
-    let cpu = server.cpu_seconds() - cpu_before;
+    let cpu = report::cpu_seconds(server.child.pid()) - cpu_before;
     latencies.sort();
     Ok(Run {
         mode,

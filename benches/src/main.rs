@@ -24,6 +24,16 @@ enum Scenario {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// A wireguard-go device pinging floto-vpn-server and a wireguard-go server side by side
+    /// through rekeys and expiries (needs root, wireguard-go, wireguard-tools).
+    Soak {
+        /// How long, e.g. 400s (past the 120 s rekey and 180 s reject timers twice).
+        #[arg(long, default_value = "400s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Ping interval.
+        #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,5 +55,8 @@ fn main() -> anyhow::Result<()> {
             },
             command,
         )),
+        Scenario::Soak { duration, interval } => {
+            floto_bench::soak::main(floto_bench::soak::Args { duration, interval }, command)
+        }
     }
 }

@@ -26,6 +26,14 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Makes ring the process-wide default provider. Every config here names its provider
+/// explicitly; this covers any library that asks rustls for the default. Call it first in
+/// `main`.
+pub fn install_default_provider() {
+    // Err means a default is already installed (a second call): nothing to do.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// A rustls client config that trusts only `ca_pem`, with the given ALPN protocols.
 pub fn client_config(
     ca_pem: &str,

@@ -72,22 +72,50 @@ impl WgGoDevice {
         self.dir.path().join("state")
     }
 
+    /// A device in `ns` that is not enrolled anywhere, to be configured with
+    /// [`up_with`](Self::up_with) (reference setups: wireguard-go on both ends).
+    pub fn bare(ns: Netns) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("floto-dev-")
+            .tempdir()
+            .expect("temp dir");
+        Self {
+            wireguard_go: None,
+            sshd: None,
+            ns,
+            dir,
+            uuid: String::new(),
+            overlay_ip: Ipv4Addr::UNSPECIFIED,
+            server_public_key: String::new(),
+            keepalive: None,
+        }
+    }
+
     /// Brings the tunnel up with wireguard-go, configured by `wg setconf` from the
     /// wg-quick config `floto-tunnel wg-config` prints.
     pub fn up(&mut self) {
-        crate::require(&["wireguard-go", "wg"]);
         let conf = run(self
             .ns
             .command(bin("floto-tunnel"))
             .args(["wg-config", "--state-dir"])
             .arg(self.state_dir()));
         let text = String::from_utf8_lossy(&conf.stdout).to_string();
+        self.up_with(&text);
+    }
+
+    /// Brings the tunnel up with wireguard-go from a wg-quick config (with `Address`).
+    pub fn up_with(&mut self, wg_quick: &str) {
+        crate::require(&["wireguard-go", "wg"]);
+        let text = wg_quick;
         // `wg setconf` takes the [Interface]/[Peer] keys wg itself knows; Address is wg-quick's.
         let address = text
             .lines()
             .find_map(|l| l.strip_prefix("Address = "))
             .expect("Address line")
             .to_owned();
+        if let Some(ip) = address.split('/').next().and_then(|a| a.parse().ok()) {
+            self.overlay_ip = ip;
+        }
         self.server_public_key = text
             .lines()
             .find_map(|l| l.strip_prefix("PublicKey = "))
@@ -109,7 +137,7 @@ impl WgGoDevice {
                 },
             )
             .collect();
-        let conf_path = self.dir.path().join("wg0.conf");
+        let conf_path = self.dir.path().join("wg.conf");
         std::fs::write(&conf_path, wg_conf).expect("write wg conf");
         let iface = self.ns.wg_iface();
         let mut cmd = self.ns.command("wireguard-go");
@@ -133,6 +161,21 @@ impl WgGoDevice {
         self.ns.ip(&["addr", "add", &address, "dev", &iface]);
         self.ns.ip(&["link", "set", &iface, "up"]);
         self.ns.ip(&["route", "add", &allowed, "dev", &iface]);
+    }
+
+    /// Unix times of the latest handshake wireguard-go reports (0 before the first).
+    pub fn latest_handshake(&self) -> u64 {
+        let out =
+            output(
+                self.ns
+                    .command("wg")
+                    .args(["show", &self.ns.wg_iface(), "latest-handshakes"]),
+            );
+        stdout(&out)
+            .split_whitespace()
+            .nth(1)
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0)
     }
 
     /// Starts OpenSSH's sshd in the namespace, accepting `authorized_key` for root.
@@ -189,4 +232,113 @@ pub fn client_key(dir: &std::path::Path) -> (PathBuf, String) {
         .arg(&key));
     let public = std::fs::read_to_string(key.with_extension("pub")).expect("public key");
     (key, public)
+}
+
+/// A wireguard-go interface in the host namespace playing the server: the reference that
+/// floto-vpn-server is compared with. Deleted on drop.
+#[derive(Debug)]
+pub struct WgGoHost {
+    pub iface: String,
+    pub public_key: String,
+    pub port: u16,
+    pub address: Ipv4Addr,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl WgGoHost {
+    /// `iface` must be unique on the host; `address` is the host's overlay address (/24).
+    pub fn new(iface: &str, address: Ipv4Addr) -> Self {
+        crate::require_root();
+        crate::require(&["wireguard-go", "wg", "ip"]);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let _ = output(Command::new("ip").args(["link", "del", iface]));
+        let (private, public_key) = wg_keypair();
+        let key_file = dir.path().join("key");
+        std::fs::write(&key_file, format!("{private}\n")).expect("key");
+        let port = std::net::UdpSocket::bind("0.0.0.0:0")
+            .and_then(|s| s.local_addr())
+            .expect("free UDP port")
+            .port();
+        let mut cmd = Command::new("wireguard-go");
+        cmd.args(["-f", iface]).env("LOG_LEVEL", "error");
+        let child = Child::spawn(&format!("wireguard-go-{iface}"), cmd, dir.path());
+        wait_for(Duration::from_secs(10), "the reference interface", || {
+            output(Command::new("ip").args(["link", "show", iface]))
+                .status
+                .success()
+                .then_some(())
+        });
+        run(Command::new("wg")
+            .args([
+                "set",
+                iface,
+                "listen-port",
+                &port.to_string(),
+                "private-key",
+            ])
+            .arg(&key_file));
+        run(Command::new("ip").args(["addr", "add", &format!("{address}/24"), "dev", iface]));
+        run(Command::new("ip").args(["link", "set", iface, "up"]));
+        Self {
+            iface: iface.to_owned(),
+            public_key,
+            port,
+            address,
+            child: Some(child),
+            _dir: dir,
+        }
+    }
+
+    /// Adds a device peer; returns the wg-quick config the device needs (with its key).
+    pub fn add_device(&self, ns: &Netns, device_ip: Ipv4Addr, keepalive: u32) -> String {
+        let (private, public) = wg_keypair();
+        run(Command::new("wg").args([
+            "set",
+            &self.iface,
+            "peer",
+            &public,
+            "allowed-ips",
+            &format!("{device_ip}/32"),
+        ]));
+        let net = Ipv4Addr::from(u32::from(self.address) & 0xffff_ff00);
+        format!(
+            "[Interface]\nPrivateKey = {private}\nAddress = {device_ip}/32\n\n[Peer]\nPublicKey = {}\nAllowedIPs = {net}/24\nEndpoint = {}:{}\nPersistentKeepalive = {keepalive}\n",
+            self.public_key,
+            ns.host_ip(),
+            self.port
+        )
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::pid)
+    }
+}
+
+impl Drop for WgGoHost {
+    fn drop(&mut self) {
+        self.child = None;
+        let _ = output(Command::new("ip").args(["link", "del", &self.iface]));
+    }
+}
+
+/// A WireGuard key pair from `wg genkey` / `wg pubkey`.
+pub fn wg_keypair() -> (String, String) {
+    let private = stdout(&run(Command::new("wg").arg("genkey")));
+    let mut child = Command::new("wg")
+        .arg("pubkey")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("wg pubkey");
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().expect("stdin");
+        writeln!(stdin, "{private}").expect("write key");
+    }
+    let out = child.wait_with_output().expect("wg pubkey");
+    (
+        private,
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    )
 }

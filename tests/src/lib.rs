@@ -8,23 +8,26 @@
 
 pub mod device;
 pub mod net;
+pub mod ping;
 pub mod server;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-/// The directory with the workspace's built binaries (`target/debug` or `target/release`).
+/// The directory with the workspace's built binaries: next to the running program
+/// (`target/<profile>/`), or its parent for test binaries (`target/<profile>/deps/`).
 pub fn bin_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("FLOTO_BIN_DIR") {
         return PathBuf::from(dir);
     }
-    // target/<profile>/deps/<test binary>
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .expect("test binary is in target/<profile>/deps")
-        .to_owned()
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("executable directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target/<profile>").to_owned()
+    } else {
+        dir.to_owned()
+    }
 }
 
 /// Path of one of our binaries; panics with the command to build it when it is missing or

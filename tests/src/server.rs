@@ -33,24 +33,31 @@ pub struct Server {
     pub dir: tempfile::TempDir,
     pub bound: Bound,
     args: Vec<String>,
+    log: String,
 }
 
 impl Server {
     /// Starts a server on a new data dir with every port chosen by the kernel. `args` are
     /// extra flags for `run` (e.g. `--tls-name 10.201.0.1`).
     pub fn start(args: &[&str]) -> Self {
+        Self::start_logging(args, "info,floto_vpn_server=debug")
+    }
+
+    /// As [`start`](Self::start), with a `FLOTO_LOG` filter (benchmarks log little).
+    pub fn start_logging(args: &[&str], log: &str) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("floto-e2e-")
             .tempdir()
             .expect("temp dir");
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let child = spawn(&dir.path().join("data"), dir.path(), &args, None);
+        let child = spawn(&dir.path().join("data"), dir.path(), &args, None, log);
         let bound = wait_ready(&dir.path().join("data"), &child);
         Self {
             child,
             dir,
             bound,
             args,
+            log: log.to_owned(),
         }
     }
 
@@ -84,7 +91,13 @@ impl Server {
     pub fn start_again(&mut self) {
         let data = self.data_dir();
         let _ = std::fs::remove_file(data.join("server.json"));
-        self.child = spawn(&data, self.dir.path(), &self.args, Some(self.bound));
+        self.child = spawn(
+            &data,
+            self.dir.path(),
+            &self.args,
+            Some(self.bound),
+            &self.log,
+        );
         self.bound = wait_ready(&data, &self.child);
     }
 
@@ -155,7 +168,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> String {
         .unwrap_or_default()
 }
 
-fn spawn(data: &Path, logs: &Path, args: &[String], ports: Option<Bound>) -> Child {
+fn spawn(data: &Path, logs: &Path, args: &[String], ports: Option<Bound>, log: &str) -> Child {
     let listen =
         |p: Option<SocketAddr>, default: &str| p.map_or(default.to_owned(), |a| a.to_string());
     let mut cmd = Command::new(bin("floto-vpn-server"));
@@ -170,7 +183,7 @@ fn spawn(data: &Path, logs: &Path, args: &[String], ports: Option<Bound>) -> Chi
             &listen(ports.map(|b| b.metrics), "127.0.0.1:0"),
         ])
         .args(args)
-        .env("FLOTO_LOG", "info,floto_vpn_server=debug");
+        .env("FLOTO_LOG", log);
     let n = std::fs::read_dir(logs).map(|d| d.count()).unwrap_or(0);
     Child::spawn(&format!("server-{n}"), cmd, logs)
 }
@@ -190,4 +203,13 @@ pub fn offline(args: &[&str], data: &Path) -> Output {
         .args(args)
         .arg("--data-dir")
         .arg(data))
+}
+
+/// The value of one sample in a Prometheus text exposition, e.g.
+/// `metric(&text, "floto_wg_dropped_total{reason=\"spoofed\"}")`.
+pub fn metric(exposition: &str, sample: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let rest = line.strip_prefix(sample)?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
 }

@@ -110,6 +110,12 @@ pub struct ServerSettings {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tls_names: Vec<String>,
 
+    /// Handshakes per second (all devices together) before the server answers new
+    /// initiations with cookies, so initiators must prove their address first.
+    #[arg(long, env = "FLOTO_HANDSHAKE_RATE_LIMIT", value_name = "PER_SECOND")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshake_rate_limit: Option<u64>,
+
     /// Enrollments processed at once; more are answered 429 with Retry-After.
     #[arg(long, env = "FLOTO_MAX_CONCURRENT_ENROLLMENTS", value_name = "N")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -145,6 +151,7 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_names: Vec<String>,
+    pub handshake_rate_limit: u64,
     pub max_concurrent_enrollments: usize,
     pub log_format: LogFormat,
 }
@@ -199,6 +206,9 @@ impl Config {
             tls_cert: s.tls_cert.clone(),
             tls_key: s.tls_key.clone(),
             tls_names: s.tls_names.clone(),
+            handshake_rate_limit: s
+                .handshake_rate_limit
+                .unwrap_or(crate::wg::peers::DEFAULT_HANDSHAKE_RATE),
             max_concurrent_enrollments: s.max_concurrent_enrollments.unwrap_or(256),
             log_format: s.log_format.unwrap_or_default(),
         };
@@ -235,6 +245,9 @@ impl Config {
         }
         if self.online_window < Duration::from_secs(5) {
             bail!("online window must be at least 5s");
+        }
+        if self.handshake_rate_limit == 0 {
+            bail!("handshake rate limit must be at least 1 per second");
         }
         if self.max_concurrent_enrollments == 0 {
             bail!("max concurrent enrollments must be at least 1");
@@ -286,6 +299,7 @@ impl ServerSettings {
             } else {
                 self.tls_names
             },
+            handshake_rate_limit: self.handshake_rate_limit.or(lower.handshake_rate_limit),
             max_concurrent_enrollments: self
                 .max_concurrent_enrollments
                 .or(lower.max_concurrent_enrollments),

@@ -186,6 +186,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         config.overlay,
         config.server_overlay_ip(),
         config.online_window,
+        config.handshake_rate_limit,
     ));
     let devices = store.devices().await?;
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());

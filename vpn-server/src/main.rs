@@ -159,6 +159,7 @@ enum DeviceCommand {
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
+    floto_client::tls::install_default_provider();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

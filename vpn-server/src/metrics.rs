@@ -105,11 +105,16 @@ impl Metrics {
             .inc();
     }
 
-    /// The OpenMetrics text exposition.
+    /// The OpenMetrics text exposition (what Prometheus asks for).
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
+    }
+
+    /// The classic Prometheus text format 0.0.4 (for curl, promtool and older scrapers).
+    pub fn encode_classic(&self) -> Result<String, std::fmt::Error> {
+        Ok(openmetrics_to_classic(&self.encode()?))
     }
 }
 
@@ -227,6 +232,35 @@ fn counter(
     )?)
 }
 
+/// Rewrites an OpenMetrics exposition in the classic text format: counter families are
+/// named with their `_total` suffix, and the `# UNIT` and `# EOF` lines go.
+pub fn openmetrics_to_classic(openmetrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            if let Some((name, "counter")) = rest.split_once(' ') {
+                counters.insert(name.to_owned());
+            }
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
 /// Finds a sample's value in an exposition (for tests and the status command).
 pub fn sample(exposition: &str, name_and_labels: &str) -> Option<f64> {
     exposition.lines().find_map(|line| {
@@ -235,4 +269,45 @@ pub fn sample(exposition: &str, name_and_labels: &str) -> Option<f64> {
         let first = parts.next()?;
         first.parse().ok()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_format_names_counter_families_with_total() {
+        let om =
+            "# HELP a_requests Requests.\n# TYPE a_requests counter\n# UNIT a_requests requests\n\
+                  a_requests_total{r=\"x\"} 3\n# HELP b Gauge.\n# TYPE b gauge\nb 1\n# EOF\n";
+        let classic = openmetrics_to_classic(om);
+        assert_eq!(
+            classic,
+            "# HELP a_requests_total Requests.\n# TYPE a_requests_total counter\n\
+             a_requests_total{r=\"x\"} 3\n# HELP b Gauge.\n# TYPE b gauge\nb 1\n"
+        );
+    }
+
+    #[test]
+    fn live_gauges_come_from_the_table() {
+        let table = Arc::new(PeerTable::new(
+            boringtun::x25519::StaticSecret::from([5u8; 32]),
+            "10.240.0.0/16".parse().unwrap_or_else(|_| unreachable!()),
+            std::net::Ipv4Addr::new(10, 240, 0, 1),
+            Duration::from_secs(85),
+            100,
+        ));
+        let m = Metrics::new(table);
+        m.enrollment("created", Duration::from_millis(3));
+        let text = m.encode().unwrap();
+        assert_eq!(sample(&text, "floto_devices_online "), Some(0.0));
+        assert_eq!(
+            sample(&text, "floto_enrollments_total{result=\"created\"} "),
+            Some(1.0)
+        );
+        assert!(text.ends_with("# EOF\n"));
+        let classic = m.encode_classic().unwrap();
+        assert!(classic.contains("# TYPE floto_enrollments_total counter"));
+        assert!(!classic.contains("# EOF"));
+    }
 }

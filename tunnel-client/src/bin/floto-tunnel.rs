@@ -63,6 +63,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    floto_client::tls::install_default_provider();
     floto_tunnel_client::init_logging("info");
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -101,6 +101,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    floto_client::tls::install_default_provider();
     floto_tunnel_client::init_logging("warn");
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()

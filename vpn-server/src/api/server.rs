@@ -177,18 +177,29 @@ pub async fn serve_metrics(
     }
 }
 
+/// OpenMetrics for clients that ask for it (Prometheus does), the classic text format
+/// otherwise (curl, promtool, older scrapers).
 async fn metrics(
     axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    headers: http::HeaderMap,
 ) -> axum::response::Response {
-    match state.metrics.encode() {
-        Ok(text) => (
-            [(
-                http::header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            text,
+    let openmetrics = headers
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    let (encoded, content_type) = if openmetrics {
+        (
+            state.metrics.encode(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )
-            .into_response(),
+    } else {
+        (
+            state.metrics.encode_classic(),
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+    };
+    match encoded {
+        Ok(text) => ([(http::header::CONTENT_TYPE, content_type)], text).into_response(),
         Err(e) => super::Failure::internal(format!("encoding metrics: {e}")).into_response(),
     }
 }

@@ -27,10 +27,9 @@ use parking_lot::Mutex;
 
 use floto_proto::{DeviceId, WgKey};
 
-/// Handshake messages per second (all peers together) before the rate limiter asks for
-/// cookies. Every handshake passes the limiter twice (our routing check and `Tunn`'s
-/// own), so the number of handshakes admitted without a cookie is half of this.
-pub const HANDSHAKE_RATE_LIMIT: u64 = 2 * 4000;
+/// Default handshakes per second (all peers together) before the server answers with
+/// cookies, requiring initiators to prove their address (WireGuard's DoS defence).
+pub const DEFAULT_HANDSHAKE_RATE: u64 = 4000;
 
 /// How often `Tunn::update_timers` must have run before we hand a `Tunn` a packet, so the
 /// times boringtun stamps on events are fresh (it stamps them with the time of the last
@@ -297,15 +296,19 @@ pub struct PeerConfig {
 }
 
 impl PeerTable {
+    /// `handshake_rate` is the handshakes per second admitted without a cookie.
     pub fn new(
         private: StaticSecret,
         overlay: ipnet::Ipv4Net,
         server_ip: Ipv4Addr,
         online_window: Duration,
+        handshake_rate: u64,
     ) -> Self {
         let public = PublicKey::from(&private);
         Self {
-            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            // Every handshake message passes the shared limiter twice (our routing check and
+            // the `Tunn`'s own), so its count limit is twice the rate.
+            rate_limiter: Arc::new(RateLimiter::new(&public, 2 * handshake_rate.max(1))),
             private,
             public,
             server_ip,

@@ -47,7 +47,13 @@ impl Server {
         let private = StaticSecret::from([3u8; 32]);
         let public = PublicKey::from(&private);
         Self {
-            table: PeerTable::new(private, "10.240.0.0/16".parse().unwrap(), SERVER_IP, WINDOW),
+            table: PeerTable::new(
+                private,
+                "10.240.0.0/16".parse().unwrap(),
+                SERVER_IP,
+                WINDOW,
+                DEFAULT_HANDSHAKE_RATE,
+            ),
             public,
             scratch: vec![0; MAX_DATAGRAM],
             out: Collected::default(),
@@ -449,7 +455,7 @@ fn an_initiation_flood_gets_cookies_and_established_devices_keep_flowing() {
     let mut stranger = Tunn::new(stranger_key, s.public, None, None, 10, None);
     let mut buf = vec![0u8; 2048];
     let mut cookies = 0;
-    for i in 0..(HANDSHAKE_RATE_LIMIT + 200) {
+    for i in 0..(2 * DEFAULT_HANDSHAKE_RATE + 200) {
         let init = match stranger.format_handshake_initiation(&mut buf, true) {
             TunnResult::WriteToNetwork(p) => p.to_vec(),
             _ => unreachable!(),
@@ -473,7 +479,7 @@ fn an_initiation_flood_gets_cookies_and_established_devices_keep_flowing() {
     );
     assert_eq!(
         s.out.host.len(),
-        (HANDSHAKE_RATE_LIMIT as usize + 200).div_ceil(500)
+        (2 * DEFAULT_HANDSHAKE_RATE as usize + 200).div_ceil(500)
     );
     // Still under load: a new legitimate device gets a cookie, proves its address with
     // it, and connects.
