@@ -14,6 +14,8 @@ pub enum ErrorCode {
     Unauthorized,
     /// 403: a valid credential that is not allowed to do this.
     Forbidden,
+    /// 403: the device or operator was revoked; retrying will not help until an admin acts.
+    Revoked,
     /// 404: no such device, operator or route.
     NotFound,
     /// 409: the UUID or WireGuard key is held by another device or key.
@@ -37,7 +39,7 @@ impl ErrorCode {
         match self {
             Self::BadRequest => 400,
             Self::Unauthorized => 401,
-            Self::Forbidden => 403,
+            Self::Forbidden | Self::Revoked => 403,
             Self::NotFound => 404,
             Self::Conflict => 409,
             Self::PayloadTooLarge => 413,
@@ -108,6 +110,7 @@ mod tests {
             r#"{"error":"payload_too_large","message":"body over 64 KiB"}"#
         );
         assert_eq!(ErrorCode::PayloadTooLarge.to_string(), "payload_too_large");
+        assert_eq!(ErrorCode::Revoked.http_status(), 403);
         for code in [
             ErrorCode::BadRequest,
             ErrorCode::Unauthorized,

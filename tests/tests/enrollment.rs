@@ -283,6 +283,15 @@ fn bad_enrollments_get_clear_errors_and_store_nothing() {
     let lab = server.create_key("lab", None);
     let other_fleet = server.create_key("prod", None);
     let one_use = server.create_key("lab", Some(1));
+    let short_lived = {
+        let out = server.admin(&["key", "create", "--fleet", "lab", "--expires", "1s"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        floto_e2e::last_line(&out)
+    };
     let a = openssl_device(tmp.path(), "a", "a");
     let uuid_a = "11111111-2222-4333-8444-555555555555";
     let (s, b) = curl(
@@ -330,6 +339,10 @@ fn bad_enrollments_get_clear_errors_and_store_nothing() {
     let (s, b) = curl(&server, "/v1/enroll", Some(&one_use), &body, None);
     assert_error(s, &b, 401, "unauthorized", "no uses left");
     check_nothing_stored("used-up key");
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let (s, b) = curl(&server, "/v1/enroll", Some(&short_lived), &body, None);
+    assert_error(s, &b, 401, "unauthorized", "expired");
+    check_nothing_stored("expired key");
     // Another fleet's key for an existing device.
     let (s, b) = curl(
         &server,
@@ -579,7 +592,7 @@ fn renewal_over_mtls_and_its_refusals() {
         &renew_body,
         Some((&cert2, &dkey)),
     );
-    assert_error(s, &b, 401, "unauthorized", "revoked");
+    assert_error(s, &b, 403, "revoked", "was revoked");
     // ... and it cannot come back by enrolling again.
     let (s, b) = curl(
         &server,
@@ -588,7 +601,7 @@ fn renewal_over_mtls_and_its_refusals() {
         &enroll_body(Some(uuid), &dev),
         None,
     );
-    assert_error(s, &b, 403, "forbidden", "revoked");
+    assert_error(s, &b, 403, "revoked", "was revoked");
 }
 
 #[test]

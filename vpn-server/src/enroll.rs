@@ -152,7 +152,7 @@ impl EnrollRefusal {
             KeyExpired { at } => (ErrorCode::Unauthorized, format!("provisioning key expired at {}; ask an admin for a new one", rfc3339(*at))),
             KeyUsedUp => (ErrorCode::Unauthorized, "provisioning key has no uses left; ask an admin for a new one".to_owned()),
             WrongFleet { device_fleet } => (ErrorCode::Forbidden, format!("device {device} belongs to fleet {device_fleet:?}; this provisioning key is for another fleet")),
-            DeviceRevoked => (ErrorCode::Forbidden, format!("device {device} was revoked; an admin must enroll it under a new UUID")),
+            DeviceRevoked => (ErrorCode::Revoked, format!("device {device} was revoked; an admin must enroll it under a new UUID")),
             UuidHeldByAnotherKey => (ErrorCode::Conflict, format!("device {device} is enrolled with a different device key; re-enrollment must use the key of its current certificate")),
             WgKeyBound { other } => (ErrorCode::Conflict, format!("this WireGuard public key is already bound to device {other}; generate a new WireGuard key")),
             AddressPoolExhausted { overlay } => (ErrorCode::Unavailable, format!("no overlay address left in {overlay}; an admin must widen the overlay")),
@@ -245,7 +245,7 @@ impl RenewRefusal {
     pub fn to_api_error(&self, device: &DeviceId) -> ApiError {
         match self {
             Self::UnknownDevice => ApiError::new(ErrorCode::Unauthorized, format!("device {device} is not enrolled here")),
-            Self::DeviceRevoked => ApiError::new(ErrorCode::Unauthorized, format!("device {device} was revoked")),
+            Self::DeviceRevoked => ApiError::new(ErrorCode::Revoked, format!("device {device} was revoked")),
             Self::NotNewestSerial { presented, .. } => ApiError::new(
                 ErrorCode::Forbidden,
                 format!("certificate {presented} of device {device} has been superseded; only the newest certificate may renew"),

@@ -71,6 +71,7 @@ impl Failure {
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Revoked => "revoked",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Conflict => "conflict",
             ErrorCode::PayloadTooLarge => "too_large",
@@ -172,7 +173,7 @@ impl ConnInfo {
         }
         if state.revoked.contains(&info.serial.to_hex()) {
             return Err(Failure::new(
-                ErrorCode::Unauthorized,
+                ErrorCode::Revoked,
                 format!("client certificate {} was revoked", info.serial),
             ));
         }
@@ -213,7 +214,7 @@ impl ConnInfo {
         })?;
         if op.revoked_at.is_some() {
             return Err(Failure::new(
-                ErrorCode::Unauthorized,
+                ErrorCode::Revoked,
                 format!("operator {name:?} was revoked"),
             ));
         }
