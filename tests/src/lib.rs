@@ -6,6 +6,7 @@
 //! skipping.
 #![allow(clippy::print_stderr, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod agent;
 pub mod device;
 pub mod net;
 pub mod ping;

@@ -3,6 +3,7 @@
 //! config), and `floto`, the operator CLI (login, devices, ssh, proxy, tunnel). The
 //! protocol types and the HTTPS/QUIC client live in floto-proto and floto-client.
 
+pub mod agent;
 pub mod enroll;
 pub mod forward;
 pub mod operator;

@@ -1,0 +1,1 @@
+//! A device running the real `floto-tunnel run` agent in a network namespace.

@@ -1,0 +1,1 @@
+//! The device agent: keeps the tunnel up, renews the certificate, heals itself.
