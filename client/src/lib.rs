@@ -14,8 +14,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use floto_proto::admin::{
-    AddOperatorRequest, AddOperatorResponse, CreateKeyRequest, CreateKeyResponse, KeyInfo,
-    LoginRequest, LoginResponse, OperatorInfo,
+    AddOperatorRequest, AddOperatorResponse, AuditEntry, CreateKeyRequest, CreateKeyResponse,
+    KeyInfo, LoginRequest, LoginResponse, OperatorInfo, RenewLoginRequest,
 };
 use floto_proto::devices::DeviceInfo;
 use floto_proto::enroll::{EnrollRequest, EnrollResponse, RenewRequest};
@@ -57,6 +57,27 @@ impl ClientError {
             _ => false,
         }
     }
+}
+
+/// Filters of [`ApiClient::audit`].
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub device: Option<DeviceId>,
+    pub operator: Option<String>,
+    pub since: Option<time::OffsetDateTime>,
+    pub limit: Option<u32>,
+}
+
+/// Percent-encodes a query value (everything but unreserved characters).
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// A client of one server.
@@ -214,6 +235,47 @@ impl ApiClient {
             .call(Method::POST, paths::LOGIN, Some(req), None)
             .await?
             .1)
+    }
+
+    /// `POST /v1/login/renew` (needs the operator identity).
+    pub async fn renew_login(&self, req: &RenewLoginRequest) -> Result<LoginResponse, ClientError> {
+        Ok(self
+            .call(Method::POST, paths::LOGIN_RENEW, Some(req), None)
+            .await?
+            .1)
+    }
+
+    pub async fn revoke_operator(&self, name: &str) -> Result<OperatorInfo, ClientError> {
+        Ok(self
+            .call::<(), _>(Method::POST, &paths::operator_revoke(name), None, None)
+            .await?
+            .1)
+    }
+
+    /// `GET /v1/audit`, newest first.
+    pub async fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>, ClientError> {
+        let mut params = Vec::new();
+        if let Some(d) = &query.device {
+            params.push(format!("device={d}"));
+        }
+        if let Some(o) = &query.operator {
+            params.push(format!("operator={}", percent_encode(o)));
+        }
+        if let Some(s) = query.since {
+            let text = s
+                .format(&time::format_description::well_known::Rfc3339)
+                .map_err(|e| ClientError::Config(e.to_string()))?;
+            params.push(format!("since={}", percent_encode(&text)));
+        }
+        if let Some(l) = query.limit {
+            params.push(format!("limit={l}"));
+        }
+        let path = if params.is_empty() {
+            paths::AUDIT.to_owned()
+        } else {
+            format!("{}?{}", paths::AUDIT, params.join("&"))
+        };
+        Ok(self.call::<(), _>(Method::GET, &path, None, None).await?.1)
     }
 
     pub async fn devices(&self, online: Option<bool>) -> Result<Vec<DeviceInfo>, ClientError> {

@@ -76,17 +76,55 @@ pub struct AddOperatorRequest {
     /// Fleets the operator may reach; ignored for admins, who reach all.
     #[serde(default)]
     pub fleets: Vec<String>,
+    /// Lifetime of a viewer's API token in seconds; no expiry when absent. (Login tokens
+    /// of admins and operators always expire after 24 h.)
+    #[serde(default)]
+    pub token_expires_in_secs: Option<u64>,
 }
 
-/// Response of `POST /v1/operators`: the one-time login token, shown once.
+/// `POST /v1/login/renew` (over mTLS with the current operator certificate).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewLoginRequest {
+    pub csr_pem: String,
+}
+
+/// One audit record, as `GET /v1/audit` returns it (newest first).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// Operator name, `device:<uuid>`, `key:<id>` or `system`.
+    pub actor: String,
+    /// e.g. `broker.session`, `broker.refused`, `device.revoked`, `key.created`.
+    pub action: String,
+    pub device: Option<crate::DeviceId>,
+    /// The action's details (for a broker session: port, start, end, bytes, result).
+    pub detail: serde_json::Value,
+}
+
+/// What an operator's token is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenKind {
+    /// One-time: `floto login` trades it for an operator certificate.
+    Login,
+    /// A bearer token for machine clients (viewers: Prometheus, the FLOTO API), sent as
+    /// `Authorization: Bearer <token>` until it expires or the operator is revoked.
+    Api,
+}
+
+/// Response of `POST /v1/operators`: the operator's token, shown once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AddOperatorResponse {
     pub name: String,
     pub role: Role,
     pub fleets: Vec<String>,
+    pub token_kind: TokenKind,
     pub token: String,
-    #[serde(with = "time::serde::rfc3339")]
-    pub token_expires_at: OffsetDateTime,
+    /// `None` for an API token without expiry.
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub token_expires_at: Option<OffsetDateTime>,
 }
 
 /// `POST /v1/login`: trade a one-time token and a CSR for an operator certificate.

@@ -58,6 +58,7 @@ pub struct DeviceEvent {
     /// Sequence number of the event on this server, for `Last-Event-ID`.
     pub seq: u64,
     pub uuid: DeviceId,
+    pub fleet: String,
     pub kind: DeviceEventKind,
     /// Session generation of the device after this transition. A consumer keeps, per
     /// device, the event with the highest generation; a late event never undoes a newer one.

@@ -44,6 +44,7 @@ pub mod paths {
     pub const CRL: &str = "/v1/crl";
     pub const CA: &str = "/v1/ca";
     pub const LOGIN: &str = "/v1/login";
+    pub const LOGIN_RENEW: &str = "/v1/login/renew";
     pub const KEYS: &str = "/v1/keys";
     pub const OPERATORS: &str = "/v1/operators";
     pub const AUDIT: &str = "/v1/audit";
@@ -59,5 +60,10 @@ pub mod paths {
     /// `/v1/devices/{uuid}/revoke`
     pub fn device_revoke(uuid: &crate::DeviceId) -> String {
         format!("{DEVICES}/{uuid}/revoke")
+    }
+
+    /// `/v1/operators/{name}/revoke`
+    pub fn operator_revoke(name: &str) -> String {
+        format!("{OPERATORS}/{name}/revoke")
     }
 }

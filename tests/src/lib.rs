@@ -7,6 +7,7 @@
 #![allow(clippy::print_stderr, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod agent;
+pub mod api;
 pub mod device;
 pub mod net;
 pub mod ping;
@@ -54,31 +55,22 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// The most recently modified Rust source of the crates a binary is built from.
+/// The most recently modified of the sources a binary was built from, as cargo's dep-info
+/// file next to it (`target/<profile>/<binary>.d`) lists them.
 fn newest_source(binary: &str) -> Option<(std::time::SystemTime, PathBuf)> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()?
-        .to_owned();
-    let own = if binary == "floto-vpn-server" {
-        "vpn-server"
-    } else {
-        "tunnel-client"
-    };
+    let dep_info = std::fs::read_to_string(bin_dir().join(format!("{binary}.d"))).ok()?;
+    let (_, deps) = dep_info.lines().next()?.split_once(": ")?;
+    // Paths are separated by spaces; a space inside a path is escaped as `\ `.
     let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
-    let mut stack: Vec<PathBuf> = ["proto", "pki", "netstack", "client", own]
-        .iter()
-        .map(|c| root.join(c).join("src"))
-        .collect();
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).ok()?.flatten() {
-            let p = entry.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|e| e == "rs") {
-                let t = entry.metadata().ok()?.modified().ok()?;
-                if newest.as_ref().is_none_or(|(n, _)| t > *n) {
-                    newest = Some((t, p));
-                }
+    for path in deps
+        .replace("\\ ", "\u{0}")
+        .split(' ')
+        .filter(|p| !p.is_empty())
+    {
+        let path = PathBuf::from(path.replace('\u{0}', " "));
+        if let Ok(t) = std::fs::metadata(&path).and_then(|m| m.modified()) {
+            if newest.as_ref().is_none_or(|(n, _)| t > *n) {
+                newest = Some((t, path));
             }
         }
     }
@@ -106,6 +98,34 @@ pub fn require(tools: &[&str]) {
         missing.is_empty(),
         "this end-to-end test needs {missing:?}, which are not installed; tools/test.sh installs them when run as root"
     );
+}
+
+/// `floto --config-dir DIR`: the operator CLI with its own config.
+pub fn floto(config_dir: &std::path::Path) -> Command {
+    let mut c = Command::new(bin("floto"));
+    c.arg("--config-dir").arg(config_dir);
+    c
+}
+
+/// Options that make OpenSSH's client non-interactive for tests.
+pub fn ssh_opts(key: &std::path::Path) -> Vec<String> {
+    [
+        "-i",
+        &key.display().to_string(),
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "LogLevel=ERROR",
+        "-o",
+        "ConnectTimeout=20",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// Finds a program on PATH (and in the sbin directories, which a non-login PATH may lack).

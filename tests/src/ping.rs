@@ -22,6 +22,8 @@ pub struct PingReport {
     pub max_gap: Duration,
     /// Number of gaps longer than 1 s.
     pub gaps_over_1s: u64,
+    /// Unix time of the last reply.
+    pub last_reply: Option<f64>,
 }
 
 impl Ping {
@@ -77,7 +79,8 @@ pub fn parse(log: &str, end: Option<f64>) -> PingReport {
             sent = s.trim().parse().unwrap_or(0);
         }
     }
-    if let (Some(end), Some(last)) = (end, times.last().copied()) {
+    let last_reply = times.last().copied();
+    if let (Some(end), Some(last)) = (end, last_reply) {
         times.push(end.max(last));
     }
     let mut max_gap = 0f64;
@@ -97,6 +100,7 @@ pub fn parse(log: &str, end: Option<f64>) -> PingReport {
         received,
         max_gap: Duration::from_secs_f64(max_gap),
         gaps_over_1s: over,
+        last_reply,
     }
 }
 

@@ -143,6 +143,40 @@ impl Server {
         last_line(&out)
     }
 
+    /// Adds an operator and logs it in with `floto login` into `config_dir`.
+    pub fn login_operator(&self, name: &str, role: &str, fleets: &[&str], config_dir: &Path) {
+        let token = self.add_operator(name, role, fleets);
+        run(crate::floto(config_dir)
+            .args([
+                "login",
+                "--server",
+                &self.local_url(),
+                "--token",
+                &token,
+                "--ca",
+            ])
+            .arg(self.ca_path()));
+    }
+
+    /// A device as the admin API shows it.
+    pub fn device(&self, uuid: &str) -> serde_json::Value {
+        let out = self.admin(&["device", "show", uuid, "--json"]);
+        assert!(
+            out.status.success(),
+            "device show: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("device json")
+    }
+
+    /// Waits until the API shows the device with `online` as given.
+    pub fn wait_online(&self, uuid: &str, online: bool, timeout: Duration) -> serde_json::Value {
+        wait_for(timeout, &format!("device {uuid} online={online}"), || {
+            let v = self.device(uuid);
+            (v["online"] == online).then_some(v)
+        })
+    }
+
     /// `GET /metrics` over plain HTTP.
     pub fn metrics(&self) -> String {
         http_get(self.bound.metrics, "/metrics")

@@ -4,14 +4,15 @@
 //! scp of 10 MB with a matching checksum.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use floto_e2e::device::{client_key, WgGoDevice};
 use floto_e2e::net::Netns;
 use floto_e2e::server::Server;
-use floto_e2e::{bin, output, require, require_root, run, stdout, wait_for, Child};
+use floto_e2e::{
+    bin, floto, output, require, require_root, run, ssh_opts, stdout, wait_for, Child,
+};
 
 const TOOLS: &[&str] = &[
     "wireguard-go",
@@ -23,35 +24,11 @@ const TOOLS: &[&str] = &[
     "ss",
 ];
 
-/// Options that make ssh non-interactive for tests.
-fn ssh_opts(key: &Path) -> Vec<String> {
-    vec![
-        "-i".into(),
-        key.display().to_string(),
-        "-o".into(),
-        "StrictHostKeyChecking=no".into(),
-        "-o".into(),
-        "UserKnownHostsFile=/dev/null".into(),
-        "-o".into(),
-        "BatchMode=yes".into(),
-        "-o".into(),
-        "LogLevel=ERROR".into(),
-        "-o".into(),
-        "ConnectTimeout=20".into(),
-    ]
-}
-
 struct Setup {
     server: Server,
     device: WgGoDevice,
     operator_dir: tempfile::TempDir,
     key: std::path::PathBuf,
-}
-
-fn floto(dir: &Path) -> Command {
-    let mut c = Command::new(bin("floto"));
-    c.arg("--config-dir").arg(dir);
-    c
 }
 
 fn setup(fleet: &str) -> Setup {
@@ -65,33 +42,14 @@ fn setup(fleet: &str) -> Setup {
     let operator_dir = tempfile::tempdir().unwrap();
     let (key, public) = client_key(operator_dir.path());
     device.start_sshd(&public);
-    let token = server.add_operator("alice", "admin", &[]);
-    run(floto(&operator_dir.path().join("cfg"))
-        .args([
-            "login",
-            "--server",
-            &server.local_url(),
-            "--token",
-            &token,
-            "--ca",
-        ])
-        .arg(server.ca_path()));
-    wait_online(&server, &device.uuid);
+    server.login_operator("alice", "admin", &[], &operator_dir.path().join("cfg"));
+    server.wait_online(&device.uuid, true, Duration::from_secs(30));
     Setup {
         server,
         device,
         operator_dir,
         key,
     }
-}
-
-/// Waits until the server's API shows the device online.
-fn wait_online(server: &Server, uuid: &str) {
-    wait_for(Duration::from_secs(30), "the device to come online", || {
-        let out = server.admin(&["device", "show", uuid, "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        (v["online"] == true).then_some(())
-    });
 }
 
 #[test]
@@ -225,18 +183,8 @@ fn broker_errors_are_distinct_and_clear() {
     }
 
     // An operator of another fleet is forbidden, and that is audited.
-    let token = s.server.add_operator("bob", "operator", &["prod"]);
     let bob = s.operator_dir.path().join("bob");
-    run(floto(&bob)
-        .args([
-            "login",
-            "--server",
-            &s.server.local_url(),
-            "--token",
-            &token,
-            "--ca",
-        ])
-        .arg(s.server.ca_path()));
+    s.server.login_operator("bob", "operator", &["prod"], &bob);
     for transport in ["quic", "connect"] {
         let out =
             output(floto(&bob).args(["--transport", transport, "proxy", &s.device.uuid, "22"]));
@@ -275,8 +223,8 @@ fn an_offline_device_is_reported_offline() {
         d.set_keepalive(2);
         d.up();
     }
-    wait_online(&server, &a.uuid);
-    wait_online(&server, &b.uuid);
+    server.wait_online(&a.uuid, true, Duration::from_secs(30));
+    server.wait_online(&b.uuid, true, Duration::from_secs(30));
     b.down();
     let out = wait_for(Duration::from_secs(20), "b to go offline", || {
         let v: serde_json::Value =
@@ -285,22 +233,13 @@ fn an_offline_device_is_reported_offline() {
         (v["online"] == false).then_some(v)
     });
     assert!(out["generation"].as_u64().unwrap() >= 2);
-    let va: serde_json::Value =
-        serde_json::from_slice(&server.admin(&["device", "show", &a.uuid, "--json"]).stdout)
-            .unwrap();
-    assert_eq!(va["online"], true, "the other device stays online");
-    let token = server.add_operator("carol", "admin", &[]);
+    assert_eq!(
+        server.device(&a.uuid)["online"],
+        true,
+        "the other device stays online"
+    );
     let dir = tempfile::tempdir().unwrap();
-    run(floto(dir.path())
-        .args([
-            "login",
-            "--server",
-            &server.local_url(),
-            "--token",
-            &token,
-            "--ca",
-        ])
-        .arg(server.ca_path()));
+    server.login_operator("carol", "admin", &[], dir.path());
     let out = output(floto(dir.path()).args(["proxy", &b.uuid, "22"]));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

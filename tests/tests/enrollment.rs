@@ -10,6 +10,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use serde_json::{json, Value};
 
+use floto_e2e::api::assert_error;
 use floto_e2e::server::Server;
 use floto_e2e::{output, require, run, stdout};
 
@@ -69,39 +70,14 @@ fn curl(
     body: &str,
     client: Option<(&Path, &Path)>,
 ) -> (u16, Value) {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "-o", "-", "-w", "\n%{http_code}", "--cacert"])
-        .arg(server.ca_path())
-        .args([
-            "-H",
-            "Content-Type: application/json",
-            "--data-binary",
-            "@-",
-        ]);
+    let mut c = floto_e2e::api::curl(server, "POST", path).body(body);
     if let Some(b) = bearer {
-        cmd.args(["-H", &format!("Authorization: Bearer {b}")]);
+        c = c.bearer(b);
     }
     if let Some((cert, key)) = client {
-        cmd.arg("--cert").arg(cert).arg("--key").arg(key);
+        c = c.client_cert(cert, key);
     }
-    cmd.arg(format!("{}{path}", server.local_url()));
-    cmd.stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped());
-    let mut child = cmd.spawn().expect("curl");
-    {
-        use std::io::Write as _;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(body.as_bytes()).unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').expect("curl output");
-    let status: u16 = code
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("curl status in {text:?}"));
-    let value = serde_json::from_str(body).unwrap_or(Value::String(body.to_owned()));
-    (status, value)
+    c.send()
 }
 
 fn enroll_body(uuid: Option<&str>, dev: &OpensslDevice) -> String {
@@ -131,16 +107,6 @@ fn key_uses(server: &Server) -> Vec<Option<u64>> {
     );
     let keys: Vec<Value> = serde_json::from_str(&stdout(&out)).unwrap();
     keys.iter().map(|k| k["uses_left"].as_u64()).collect()
-}
-
-fn assert_error(status: u16, body: &Value, want_status: u16, want_code: &str, want_words: &str) {
-    assert_eq!(status, want_status, "body: {body}");
-    assert_eq!(body["error"], want_code, "body: {body}");
-    let message = body["message"].as_str().unwrap_or_default();
-    assert!(
-        message.to_lowercase().contains(&want_words.to_lowercase()),
-        "message {message:?} should mention {want_words:?}"
-    );
 }
 
 #[test]

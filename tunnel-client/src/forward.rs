@@ -38,17 +38,20 @@ impl FromStr for ForwardSpec {
     }
 }
 
-/// Splices stdin/stdout with one device port until both sides are done, or until the
-/// process is told to stop (ssh sends its ProxyCommand SIGHUP when it exits); either way
-/// the broker stream is closed cleanly.
+/// Splices stdin/stdout with one device port. Ends when the device side ends (so that ssh,
+/// whose ProxyCommand this is, sees the connection close: stdout is only really closed by
+/// exiting), or when told to stop (ssh sends its ProxyCommand SIGHUP when it exits). When
+/// stdin ends first, the write half is closed and the device side may still answer. The
+/// broker stream is closed cleanly in every case.
 pub async fn proxy_stdio(
     target: &BrokerTarget,
     device: &str,
     port: u16,
     transport: Transport,
 ) -> Result<(), BrokerError> {
+    use tokio::io::AsyncWriteExt as _;
     use tokio::signal::unix::{signal, SignalKind};
-    let mut stream = broker::open(target, device, port, transport).await?;
+    let stream = broker::open(target, device, port, transport).await?;
     let handler = |kind| {
         signal(kind)
             .map_err(|e| BrokerError::Transport(format!("installing a signal handler: {e}")))
@@ -58,14 +61,37 @@ pub async fn proxy_stdio(
         handler(SignalKind::terminate())?,
         handler(SignalKind::interrupt())?,
     );
-    let mut stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
-    let result = tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut stream, &mut stdio) => r.map(|_| ()),
-        _ = hup.recv() => Ok(()),
-        _ = term.recv() => Ok(()),
-        _ = int.recv() => Ok(()),
+    let (mut from_device, mut to_device) = tokio::io::split(stream);
+    let mut stdin = tokio::io::stdin();
+    let mut stdout = tokio::io::stdout();
+    // The copies borrow the halves; they end with this block, before the halves rejoin.
+    let result = {
+        let upload = async {
+            let r = tokio::io::copy(&mut stdin, &mut to_device).await;
+            let _ = to_device.shutdown().await;
+            r
+        };
+        let download = async {
+            let r = tokio::io::copy(&mut from_device, &mut stdout).await;
+            let _ = stdout.flush().await;
+            r
+        };
+        tokio::pin!(upload, download);
+        let mut uploading = true;
+        loop {
+            tokio::select! {
+                r = &mut download => break r.map(drop),
+                r = &mut upload, if uploading => match r {
+                    Ok(_) => uploading = false,
+                    Err(e) => break Err(e),
+                },
+                _ = hup.recv() => break Ok(()),
+                _ = term.recv() => break Ok(()),
+                _ = int.recv() => break Ok(()),
+            }
+        }
     };
-    stream.close().await;
+    from_device.unsplit(to_device).close().await;
     result.map_err(|e| BrokerError::Transport(format!("forwarding: {e}")))
 }
 

@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 use floto_client::broker::BrokerTarget;
 use floto_client::files::{self, FileError};
 use floto_client::{ApiClient, ClientError, Identity};
-use floto_proto::admin::{LoginRequest, Role};
+use floto_proto::admin::{LoginRequest, RenewLoginRequest, Role};
 
 /// Why the operator config cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +91,55 @@ impl Operator {
             identity,
             server_ca_pem,
         })
+    }
+
+    /// As [`load`](Self::load), renewing the certificate first when less than a third of
+    /// its lifetime is left (a failed renewal is logged; the current one still works).
+    pub async fn load_renewing(dir: &Path) -> Result<Self, OperatorError> {
+        let op = Self::load(dir)?;
+        let cert = floto_pki::parse_cert_pem(&op.identity.cert_pem).map_err(|e| {
+            OperatorError::Damaged {
+                path: dir.join("operator.pem"),
+                reason: e.to_string(),
+            }
+        })?;
+        let lifetime = cert.not_after - cert.not_before;
+        if cert.not_after - OffsetDateTime::now_utc() > lifetime / 3 {
+            return Ok(op);
+        }
+        match op.renew(dir).await {
+            Ok(renewed) => Ok(renewed),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not renew the operator certificate; using the current one");
+                Ok(op)
+            }
+        }
+    }
+
+    /// A new certificate for a new key, over mTLS with the current one.
+    async fn renew(&self, dir: &Path) -> Result<Self, OperatorError> {
+        let key = floto_pki::generate_key().map_err(|e| OperatorError::Usage(e.to_string()))?;
+        let csr = floto_pki::make_csr(&key, "operator")
+            .map_err(|e| OperatorError::Usage(e.to_string()))?;
+        let resp = self
+            .api()?
+            .renew_login(&RenewLoginRequest { csr_pem: csr })
+            .await?;
+        let config = OperatorConfig {
+            expires_at: resp.expires_at,
+            role: resp.role,
+            fleets: resp.fleets,
+            ..self.config.clone()
+        };
+        save(
+            dir,
+            &config,
+            &key,
+            &resp.certificate_pem,
+            &self.server_ca_pem,
+        )?;
+        tracing::info!(expires_at = %resp.expires_at, "renewed the operator certificate");
+        Self::load(dir)
     }
 
     pub fn api(&self) -> Result<ApiClient, ClientError> {
@@ -187,7 +236,6 @@ pub async fn login(
             csr_pem: csr,
         })
         .await?;
-    files::create_private_dir(dir)?;
     let config = OperatorConfig {
         server: server.trim_end_matches('/').to_owned(),
         quic_port: resp.quic_port,
@@ -196,13 +244,26 @@ pub async fn login(
         fleets: resp.fleets,
         expires_at: resp.expires_at,
     };
-    files::write_secret(&dir.join("operator.key"), key.as_bytes())?;
-    files::write_public(&dir.join("operator.pem"), resp.certificate_pem.as_bytes())?;
+    save(dir, &config, &key, &resp.certificate_pem, server_ca_pem)?;
+    Ok(config)
+}
+
+/// Writes the operator's files; config.json last, as the mark that the rest is complete.
+fn save(
+    dir: &Path,
+    config: &OperatorConfig,
+    key_pem: &str,
+    cert_pem: &str,
+    server_ca_pem: &str,
+) -> Result<(), OperatorError> {
+    files::create_private_dir(dir)?;
+    files::write_secret(&dir.join("operator.key"), key_pem.as_bytes())?;
+    files::write_public(&dir.join("operator.pem"), cert_pem.as_bytes())?;
     files::write_public(&dir.join("server-ca.pem"), server_ca_pem.as_bytes())?;
     let json =
-        serde_json::to_vec_pretty(&config).map_err(|e| OperatorError::Usage(e.to_string()))?;
+        serde_json::to_vec_pretty(config).map_err(|e| OperatorError::Usage(e.to_string()))?;
     files::write_public(&dir.join("config.json"), &json)?;
-    Ok(config)
+    Ok(())
 }
 
 #[cfg(test)]

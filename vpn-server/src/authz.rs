@@ -32,6 +32,18 @@ pub fn allowed(role: Role, fleets: &[String], action: Action, device_fleet: Opti
     }
 }
 
+/// Could an operator with `role` and `fleets` do `action` on a device of any fleet? Lets
+/// the broker refuse a viewer before it looks the device up (and so reveals whether it
+/// exists).
+pub fn allowed_anywhere(role: Role, fleets: &[String], action: Action) -> bool {
+    match (role, action) {
+        (Role::Admin, _) => true,
+        (_, Action::Administer) | (Role::Viewer, Action::Connect) => false,
+        (Role::Operator, _) => !fleets.is_empty(),
+        (Role::Viewer, Action::ViewDevice) => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,6 +83,16 @@ mod tests {
                 *want,
                 "{role} {fleets:?} {action:?} {fleet:?}"
             );
+            // Whatever is allowed somewhere is allowed anywhere-at-all.
+            if *want {
+                assert!(
+                    allowed_anywhere(*role, fleets, *action),
+                    "{role} {action:?}"
+                );
+            }
         }
+        assert!(!allowed_anywhere(Role::Viewer, &lab, Action::Connect));
+        assert!(!allowed_anywhere(Role::Operator, &none, Action::Connect));
+        assert!(allowed_anywhere(Role::Operator, &lab, Action::Connect));
     }
 }

@@ -70,6 +70,15 @@ pub struct ServerSettings {
     )]
     pub operator_cert_lifetime: Option<Duration>,
 
+    /// How long a one-time login token from `operator add` may wait to be used.
+    #[arg(long, env = "FLOTO_LOGIN_TOKEN_LIFETIME", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub login_token_lifetime: Option<Duration>,
+
     /// A device is online while an authenticated packet arrived within this window.
     #[arg(long, env = "FLOTO_ONLINE_WINDOW", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(
@@ -147,6 +156,7 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     pub cert_lifetime: Duration,
     pub operator_cert_lifetime: Duration,
+    pub login_token_lifetime: Duration,
     pub online_window: Duration,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -200,6 +210,9 @@ impl Config {
             operator_cert_lifetime: s
                 .operator_cert_lifetime
                 .unwrap_or(Duration::from_secs(12 * 3600)),
+            login_token_lifetime: s
+                .login_token_lifetime
+                .unwrap_or(Duration::from_secs(24 * 3600)),
             online_window: s.online_window.unwrap_or(Duration::from_secs(
                 3 * u64::from(defaults::PERSISTENT_KEEPALIVE_SECS) + 10,
             )),
@@ -242,6 +255,9 @@ impl Config {
         }
         if self.operator_cert_lifetime < Duration::from_secs(30) {
             bail!("operator cert lifetime must be at least 30s");
+        }
+        if self.login_token_lifetime < Duration::from_secs(1) {
+            bail!("login token lifetime must be at least 1s");
         }
         if self.online_window < Duration::from_secs(5) {
             bail!("online window must be at least 5s");
@@ -291,6 +307,7 @@ impl ServerSettings {
             metrics_listen: self.metrics_listen.or(lower.metrics_listen),
             cert_lifetime: self.cert_lifetime.or(lower.cert_lifetime),
             operator_cert_lifetime: self.operator_cert_lifetime.or(lower.operator_cert_lifetime),
+            login_token_lifetime: self.login_token_lifetime.or(lower.login_token_lifetime),
             online_window: self.online_window.or(lower.online_window),
             tls_cert: self.tls_cert.or(lower.tls_cert),
             tls_key: self.tls_key.or(lower.tls_key),

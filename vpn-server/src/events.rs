@@ -79,19 +79,33 @@ impl EventHub {
     }
 
     pub fn publish_peer(&self, event: PeerEvent) {
-        let (uuid, kind, generation, at, endpoint) = match event {
+        let (uuid, fleet, kind, generation, at, endpoint) = match event {
             PeerEvent::Online {
                 id,
+                fleet,
                 generation,
                 endpoint,
                 at,
-            } => (id, DeviceEventKind::Online, generation, at, Some(endpoint)),
-            PeerEvent::Offline { id, generation, at } => {
-                (id, DeviceEventKind::Offline, generation, at, None)
-            }
-            PeerEvent::Removed { id, generation, at } => {
-                (id, DeviceEventKind::Revoked, generation, at, None)
-            }
+            } => (
+                id,
+                fleet,
+                DeviceEventKind::Online,
+                generation,
+                at,
+                Some(endpoint),
+            ),
+            PeerEvent::Offline {
+                id,
+                fleet,
+                generation,
+                at,
+            } => (id, fleet, DeviceEventKind::Offline, generation, at, None),
+            PeerEvent::Removed {
+                id,
+                fleet,
+                generation,
+                at,
+            } => (id, fleet, DeviceEventKind::Revoked, generation, at, None),
             // Roaming is not an online/offline transition; it shows in the device view.
             PeerEvent::Roamed { id, endpoint, .. } => {
                 debug!(device = %id, %endpoint, "device roamed");
@@ -103,6 +117,7 @@ impl EventHub {
         let event = DeviceEvent {
             seq: inner.next_seq,
             uuid,
+            fleet: fleet.to_string(),
             kind,
             generation,
             at: self.clock.wall(at),
@@ -148,6 +163,7 @@ mod tests {
         for g in 1..=3 {
             hub.publish_peer(PeerEvent::Offline {
                 id,
+                fleet: "lab".into(),
                 generation: g,
                 at: now,
             });
@@ -163,6 +179,7 @@ mod tests {
         for g in 0..BUFFER as u64 {
             hub.publish_peer(PeerEvent::Offline {
                 id,
+                fleet: "lab".into(),
                 generation: 10 + g,
                 at: now,
             });

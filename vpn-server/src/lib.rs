@@ -344,9 +344,10 @@ async fn ensure_local_admin(data: &DataDir, ca: &Ca, store: &dyn Registry) -> an
                 name: LOCAL_ADMIN.into(),
                 role: Role::Admin,
                 fleets: Vec::new(),
-                // No login token: the local admin's credential lives in the data dir.
+                // No usable login token: the local admin's credential lives in the data dir.
+                token_kind: floto_proto::admin::TokenKind::Login,
                 token_hash: rand::random(),
-                token_expires_at: now,
+                token_expires_at: Some(now),
                 now,
             })
             .await?;

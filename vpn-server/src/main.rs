@@ -10,8 +10,8 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
 
-use floto_client::{ApiClient, Identity};
-use floto_proto::admin::{AddOperatorRequest, CreateKeyRequest, Role};
+use floto_client::{ApiClient, AuditQuery, Identity};
+use floto_proto::admin::{AddOperatorRequest, CreateKeyRequest, Role, TokenKind};
 use floto_proto::devices::DeviceInfo;
 use floto_proto::DeviceId;
 use floto_vpn_server::config::{Config, LogFormat, ServerSettings};
@@ -80,6 +80,24 @@ enum Command {
         #[command(subcommand)]
         command: DeviceCommand,
     },
+    /// Read the audit log (newest first): broker sessions and refusals, admin actions.
+    Audit {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Only records about this device.
+        #[arg(long)]
+        device: Option<DeviceId>,
+        /// Only records by this operator (or `device:UUID`, `key:ID`).
+        #[arg(long)]
+        operator: Option<String>,
+        /// Only records since this time: RFC 3339, or a duration ago such as `2h`.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -108,16 +126,27 @@ enum KeyCommand {
 
 #[derive(Subcommand)]
 enum OperatorCommand {
-    /// Add an operator; prints its one-time login token alone on the last line of stdout.
+    /// Add an operator and print its token alone on the last line of stdout: a one-time
+    /// login token (for `floto login`) for admins and operators, a bearer API token for
+    /// viewers (machine clients: Prometheus, the FLOTO API).
     Add {
         #[command(flatten)]
         dir: DataDirArg,
         name: String,
         #[arg(long)]
         role: Role,
-        /// Fleets the operator may reach (repeatable).
+        /// Fleets the operator may reach (repeatable). A viewer without fleets sees all.
         #[arg(long = "fleet")]
         fleets: Vec<String>,
+        /// Lifetime of a viewer's API token, e.g. `90d` (default: no expiry).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires: Option<Duration>,
+    },
+    /// Revoke an operator: its certificates and token are refused and its sessions closed.
+    Revoke {
+        #[command(flatten)]
+        dir: DataDirArg,
+        name: String,
     },
     /// List operators.
     List {
@@ -233,6 +262,24 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Key { command } => key(command).await,
         Command::Operator { command } => operator(command).await,
         Command::Device { command } => device(command).await,
+        Command::Audit {
+            dir,
+            device,
+            operator,
+            since,
+            limit,
+            json,
+        } => {
+            audit(
+                &dir.data_dir,
+                device,
+                operator,
+                since.as_deref(),
+                limit,
+                json,
+            )
+            .await
+        }
     }
 }
 
@@ -304,13 +351,23 @@ async fn operator(command: OperatorCommand) -> anyhow::Result<ExitCode> {
             name,
             role,
             fleets,
+            expires,
         } => {
             let api = admin_client(&dir.data_dir)?;
             let added = api
-                .add_operator(&AddOperatorRequest { name, role, fleets })
+                .add_operator(&AddOperatorRequest {
+                    name,
+                    role,
+                    fleets,
+                    token_expires_in_secs: expires.map(|d| d.as_secs().max(1)),
+                })
                 .await?;
+            let kind = match added.token_kind {
+                TokenKind::Login => "one-time login token for `floto login`",
+                TokenKind::Api => "API token (send it as `Authorization: Bearer <token>`)",
+            };
             eprintln!(
-                "operator {:?} ({}{}); one-time login token, valid until {}, shown only this once:",
+                "operator {:?} ({}{}); {kind}, {}, shown only this once:",
                 added.name,
                 added.role,
                 if added.fleets.is_empty() {
@@ -318,9 +375,18 @@ async fn operator(command: OperatorCommand) -> anyhow::Result<ExitCode> {
                 } else {
                     format!(", fleets {}", added.fleets.join(","))
                 },
-                rfc3339(added.token_expires_at)
+                added
+                    .token_expires_at
+                    .map_or("no expiry".to_owned(), |t| format!(
+                        "valid until {}",
+                        rfc3339(t)
+                    ))
             );
             println!("{}", added.token);
+        }
+        OperatorCommand::Revoke { dir, name } => {
+            let op = admin_client(&dir.data_dir)?.revoke_operator(&name).await?;
+            println!("revoked operator {} ({})", op.name, op.role);
         }
         OperatorCommand::List { dir, json } => {
             let ops = admin_client(&dir.data_dir)?.list_operators().await?;
@@ -388,6 +454,54 @@ async fn device(command: DeviceCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn audit(
+    data_dir: &Path,
+    device: Option<DeviceId>,
+    operator: Option<String>,
+    since: Option<&str>,
+    limit: u32,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let since = since.map(parse_since).transpose()?;
+    let entries = admin_client(data_dir)?
+        .audit(&AuditQuery {
+            device,
+            operator,
+            since,
+            limit: Some(limit),
+        })
+        .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+    } else {
+        println!(
+            "{:<20} {:<24} {:<18} {:<36} DETAIL",
+            "AT", "ACTOR", "ACTION", "DEVICE"
+        );
+        for e in entries {
+            println!(
+                "{:<20} {:<24} {:<18} {:<36} {}",
+                rfc3339(e.at),
+                e.actor,
+                e.action,
+                e.device.map_or("-".to_owned(), |d| d.to_string()),
+                e.detail
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--since`: RFC 3339, or a duration ago (`90m`, `2h`, `7d`).
+fn parse_since(s: &str) -> anyhow::Result<time::OffsetDateTime> {
+    if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
+        return Ok(t);
+    }
+    let ago = humantime::parse_duration(s)
+        .with_context(|| format!("--since {s:?} is neither RFC 3339 nor a duration like 2h"))?;
+    Ok(time::OffsetDateTime::now_utc() - ago)
 }
 
 fn print_devices(devices: &[DeviceInfo]) {

@@ -114,7 +114,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(dispatch(cli)) {
+    let result = rt.block_on(dispatch(cli));
+    // `floto proxy` reads stdin on a blocking thread that cannot be cancelled; waiting for it
+    // would keep ssh's ProxyCommand alive after the device side has ended.
+    rt.shutdown_background();
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("floto: {e:#}");
@@ -145,7 +149,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Devices { online, json } => {
-            let op = Operator::load(&dir)?;
+            let op = Operator::load_renewing(&dir).await?;
             let devices = op.api()?.devices(online.then_some(true)).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&devices)?);
@@ -161,7 +165,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let id = DeviceId::from_host(&device)?;
             // Fail here with a clear message rather than inside ssh.
-            Operator::load(&dir)?;
+            Operator::load_renewing(&dir).await?;
             let exe = std::env::current_exe()?;
             let proxy = format!(
                 "{} --config-dir {} --transport {} proxy {id} %p",
@@ -185,12 +189,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             anyhow::bail!("cannot run ssh: {err}");
         }
         Command::Proxy { device, port } => {
-            let op = Operator::load(&dir)?;
+            let op = Operator::load_renewing(&dir).await?;
             forward::proxy_stdio(&op.broker_target()?, &device, port, transport.transport())
                 .await?;
         }
         Command::Tunnel { device, forwards } => {
-            let op = Operator::load(&dir)?;
+            let op = Operator::load_renewing(&dir).await?;
             let target = op.broker_target()?;
             let id = DeviceId::from_host(&device)?;
             forward::tunnel(
@@ -228,23 +232,33 @@ fn ssh_config(exe: &Path, config_dir: Option<&Path>) -> String {
 }
 
 fn print_devices(devices: &[DeviceInfo]) {
+    let time = |t: Option<time::OffsetDateTime>| {
+        t.and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "-".into())
+    };
     println!(
-        "{:<38} {:<16} {:<15} {:<7} {:<22} ENDPOINT",
-        "UUID", "FLEET", "OVERLAY IP", "ONLINE", "LAST SEEN"
+        "{:<38} {:<16} {:<15} {:<7} {:<22} {:<22} {:<22}",
+        "UUID", "FLEET", "OVERLAY IP", "ONLINE", "LAST SEEN", "ENDPOINT", "CERT EXPIRES"
     );
     for d in devices {
         println!(
-            "{:<38} {:<16} {:<15} {:<7} {:<22} {}",
+            "{:<38} {:<16} {:<15} {:<7} {:<22} {:<22} {:<22}",
             d.uuid,
             d.fleet,
             d.overlay_ip,
-            if d.online { "yes" } else { "no" },
-            d.last_seen
-                .and_then(|t| t
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .ok())
-                .unwrap_or_else(|| "-".into()),
+            if d.revoked_at.is_some() {
+                "revoked"
+            } else if d.online {
+                "yes"
+            } else {
+                "no"
+            },
+            time(d.last_seen),
             d.endpoint.as_deref().unwrap_or("-"),
+            time(Some(d.cert_expires_at)),
         );
     }
 }

@@ -13,21 +13,23 @@ use tracing::info;
 use floto_pki::{RevokedSerial, Serial};
 use floto_proto::admin::{
     validate_fleet_name, validate_operator_name, AddOperatorRequest, AddOperatorResponse,
-    CreateKeyRequest, CreateKeyResponse, KeyInfo, LoginRequest, LoginResponse, OperatorInfo, Role,
+    AuditEntry, CreateKeyRequest, CreateKeyResponse, KeyInfo, LoginRequest, LoginResponse,
+    OperatorInfo, RenewLoginRequest, Role, TokenKind,
 };
 use floto_proto::devices::DeviceInfo;
 use floto_proto::ErrorCode;
 
 use super::devices::{parse_uuid, unknown};
-use super::{parse_json, ConnInfo, Failure, LimitedBody};
+use super::{parse_json, Caller, ConnInfo, Failure, LimitedBody, PeerCert};
+use crate::authz::Action;
 use crate::secret::{hash_secret, new_secret, secret_id};
-use crate::store::{AuditRecord, CertKind, IssuedCertRecord, NewKey, NewOperator, TokenRefusal};
+use crate::store::{
+    AuditRecord, CertKind, IssuedCertRecord, NewKey, NewOperator, Operator, TokenRefusal,
+};
 use crate::AppState;
 
 /// Longest provisioning-key lifetime accepted.
 const MAX_KEY_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-/// How long a login token may wait to be used.
-pub const LOGIN_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Validity of the CRL the server publishes.
 const CRL_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 
@@ -38,10 +40,11 @@ fn bad(message: impl Into<String>) -> Failure {
 /// `POST /v1/keys` (admin): a new provisioning key, shown once.
 pub async fn create_key(
     State(state): State<Arc<AppState>>,
-    conn: axum::Extension<ConnInfo>,
+    caller: Caller,
     LimitedBody(body): LimitedBody,
 ) -> Result<(StatusCode, Json<CreateKeyResponse>), Failure> {
-    let op = conn.operator(&state, Role::Admin).await?;
+    caller.require(Action::Administer, None)?;
+    let op = caller.0;
     let req: CreateKeyRequest = parse_json(&body)?;
     validate_fleet_name(&req.fleet).map_err(bad)?;
     if req.uses == Some(0) {
@@ -93,9 +96,9 @@ pub async fn create_key(
 /// `GET /v1/keys` (admin): keys without their secrets.
 pub async fn list_keys(
     State(state): State<Arc<AppState>>,
-    conn: axum::Extension<ConnInfo>,
+    caller: Caller,
 ) -> Result<Json<Vec<KeyInfo>>, Failure> {
-    conn.operator(&state, Role::Admin).await?;
+    caller.require(Action::Administer, None)?;
     let keys = state.store.list_keys().await?;
     Ok(Json(
         keys.into_iter()
@@ -114,10 +117,11 @@ pub async fn list_keys(
 /// `POST /v1/operators` (admin): a new operator and its one-time login token.
 pub async fn add_operator(
     State(state): State<Arc<AppState>>,
-    conn: axum::Extension<ConnInfo>,
+    caller: Caller,
     LimitedBody(body): LimitedBody,
 ) -> Result<(StatusCode, Json<AddOperatorResponse>), Failure> {
-    let admin = conn.operator(&state, Role::Admin).await?;
+    caller.require(Action::Administer, None)?;
+    let admin = caller.0;
     let req: AddOperatorRequest = parse_json(&body)?;
     validate_operator_name(&req.name).map_err(bad)?;
     for fleet in &req.fleets {
@@ -137,14 +141,32 @@ pub async fn add_operator(
         f
     };
     let now = OffsetDateTime::now_utc();
-    let token = new_secret("fot");
-    let token_expires_at = now + LOGIN_TOKEN_LIFETIME;
+    // Viewers are machine clients: they get a bearer API token. Admins and operators are
+    // people: they get a one-time token for `floto login`.
+    let (token_kind, token, token_expires_at) = if req.role == Role::Viewer {
+        let expires = match req.token_expires_in_secs {
+            None => None,
+            Some(0) => return Err(bad("token_expires_in_secs must be at least 1")),
+            Some(s) if Duration::from_secs(s) > MAX_KEY_LIFETIME => {
+                return Err(bad("an API token may live at most 10 years"))
+            }
+            Some(s) => Some(now + Duration::from_secs(s)),
+        };
+        (TokenKind::Api, new_secret("fvt"), expires)
+    } else {
+        (
+            TokenKind::Login,
+            new_secret("fot"),
+            Some(now + state.config.login_token_lifetime),
+        )
+    };
     let added = state
         .store
         .add_operator(NewOperator {
             name: req.name.clone(),
             role: req.role,
             fleets: fleets.clone(),
+            token_kind,
             token_hash: hash_secret(&token),
             token_expires_at,
             now,
@@ -172,6 +194,7 @@ pub async fn add_operator(
             name: req.name,
             role: req.role,
             fleets,
+            token_kind,
             token,
             token_expires_at,
         }),
@@ -181,9 +204,9 @@ pub async fn add_operator(
 /// `GET /v1/operators` (admin)
 pub async fn list_operators(
     State(state): State<Arc<AppState>>,
-    conn: axum::Extension<ConnInfo>,
+    caller: Caller,
 ) -> Result<Json<Vec<OperatorInfo>>, Failure> {
-    conn.operator(&state, Role::Admin).await?;
+    caller.require(Action::Administer, None)?;
     let ops = state.store.operators().await?;
     Ok(Json(
         ops.into_iter()
@@ -222,11 +245,47 @@ pub async fn login(
             };
             Failure::new(ErrorCode::Unauthorized, message)
         })?;
+    let resp = issue_operator_certificate(&state, &op, &csr, now, "operator.login").await?;
+    info!(operator = %op.name, "operator logged in");
+    Ok(Json(resp))
+}
+
+/// `POST /v1/login/renew`, over mTLS with the operator's current certificate (not with an
+/// API token): a new certificate for a new key. `floto` calls it when a third of the
+/// certificate's lifetime is left.
+pub async fn renew_login(
+    State(state): State<Arc<AppState>>,
+    conn: axum::Extension<ConnInfo>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Json<LoginResponse>, Failure> {
+    if matches!(conn.peer_cert, PeerCert::None) {
+        return Err(Failure::new(
+            ErrorCode::Unauthorized,
+            "renewal needs the current operator certificate (mTLS); run `floto login` with a new token",
+        ));
+    }
+    let op = conn.caller(&state, None).await?;
+    let req: RenewLoginRequest = parse_json(&body)?;
+    let csr = floto_pki::parse_csr(&req.csr_pem).map_err(|e| bad(format!("csr_pem: {e}")))?;
+    let now = OffsetDateTime::now_utc();
+    Ok(Json(
+        issue_operator_certificate(&state, &op, &csr, now, "operator.renewed").await?,
+    ))
+}
+
+/// Signs, records and audits an operator certificate.
+async fn issue_operator_certificate(
+    state: &AppState,
+    op: &Operator,
+    csr: &floto_pki::VerifiedCsr,
+    now: OffsetDateTime,
+    action: &str,
+) -> Result<LoginResponse, Failure> {
     let serial = Serial::random();
     let cert = state
         .ca
         .sign_operator(
-            &csr,
+            csr,
             &op.name,
             &serial,
             now,
@@ -248,31 +307,123 @@ pub async fn login(
         .audit(AuditRecord {
             at: now,
             actor: op.name.clone(),
-            action: "operator.login".into(),
+            action: action.into(),
             device: None,
-            detail: serde_json::json!({"serial": serial.to_hex()}).to_string(),
+            detail: serde_json::json!({"serial": serial.to_hex(), "expires_at": cert.not_after.unix_timestamp()})
+                .to_string(),
         })
         .await;
-    info!(operator = %op.name, "operator logged in");
-    Ok(Json(LoginResponse {
-        name: op.name,
+    Ok(LoginResponse {
+        name: op.name.clone(),
         role: op.role,
-        fleets: op.fleets,
+        fleets: op.fleets.clone(),
         certificate_pem: cert.pem,
         ca_pem: state.ca.cert_pem().to_owned(),
         expires_at: cert.not_after,
         quic_port: state.bound.quic.port(),
+    })
+}
+
+/// `POST /v1/operators/{name}/revoke` (admin): the operator's certificates and API token
+/// are refused from now on and its open broker sessions are closed.
+pub async fn revoke_operator(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<OperatorInfo>, Failure> {
+    caller.require(Action::Administer, None)?;
+    if name == crate::LOCAL_ADMIN {
+        return Err(bad(
+            "the local admin cannot be revoked; its certificate lives in the data dir",
+        ));
+    }
+    let now = OffsetDateTime::now_utc();
+    let op = state
+        .store
+        .revoke_operator(&name, now)
+        .await?
+        .ok_or_else(|| Failure::new(ErrorCode::NotFound, format!("no operator {name:?}")))?;
+    for cert in state.store.revoked_certificates(now).await? {
+        state.revoked.insert(cert.serial);
+    }
+    let closed = state.broker.close_operator(&name);
+    state
+        .audit(AuditRecord {
+            at: now,
+            actor: caller.0.name.clone(),
+            action: "operator.revoked".into(),
+            device: None,
+            detail: serde_json::json!({"name": name, "sessions_closed": closed}).to_string(),
+        })
+        .await;
+    info!(operator = %name, by = %caller.0.name, closed, "operator revoked");
+    Ok(Json(OperatorInfo {
+        name: op.name,
+        role: op.role,
+        fleets: op.fleets,
+        created_at: op.created_at,
+        revoked_at: op.revoked_at,
     }))
+}
+
+/// Query of `GET /v1/audit`.
+#[derive(Debug, serde::Deserialize)]
+pub struct AuditQuery {
+    pub device: Option<String>,
+    pub operator: Option<String>,
+    /// RFC 3339.
+    pub since: Option<String>,
+    pub limit: Option<u32>,
+}
+
+/// `GET /v1/audit` (admin): newest first, at most `limit` (default 1000, at most 10000).
+pub async fn audit(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    axum::extract::Query(q): axum::extract::Query<AuditQuery>,
+) -> Result<Json<Vec<AuditEntry>>, Failure> {
+    caller.require(Action::Administer, None)?;
+    let device = q.device.as_deref().map(parse_uuid).transpose()?;
+    let since = q
+        .since
+        .as_deref()
+        .map(|s| {
+            OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map_err(|e| {
+                bad(format!(
+                    "since: {e} (expected RFC 3339, e.g. 2026-11-22T10:00:00Z)"
+                ))
+            })
+        })
+        .transpose()?;
+    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+    let records = state
+        .store
+        .audit(device.as_ref(), q.operator.as_deref(), since, limit)
+        .await?;
+    Ok(Json(
+        records
+            .into_iter()
+            .map(|r| AuditEntry {
+                at: r.at,
+                actor: r.actor,
+                action: r.action,
+                device: r.device,
+                detail: serde_json::from_str(&r.detail)
+                    .unwrap_or(serde_json::Value::String(r.detail)),
+            })
+            .collect(),
+    ))
 }
 
 /// `POST /v1/devices/{uuid}/revoke` (admin): the peer and its session go at once, its
 /// certificates are refused from now on, and its broker sessions are closed.
 pub async fn revoke_device(
     State(state): State<Arc<AppState>>,
-    conn: axum::Extension<ConnInfo>,
+    caller: Caller,
     Path(uuid): Path<String>,
 ) -> Result<Json<DeviceInfo>, Failure> {
-    let admin = conn.operator(&state, Role::Admin).await?;
+    caller.require(Action::Administer, None)?;
+    let admin = caller.0;
     let id = parse_uuid(&uuid)?;
     let now = OffsetDateTime::now_utc();
     let device = state

@@ -7,11 +7,11 @@ use axum::extract::{Path, Query, State};
 use axum::Json;
 use serde::Deserialize;
 
-use floto_proto::admin::Role;
 use floto_proto::devices::DeviceInfo;
 use floto_proto::{DeviceId, ErrorCode};
 
-use super::{ConnInfo, Failure};
+use super::{Caller, Failure};
+use crate::authz::Action;
 use crate::events::WallClock;
 use crate::store::{Device, Operator};
 use crate::wg::PeerStatus;
@@ -55,12 +55,7 @@ pub fn device_info(d: &Device, live: Option<&PeerStatus>, clock: &WallClock) -> 
 
 /// May this operator see devices of `fleet`?
 pub fn may_see(op: &Operator, fleet: &str) -> bool {
-    crate::authz::allowed(
-        op.role,
-        &op.fleets,
-        crate::authz::Action::ViewDevice,
-        Some(fleet),
-    )
+    crate::authz::allowed(op.role, &op.fleets, Action::ViewDevice, Some(fleet))
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,10 +75,9 @@ impl AppState {
 /// `GET /v1/devices[?online=true][&fleet=F]`
 pub async fn list(
     State(state): State<Arc<AppState>>,
-    conn: axum::Extension<ConnInfo>,
+    Caller(op): Caller,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<DeviceInfo>>, Failure> {
-    let op = conn.operator(&state, Role::Viewer).await?;
     let devices = state.store.devices().await?;
     let out = devices
         .iter()
@@ -98,18 +92,12 @@ pub async fn list(
 /// `GET /v1/devices/{uuid}`
 pub async fn show(
     State(state): State<Arc<AppState>>,
-    conn: axum::Extension<ConnInfo>,
+    caller: Caller,
     Path(uuid): Path<String>,
 ) -> Result<Json<DeviceInfo>, Failure> {
-    let op = conn.operator(&state, Role::Viewer).await?;
     let id = parse_uuid(&uuid)?;
     let device = state.store.device(&id).await?.ok_or_else(|| unknown(&id))?;
-    if !may_see(&op, &device.fleet) {
-        return Err(Failure::new(
-            ErrorCode::Forbidden,
-            format!("operator {:?} may not see device {id}", op.name),
-        ));
-    }
+    caller.require(Action::ViewDevice, Some(&device.fleet))?;
     Ok(Json(state.live_info(&device)))
 }
 

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod devices;
+pub mod events;
 pub mod server;
 pub mod tls;
 
@@ -24,10 +25,10 @@ use time::OffsetDateTime;
 use tracing::error;
 
 use floto_pki::{CertInfo, VerifyError};
-use floto_proto::admin::Role;
 use floto_proto::{paths, ApiError, DeviceId, ErrorCode};
 
-use crate::store::{Operator, StoreError};
+use crate::authz::{allowed, Action};
+use crate::store::{Operator, StoreError, TokenRefusal};
 use crate::AppState;
 
 /// Largest request body any route accepts.
@@ -196,35 +197,101 @@ impl ConnInfo {
         Ok((device, info))
     }
 
-    /// The operator this connection's certificate names, if it holds at least `role`.
-    pub async fn operator(&self, state: &AppState, role: Role) -> Result<Operator, Failure> {
+    /// The operator making a request: named by the connection's client certificate, or
+    /// (for viewers, which are machine clients) by an API bearer token.
+    pub async fn caller(
+        &self,
+        state: &AppState,
+        bearer: Option<&str>,
+    ) -> Result<Operator, Failure> {
         let now = OffsetDateTime::now_utc();
-        let info = self.certificate(state, now)?;
-        let name = info.operator_name().ok_or_else(|| {
-            Failure::new(
-                ErrorCode::Forbidden,
-                "this route is for operators; the client certificate is not an operator certificate",
-            )
-        })?;
-        let op = state.store.operator(name).await?.ok_or_else(|| {
-            Failure::new(
-                ErrorCode::Unauthorized,
-                format!("operator {name:?} is not known here"),
-            )
-        })?;
+        let op = match (&self.peer_cert, bearer) {
+            (PeerCert::None, Some(token)) => {
+                let hash = crate::secret::hash_secret(token);
+                state
+                    .store
+                    .operator_by_api_token(&hash, now)
+                    .await?
+                    .map_err(|r| {
+                        let (code, message) = match r {
+                            TokenRefusal::Unknown => (ErrorCode::Unauthorized, "unknown API token"),
+                            TokenRefusal::Expired => (
+                                ErrorCode::Unauthorized,
+                                "this API token expired; ask an admin for a new one",
+                            ),
+                            TokenRefusal::OperatorRevoked => (
+                                ErrorCode::Revoked,
+                                "the operator of this API token was revoked",
+                            ),
+                            TokenRefusal::Used => (ErrorCode::Unauthorized, "unknown API token"),
+                        };
+                        Failure::new(code, message)
+                    })?
+            }
+            _ => {
+                let info = self.certificate(state, now)?;
+                let name = info.operator_name().ok_or_else(|| {
+                    Failure::new(
+                        ErrorCode::Forbidden,
+                        "this route is for operators; the client certificate is not an operator certificate",
+                    )
+                })?;
+                state.store.operator(name).await?.ok_or_else(|| {
+                    Failure::new(
+                        ErrorCode::Unauthorized,
+                        format!("operator {name:?} is not known here"),
+                    )
+                })?
+            }
+        };
         if op.revoked_at.is_some() {
             return Err(Failure::new(
                 ErrorCode::Revoked,
-                format!("operator {name:?} was revoked"),
-            ));
-        }
-        if op.role < role {
-            return Err(Failure::new(
-                ErrorCode::Forbidden,
-                format!("operator {name:?} has role {}; this needs {role}", op.role),
+                format!("operator {:?} was revoked", op.name),
             ));
         }
         Ok(op)
+    }
+}
+
+/// The operator behind a request, resolved once per request (client certificate or
+/// API bearer token). Routes then ask [`Caller::require`] for what they do.
+#[derive(Debug, Clone)]
+pub struct Caller(pub Operator);
+
+impl Caller {
+    /// Allowed, or the 403 that says who may not do what.
+    pub fn require(&self, action: Action, device_fleet: Option<&str>) -> Result<(), Failure> {
+        let op = &self.0;
+        if allowed(op.role, &op.fleets, action, device_fleet) {
+            return Ok(());
+        }
+        let what = match (action, device_fleet) {
+            (Action::Administer, _) => "administer this server".to_owned(),
+            (Action::ViewDevice, Some(f)) => format!("see devices of fleet {f:?}"),
+            (Action::Connect, Some(f)) => format!("connect to devices of fleet {f:?}"),
+            (_, None) => "do this".to_owned(),
+        };
+        Err(Failure::new(
+            ErrorCode::Forbidden,
+            format!("operator {:?} ({}) may not {what}", op.name, op.role),
+        ))
+    }
+}
+
+impl axum::extract::FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = Failure;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Failure> {
+        let conn = parts
+            .extensions
+            .get::<ConnInfo>()
+            .ok_or_else(|| Failure::internal("request without connection info"))?;
+        let bearer = crate::enroll::bearer(&parts.headers);
+        Ok(Caller(conn.caller(state, bearer).await?))
     }
 }
 
@@ -253,7 +320,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             paths::OPERATORS,
             post(admin::add_operator).get(admin::list_operators),
         )
+        .route("/v1/operators/{name}/revoke", post(admin::revoke_operator))
         .route(paths::LOGIN, post(admin::login))
+        .route(paths::LOGIN_RENEW, post(admin::renew_login))
+        .route(paths::AUDIT, get(admin::audit))
+        .route(paths::EVENTS, get(events::stream))
         .route(paths::CA, get(admin::ca_pem))
         .route(paths::CRL, get(admin::crl_pem))
         .fallback(not_found)

@@ -11,7 +11,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
-use floto_proto::admin::Role;
 use floto_proto::ErrorCode;
 
 use crate::api::{ConnInfo, Failure};
@@ -30,7 +29,10 @@ pub async fn http_connect(
         },
         None => return bad("CONNECT needs a target of the form UUID:PORT").into_response(),
     };
-    let op = match conn.operator(&state, Role::Operator).await {
+    // Who is asking (certificate or API token); what they may do is decided by `open`,
+    // which audits refusals.
+    let bearer = crate::enroll::bearer(req.headers()).map(str::to_owned);
+    let op = match conn.caller(&state, bearer.as_deref()).await {
         Ok(op) => op,
         Err(f) => return f.into_response(),
     };

@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use floto_proto::{DeviceId, ErrorCode};
 
 use crate::api::Failure;
-use crate::authz::{allowed, Action};
+use crate::authz::{allowed, allowed_anywhere, Action};
 use crate::netstack::{ConnectError, TcpStream};
 use crate::store::{AuditRecord, Device, Operator};
 use crate::AppState;
@@ -163,6 +163,16 @@ pub async fn open(
     if port == 0 {
         let f = Failure::new(ErrorCode::BadRequest, "port 0 is not a port");
         return Err(refuse(f, Some(id), "bad_request").await);
+    }
+    if !allowed_anywhere(op.role, &op.fleets, Action::Connect) {
+        let f = Failure::new(
+            ErrorCode::Forbidden,
+            format!(
+                "operator {:?} ({}) may not open broker sessions",
+                op.name, op.role
+            ),
+        );
+        return Err(refuse(f, Some(id), "forbidden").await);
     }
     let device = match state.store.device(&id).await? {
         Some(d) if !d.is_revoked() => d,

@@ -12,7 +12,6 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use floto_proto::admin::Role;
 use floto_proto::broker::{
     decode_header, encode_header, BrokerRequest, BrokerResponse, MAX_HEADER,
 };
@@ -100,7 +99,7 @@ async fn serve_connection(
         host: None,
         peer_cert,
     };
-    let op = match info.operator(&state, Role::Operator).await {
+    let op = match info.caller(&state, None).await {
         Ok(op) => op,
         Err(f) => {
             let reason = serde_json::to_vec(&f.error).unwrap_or_default();

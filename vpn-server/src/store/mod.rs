@@ -12,7 +12,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
-use floto_proto::admin::Role;
+use floto_proto::admin::{Role, TokenKind};
 use floto_proto::{DeviceId, WgKey};
 
 use crate::enroll::{EnrollRefusal, RenewRefusal};
@@ -184,14 +184,16 @@ pub struct Operator {
     pub revoked_at: Option<OffsetDateTime>,
 }
 
-/// A new operator with its one-time login token (hashed).
+/// A new operator with its token (hashed): a one-time login token, or a viewer's API
+/// token.
 #[derive(Debug, Clone)]
 pub struct NewOperator {
     pub name: String,
     pub role: Role,
     pub fleets: Vec<String>,
+    pub token_kind: TokenKind,
     pub token_hash: [u8; 32],
-    pub token_expires_at: OffsetDateTime,
+    pub token_expires_at: Option<OffsetDateTime>,
     pub now: OffsetDateTime,
 }
 
@@ -268,6 +270,12 @@ pub trait Registry: Send + Sync + 'static {
     async fn operators(&self) -> Result<Vec<Operator>, StoreError>;
     /// Takes a one-time token: afterwards it can never be used again.
     async fn consume_login_token(
+        &self,
+        hash: &[u8; 32],
+        now: OffsetDateTime,
+    ) -> Result<Result<Operator, TokenRefusal>, StoreError>;
+    /// The operator holding this API token, if it is valid at `now`.
+    async fn operator_by_api_token(
         &self,
         hash: &[u8; 32],
         now: OffsetDateTime,

@@ -17,14 +17,14 @@ use sqlx::{Row as _, Sqlite, Transaction};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
-use floto_proto::admin::Role;
+use floto_proto::admin::{Role, TokenKind};
 use floto_proto::{DeviceId, WgKey};
 
 use super::*;
 use crate::enroll::{self, EnrollDecision, EnrollRefusal, RenewRefusal};
 
 /// Schema version this code writes. Migrations run forward only.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE meta (
@@ -105,6 +105,13 @@ CREATE TABLE audit (
 );
 CREATE INDEX audit_device ON audit(device, at);
 CREATE INDEX audit_actor ON audit(actor, at);
+"#;
+
+/// Version 2: API tokens for viewers (machine clients).
+const SCHEMA_V2: &str = r#"
+ALTER TABLE operators ADD COLUMN api_token_hash BLOB;
+ALTER TABLE operators ADD COLUMN api_token_expires_at INTEGER;
+CREATE UNIQUE INDEX operators_api_token ON operators(api_token_hash) WHERE api_token_hash IS NOT NULL;
 "#;
 
 /// Enrollments and renewals committed together at most.
@@ -206,6 +213,14 @@ async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
         .execute(&mut *tx)
         .await?;
         sqlx::raw_sql("PRAGMA user_version = 1")
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+    }
+    if version < 2 {
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::raw_sql(SCHEMA_V2).execute(&mut *tx).await?;
+        sqlx::raw_sql("PRAGMA user_version = 2")
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -842,16 +857,22 @@ impl Registry for SqliteRegistry {
     async fn add_operator(&self, op: NewOperator) -> Result<Option<Operator>, StoreError> {
         let fleets =
             serde_json::to_string(&op.fleets).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let (login, api) = match op.token_kind {
+            TokenKind::Login => (Some(&op.token_hash[..]), None),
+            TokenKind::Api => (None, Some(&op.token_hash[..])),
+        };
         let done = sqlx::query(
-            "INSERT INTO operators(name, role, fleets, created_at, token_hash, token_expires_at) \
-             VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO NOTHING",
+            "INSERT INTO operators(name, role, fleets, created_at, token_hash, token_expires_at, \
+             api_token_hash, api_token_expires_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6) ON CONFLICT(name) DO NOTHING",
         )
         .bind(&op.name)
         .bind(op.role.to_string())
         .bind(fleets)
         .bind(ts(op.now))
-        .bind(&op.token_hash[..])
-        .bind(ts(op.token_expires_at))
+        .bind(login)
+        .bind(op.token_expires_at.map(ts))
+        .bind(api)
         .execute(&self.writer)
         .await?;
         if done.rows_affected() == 0 {
@@ -916,6 +937,29 @@ impl Registry for SqliteRegistry {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        Ok(Ok(op))
+    }
+
+    async fn operator_by_api_token(
+        &self,
+        hash: &[u8; 32],
+        now: OffsetDateTime,
+    ) -> Result<Result<Operator, TokenRefusal>, StoreError> {
+        let Some(row) = sqlx::query("SELECT * FROM operators WHERE api_token_hash = ?")
+            .bind(&hash[..])
+            .fetch_optional(&self.reader)
+            .await?
+        else {
+            return Ok(Err(TokenRefusal::Unknown));
+        };
+        let op = operator_from_row(&row)?;
+        let expires: Option<i64> = row.try_get("api_token_expires_at")?;
+        if op.revoked_at.is_some() {
+            return Ok(Err(TokenRefusal::OperatorRevoked));
+        }
+        if expires.is_some_and(|e| e <= ts(now)) {
+            return Ok(Err(TokenRefusal::Expired));
+        }
         Ok(Ok(op))
     }
 
@@ -1208,8 +1252,9 @@ mod tests {
             name: name.into(),
             role: Role::Operator,
             fleets: vec!["lab".into()],
+            token_kind: TokenKind::Login,
             token_hash: [hash; 32],
-            token_expires_at: expires,
+            token_expires_at: Some(expires),
             now,
         };
         assert!(r
@@ -1271,5 +1316,99 @@ mod tests {
             err.to_string().contains("outside the configured overlay"),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn api_tokens_identify_viewers_until_they_expire_or_are_revoked() {
+        let (_d, r) = registry("10.240.0.0/16").await;
+        let now = OffsetDateTime::now_utc();
+        let viewer = |name: &str, hash: u8, expires: Option<OffsetDateTime>| NewOperator {
+            name: name.into(),
+            role: Role::Viewer,
+            fleets: Vec::new(),
+            token_kind: TokenKind::Api,
+            token_hash: [hash; 32],
+            token_expires_at: expires,
+            now,
+        };
+        r.add_operator(viewer("prometheus", 1, None)).await.unwrap();
+        r.add_operator(viewer("old", 2, Some(now - Duration::from_secs(1))))
+            .await
+            .unwrap();
+        // An API token is not a login token, and is not used up by use.
+        assert_eq!(
+            r.consume_login_token(&[1; 32], now).await.unwrap(),
+            Err(TokenRefusal::Unknown)
+        );
+        for _ in 0..2 {
+            let op = r
+                .operator_by_api_token(&[1; 32], now)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(op.name, "prometheus");
+        }
+        assert_eq!(
+            r.operator_by_api_token(&[2; 32], now).await.unwrap(),
+            Err(TokenRefusal::Expired)
+        );
+        assert_eq!(
+            r.operator_by_api_token(&[3; 32], now).await.unwrap(),
+            Err(TokenRefusal::Unknown)
+        );
+        r.revoke_operator("prometheus", now).await.unwrap();
+        assert_eq!(
+            r.operator_by_api_token(&[1; 32], now).await.unwrap(),
+            Err(TokenRefusal::OperatorRevoked)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_version_1_registry_is_migrated_forward_and_keeps_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        // A version-1 registry as a server of that version left it.
+        {
+            let opts = SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(opts)
+                .await
+                .unwrap();
+            sqlx::raw_sql(SCHEMA_V1).execute(&pool).await.unwrap();
+            sqlx::raw_sql(
+                "INSERT INTO meta(key, value) VALUES ('crl_number', '0'); \
+                 INSERT INTO operators(name, role, fleets, created_at) VALUES ('admin', 'admin', '[]', 0); \
+                 PRAGMA user_version = 1;",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+        }
+        let r = SqliteRegistry::open(&path, "10.240.0.0/16".parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            r.operator("admin").await.unwrap().unwrap().role,
+            Role::Admin
+        );
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&r.reader)
+            .await
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        // A registry from a newer server is refused, not misread.
+        sqlx::raw_sql("PRAGMA user_version = 99")
+            .execute(&r.writer)
+            .await
+            .unwrap();
+        r.close().await;
+        let err = SqliteRegistry::open(&path, "10.240.0.0/16".parse().unwrap())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("newer than this server"), "{err}");
     }
 }

@@ -133,6 +133,7 @@ impl Concentrator {
         self.table.upsert(
             PeerConfig {
                 id: device.id,
+                fleet: Arc::from(device.fleet.as_str()),
                 public_key: device.wg_public_key,
                 overlay_ip: device.overlay_ip,
             },

@@ -53,6 +53,7 @@ pub const MAX_DATAGRAM: usize = 65_535;
 /// A device's peer: fixed identity plus mutable session state.
 pub struct Peer {
     pub id: DeviceId,
+    pub fleet: Arc<str>,
     pub public_key: WgKey,
     pub overlay_ip: Ipv4Addr,
     state: Mutex<PeerState>,
@@ -105,22 +106,25 @@ pub struct PeerStatus {
 }
 
 /// Online-state transitions and endpoint changes, each with the generation after it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerEvent {
     Online {
         id: DeviceId,
+        fleet: Arc<str>,
         generation: u64,
         endpoint: SocketAddr,
         at: Instant,
     },
     Offline {
         id: DeviceId,
+        fleet: Arc<str>,
         generation: u64,
         at: Instant,
     },
     /// The device is still online but now talks from another address (roaming, NAT rebinding).
     Roamed {
         id: DeviceId,
+        fleet: Arc<str>,
         generation: u64,
         endpoint: SocketAddr,
         at: Instant,
@@ -128,6 +132,7 @@ pub enum PeerEvent {
     /// The peer was removed (revoked or re-keyed) while online.
     Removed {
         id: DeviceId,
+        fleet: Arc<str>,
         generation: u64,
         at: Instant,
     },
@@ -288,9 +293,10 @@ impl Ord for PeerRef {
 }
 
 /// What the core needs to serve a device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerConfig {
     pub id: DeviceId,
+    pub fleet: Arc<str>,
     pub public_key: WgKey,
     pub overlay_ip: Ipv4Addr,
 }
@@ -372,6 +378,7 @@ impl PeerTable {
         }
         let peer = Arc::new(Peer {
             id: config.id,
+            fleet: config.fleet,
             public_key: config.public_key,
             overlay_ip: config.overlay_ip,
             state: Mutex::new(PeerState::default()),
@@ -401,6 +408,7 @@ impl PeerTable {
             self.online.fetch_sub(1, Ordering::Relaxed);
             out.event(PeerEvent::Removed {
                 id: peer.id,
+                fleet: peer.fleet.clone(),
                 generation: st.generation,
                 at: now,
             });
@@ -627,6 +635,7 @@ impl PeerTable {
             self.online.fetch_add(1, Ordering::Relaxed);
             out.event(PeerEvent::Online {
                 id: peer.id,
+                fleet: peer.fleet.clone(),
                 generation: st.generation,
                 endpoint: from,
                 at: now,
@@ -634,6 +643,7 @@ impl PeerTable {
         } else if moved {
             out.event(PeerEvent::Roamed {
                 id: peer.id,
+                fleet: peer.fleet.clone(),
                 generation: st.generation,
                 endpoint: from,
                 at: now,
@@ -851,6 +861,7 @@ impl PeerTable {
             self.online.fetch_sub(1, Ordering::Relaxed);
             out.event(PeerEvent::Offline {
                 id: peer.id,
+                fleet: peer.fleet.clone(),
                 generation: st.generation,
                 at: now,
             });

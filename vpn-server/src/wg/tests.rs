@@ -69,6 +69,7 @@ impl Server {
         self.table.upsert(
             PeerConfig {
                 id,
+                fleet: "lab".into(),
                 public_key: WgKey(public.to_bytes()),
                 overlay_ip: ip,
             },
@@ -424,6 +425,7 @@ fn a_rotated_key_replaces_the_old_one() {
     s.table.upsert(
         PeerConfig {
             id: d.id,
+            fleet: "lab".into(),
             public_key: WgKey(new_public.to_bytes()),
             overlay_ip: d.ip,
         },
