@@ -2,12 +2,13 @@
 # The whole test suite, on a fresh Debian/Ubuntu machine.
 #
 # As root it first installs the packages the end-to-end tests drive (wireguard-go,
-# wireguard-tools, OpenSSH, iproute2, curl, openssl, Prometheus' promtool). The e2e tests
-# need root (network namespaces, TUN devices): run as another user, they fail and say why.
+# wireguard-tools, OpenSSH, iproute2, curl, openssl, Prometheus' promtool, iperf3,
+# systemd-analyze). The e2e tests need root (network namespaces, TUN devices): run as
+# another user, they fail and say why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(wireguard-go wireguard-tools openssh-server openssh-client iproute2 curl openssl iputils-ping prometheus iperf3)
+PACKAGES=(wireguard-go wireguard-tools openssh-server openssh-client iproute2 curl openssl iputils-ping prometheus iperf3 systemd)
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()

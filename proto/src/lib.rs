@@ -33,6 +33,8 @@ pub mod defaults {
     pub const PERSISTENT_KEEPALIVE_SECS: u16 = 25;
     /// Default device certificate lifetime, seconds (30 days).
     pub const DEVICE_CERT_LIFETIME_SECS: u64 = 30 * 24 * 3600;
+    /// How long open broker sessions may finish at SIGTERM.
+    pub const SHUTDOWN_GRACE_SECS: u64 = 30;
 }
 
 /// API paths.

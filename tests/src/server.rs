@@ -43,12 +43,26 @@ impl Server {
         Self::start_logging(args, "info,floto_vpn_server=debug")
     }
 
-    /// As [`start`](Self::start), with a `FLOTO_LOG` filter (benchmarks log little).
-    pub fn start_logging(args: &[&str], log: &str) -> Self {
-        let dir = tempfile::Builder::new()
+    /// A temp dir for [`start_on`](Self::start_on); its data dir is `DIR/data`.
+    pub fn temp_dir() -> tempfile::TempDir {
+        tempfile::Builder::new()
             .prefix("floto-e2e-")
             .tempdir()
-            .expect("temp dir");
+            .expect("temp dir")
+    }
+
+    /// As [`start`](Self::start), on `dir/data`, which may have been made already (e.g. by
+    /// `init --ca-cert`).
+    pub fn start_on(dir: tempfile::TempDir, args: &[&str]) -> Self {
+        Self::start_in(dir, args, "info,floto_vpn_server=debug")
+    }
+
+    /// As [`start`](Self::start), with a `FLOTO_LOG` filter (benchmarks log little).
+    pub fn start_logging(args: &[&str], log: &str) -> Self {
+        Self::start_in(Self::temp_dir(), args, log)
+    }
+
+    fn start_in(dir: tempfile::TempDir, args: &[&str], log: &str) -> Self {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let child = spawn(&dir.path().join("data"), dir.path(), &args, None, log);
         let bound = wait_ready(&dir.path().join("data"), &child);

@@ -79,6 +79,17 @@ pub struct ServerSettings {
     )]
     pub login_token_lifetime: Option<Duration>,
 
+    /// At SIGTERM, how long open broker sessions may go on (new ones are refused) before
+    /// they are closed and the server exits. Keep it below the supervisor's own limit
+    /// (Kubernetes' terminationGracePeriodSeconds, systemd's TimeoutStopSec).
+    #[arg(long, env = "FLOTO_SHUTDOWN_GRACE", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub shutdown_grace: Option<Duration>,
+
     /// A device is online while an authenticated packet arrived within this window.
     #[arg(long, env = "FLOTO_ONLINE_WINDOW", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(
@@ -157,6 +168,7 @@ pub struct Config {
     pub cert_lifetime: Duration,
     pub operator_cert_lifetime: Duration,
     pub login_token_lifetime: Duration,
+    pub shutdown_grace: Duration,
     pub online_window: Duration,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -213,6 +225,9 @@ impl Config {
             login_token_lifetime: s
                 .login_token_lifetime
                 .unwrap_or(Duration::from_secs(24 * 3600)),
+            shutdown_grace: s
+                .shutdown_grace
+                .unwrap_or(Duration::from_secs(defaults::SHUTDOWN_GRACE_SECS)),
             online_window: s.online_window.unwrap_or(Duration::from_secs(
                 3 * u64::from(defaults::PERSISTENT_KEEPALIVE_SECS) + 10,
             )),
@@ -255,6 +270,9 @@ impl Config {
         }
         if self.operator_cert_lifetime < Duration::from_secs(30) {
             bail!("operator cert lifetime must be at least 30s");
+        }
+        if self.shutdown_grace > Duration::from_secs(3600) {
+            bail!("shutdown grace must be at most 1h");
         }
         if self.login_token_lifetime < Duration::from_secs(1) {
             bail!("login token lifetime must be at least 1s");
@@ -308,6 +326,7 @@ impl ServerSettings {
             cert_lifetime: self.cert_lifetime.or(lower.cert_lifetime),
             operator_cert_lifetime: self.operator_cert_lifetime.or(lower.operator_cert_lifetime),
             login_token_lifetime: self.login_token_lifetime.or(lower.login_token_lifetime),
+            shutdown_grace: self.shutdown_grace.or(lower.shutdown_grace),
             online_window: self.online_window.or(lower.online_window),
             tls_cert: self.tls_cert.or(lower.tls_cert),
             tls_key: self.tls_key.or(lower.tls_key),

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod authz;
+pub mod backup;
 pub mod broker;
 pub mod config;
 pub mod datadir;
@@ -35,7 +36,7 @@ use tracing::{info, warn};
 
 use floto_pki::{Ca, Serial};
 use floto_proto::admin::Role;
-use floto_proto::WgKey;
+use floto_proto::{DeviceId, WgKey};
 
 use crate::config::Config;
 use crate::datadir::{DataDir, InitOptions};
@@ -129,23 +130,59 @@ impl std::fmt::Debug for RunningServer {
 }
 
 impl RunningServer {
+    /// The graceful shutdown: takes no new broker sessions (and says so on `/readyz`),
+    /// lets the open ones finish for up to `grace` while devices stay connected, closes
+    /// what is left, then [`stop`](Self::stop)s. `hurry` (a second signal) cuts the grace
+    /// period short.
+    pub async fn shut_down(self, grace: Duration, hurry: impl Future<Output = ()>) {
+        let broker = &self.state.broker;
+        broker.start_draining();
+        let open = broker.active();
+        if open > 0 {
+            info!(
+                open,
+                ?grace,
+                "draining: new broker sessions are refused, open ones may finish"
+            );
+            tokio::select! {
+                _ = broker.idle() => info!("every broker session ended"),
+                _ = tokio::time::sleep(grace) => {
+                    warn!(left = broker.active(), "grace period over; closing the remaining broker sessions");
+                }
+                _ = hurry => warn!(left = broker.active(), "asked again: closing the remaining broker sessions"),
+            }
+        }
+        let closed = broker.close_all();
+        if closed > 0 {
+            // Let the cancelled sessions write their audit records.
+            let _ = tokio::time::timeout(Duration::from_secs(2), broker.idle()).await;
+        }
+        self.stop().await;
+    }
+
     /// Stops accepting, drains, persists endpoints, closes the registry.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
         let state = &self.state;
-        persist_presence(state).await;
+        persist_presence(state, None).await;
         let _ = std::fs::remove_file(state.data.runtime());
         info!("stopped");
     }
 }
 
-/// Runs the server until `shutdown` completes, then drains.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+/// Runs the server until `shutdown` completes, then shuts down gracefully within the
+/// configured grace period (cut short when `hurry` completes).
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    hurry: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let grace = config.shutdown_grace;
     let server = start(config).await?;
     shutdown.await;
-    info!("shutting down");
-    server.stop().await;
+    info!(?grace, "shutting down");
+    server.shut_down(grace, hurry).await;
     Ok(())
 }
 
@@ -230,7 +267,13 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         concentrator.clone(),
         from_devices,
     );
-    let metrics = Arc::new(Metrics::new(table.clone()));
+    let metrics = Arc::new(Metrics::with_certificates(
+        table.clone(),
+        Some(metrics::CertWatch {
+            tls: server_cert.clone(),
+            ca_not_after: ca.not_after(),
+        }),
+    ));
     let state = Arc::new(AppState {
         enroll_slots: Arc::new(Semaphore::new(config.max_concurrent_enrollments)),
         server_wg_public: concentrator.public_key(),
@@ -268,6 +311,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         shutdown.clone(),
     ));
     tasks.spawn(presence_loop(state.clone(), shutdown.clone()));
+    tasks.spawn(tls_refresh_loop(
+        state.clone(),
+        server_cert.clone(),
+        shutdown.clone(),
+    ));
     {
         let wg = concentrator.clone();
         let shutdown = shutdown.clone();
@@ -302,35 +350,78 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
 
 /// Handshakes per second the server starts to call devices back after a restart.
 const CALL_BACK_RATE: u32 = 2000;
-/// How often live endpoints are written to the registry.
-const PRESENCE_EVERY: Duration = Duration::from_secs(30);
+/// How often new or changed endpoints are written to the registry, so that even after a
+/// SIGKILL the server can call back devices that came online or roamed before it.
+const PRESENCE_EVERY: Duration = Duration::from_secs(5);
 
-async fn presence_loop(state: Arc<AppState>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(PRESENCE_EVERY);
+/// How often the API's TLS certificate is checked for rotation.
+const TLS_REFRESH_EVERY: Duration = Duration::from_secs(5);
+
+async fn tls_refresh_loop(
+    state: Arc<AppState>,
+    cert: Arc<api::tls::ServerCert>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(TLS_REFRESH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => persist_presence(&state).await,
+            _ = tick.tick() => {}
+        }
+        match cert.refresh(&state.config, &state.data, &state.ca) {
+            Ok(_) => failing = false,
+            // Logged once per failure spell, not every few seconds.
+            Err(e) if !failing => {
+                failing = true;
+                warn!(error = %format!("{e:#}"), "cannot load the new TLS certificate; still serving the current one");
+            }
+            Err(_) => {}
         }
     }
 }
 
-async fn persist_presence(state: &AppState) {
+async fn presence_loop(state: Arc<AppState>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(PRESENCE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut written = std::collections::HashMap::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => persist_presence(&state, Some(&mut written)).await,
+        }
+    }
+}
+
+/// Writes device endpoints and last-seen times: only endpoints not in `written` (which it
+/// updates), or all of them when `written` is `None` (at shutdown).
+async fn persist_presence(
+    state: &AppState,
+    written: Option<&mut std::collections::HashMap<DeviceId, SocketAddr>>,
+) {
     let clock = *state.events.clock();
-    let presence: Vec<store::Presence> = state
-        .wg
-        .table
-        .endpoints()
-        .into_iter()
+    let mut live = state.wg.table.endpoints();
+    if let Some(written) = &written {
+        live.retain(|(device, endpoint, _)| written.get(device) != Some(endpoint));
+    }
+    let presence: Vec<store::Presence> = live
+        .iter()
         .map(|(device, endpoint, seen)| store::Presence {
-            device,
-            endpoint,
-            last_seen: clock.wall(seen),
+            device: *device,
+            endpoint: *endpoint,
+            last_seen: clock.wall(*seen),
         })
         .collect();
-    if let Err(e) = state.store.save_presence(&presence).await {
-        warn!(error = %e, "could not persist device endpoints");
+    match state.store.save_presence(&presence).await {
+        Ok(()) => {
+            if let Some(written) = written {
+                written.extend(live.into_iter().map(|(d, e, _)| (d, e)));
+            }
+        }
+        Err(e) => warn!(error = %e, "could not persist device endpoints"),
     }
 }
 

@@ -80,6 +80,22 @@ enum Command {
         #[command(subcommand)]
         command: DeviceCommand,
     },
+    /// Write a consistent snapshot of the data dir (registry, CA, WireGuard key, settings)
+    /// to FILE, a gzipped tar readable only by its owner. Safe while the server runs.
+    Backup {
+        #[command(flatten)]
+        dir: DataDirArg,
+        file: PathBuf,
+    },
+    /// Put a backup back into the data dir. The server must be stopped. A data dir that
+    /// already holds one is replaced only with --force, and its files are kept aside.
+    Restore {
+        #[command(flatten)]
+        dir: DataDirArg,
+        file: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
     /// Read the audit log (newest first): broker sessions and refusals, admin actions.
     Audit {
         #[command(flatten)]
@@ -256,7 +272,48 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             init_logging(config.log_format);
-            floto_vpn_server::run(config, shutdown_signal()).await?;
+            let (first, second) = shutdown_signals();
+            floto_vpn_server::run(config, first, second).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Backup { dir, file } => {
+            let data = DataDir::new(&dir.data_dir);
+            let r = floto_vpn_server::backup::backup(&data, &file, time::OffsetDateTime::now_utc())
+                .await?;
+            println!(
+                "wrote {} ({} bytes): {} devices, schema {}, files {}",
+                r.path.display(),
+                r.bytes,
+                r.manifest.devices,
+                r.manifest.schema_version,
+                r.manifest
+                    .files
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Restore { dir, file, force } => {
+            let data = DataDir::new(&dir.data_dir);
+            let r = floto_vpn_server::backup::restore(
+                &data,
+                &file,
+                force,
+                time::OffsetDateTime::now_utc(),
+            )
+            .await?;
+            if let Some(aside) = &r.kept_previous {
+                println!("kept the replaced files in {}", aside.display());
+            }
+            println!(
+                "restored {} (taken {}, {} devices) into {}; start the server with `run`",
+                file.display(),
+                rfc3339(r.manifest.created_at),
+                r.manifest.devices,
+                dir.data_dir.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Key { command } => key(command).await,
@@ -585,17 +642,39 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// Two futures: the first SIGTERM or SIGINT starts the graceful shutdown, the next one cuts
+/// its grace period short.
+fn shutdown_signals() -> (
+    impl std::future::Future<Output = ()>,
+    impl std::future::Future<Output = ()>,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let first = async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (mut term, mut int) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(t), Ok(i)) => (t, i),
+            _ => {
+                eprintln!("error: cannot install signal handlers; stop with SIGKILL");
+                return std::future::pending().await;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            let _ = tx.send(());
+        });
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    let second = async move {
+        let _ = rx.await;
+    };
+    (first, second)
 }

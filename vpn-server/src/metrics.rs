@@ -34,7 +34,15 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new(table: Arc<PeerTable>) -> Self {
+        Self::with_certificates(table, None)
+    }
+
+    /// Also exports `floto_certificate_expiry_timestamp_seconds{cert="tls"|"ca"}`.
+    pub fn with_certificates(table: Arc<PeerTable>, certs: Option<CertWatch>) -> Self {
         let mut registry = Registry::default();
+        if let Some(certs) = certs {
+            registry.register_collector(Box::new(certs));
+        }
         let enrollments = Family::<ResultLabel, Counter>::default();
         registry.register(
             "floto_enrollments",
@@ -115,6 +123,39 @@ impl Metrics {
     /// The classic Prometheus text format 0.0.4 (for curl, promtool and older scrapers).
     pub fn encode_classic(&self) -> Result<String, std::fmt::Error> {
         Ok(openmetrics_to_classic(&self.encode()?))
+    }
+}
+
+/// The expiry of the API's TLS certificate (which may be rotated while the server runs) and
+/// of the CA, read at scrape time.
+#[derive(Debug)]
+pub struct CertWatch {
+    pub tls: Arc<crate::api::tls::ServerCert>,
+    pub ca_not_after: time::OffsetDateTime,
+}
+
+impl Collector for CertWatch {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct Cert {
+            cert: &'static str,
+        }
+        let mut family = encoder.encode_descriptor(
+            "floto_certificate_expiry_timestamp_seconds",
+            "Expiry (notAfter) of the API's TLS certificate and of the CA, Unix time",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        let tls = self.tls.not_after().map(|t| t.unix_timestamp());
+        for (cert, at) in [
+            ("tls", tls),
+            ("ca", Some(self.ca_not_after.unix_timestamp())),
+        ] {
+            if let Some(at) = at {
+                ConstGauge::new(at).encode(family.encode_family(&Cert { cert })?)?;
+            }
+        }
+        Ok(())
     }
 }
 

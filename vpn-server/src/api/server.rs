@@ -207,6 +207,13 @@ async fn metrics(
 async fn ready(
     axum::extract::State(state): axum::extract::State<Arc<AppState>>,
 ) -> axum::response::Response {
+    if state.broker.is_draining() {
+        return (
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down: finishing open broker sessions\n",
+        )
+            .into_response();
+    }
     match state.store.count_devices().await {
         Ok(_) => "ready\n".into_response(),
         Err(e) => (

@@ -103,6 +103,8 @@ impl ClientCertVerifier for DeferredClientAuth {
 pub struct ServerCert {
     current: RwLock<Arc<CertifiedKey>>,
     not_after: RwLock<Option<OffsetDateTime>>,
+    /// SHA-256 of the mounted certificate and key files as last loaded.
+    mounted_digest: RwLock<Option<Vec<u8>>>,
 }
 
 impl fmt::Debug for ServerCert {
@@ -123,28 +125,60 @@ impl ServerCert {
     /// Loads the mounted certificate, or issues one from `ca` for the names this server
     /// answers to.
     pub fn load(config: &Config, data: &DataDir, ca: &Ca) -> anyhow::Result<Arc<Self>> {
-        let (certified, not_after) = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => (load_mounted(cert, key)?, None),
+        let (certified, not_after, digest) = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => {
+                let (certified, not_after) = load_mounted(cert, key)?;
+                (certified, Some(not_after), Some(mounted_digest(cert, key)?))
+            }
             _ => {
                 let (certified, not_after) = issue(config, data, ca)?;
-                (certified, Some(not_after))
+                (certified, Some(not_after), None)
             }
         };
         Ok(Arc::new(Self {
             current: RwLock::new(Arc::new(certified)),
             not_after: RwLock::new(not_after),
+            mounted_digest: RwLock::new(digest),
         }))
     }
 
-    /// Replaces the served certificate (rotation).
-    pub fn replace(&self, config: &Config, data: &DataDir, ca: &Ca) -> anyhow::Result<()> {
-        let fresh = Self::load(config, data, ca)?;
-        *self.current.write() = fresh.current.read().clone();
-        *self.not_after.write() = *fresh.not_after.read();
-        Ok(())
+    /// Rotation: serves a mounted certificate again once its files changed (cert-manager
+    /// renewing the Secret, an operator copying new files), or issues a new self-issued one
+    /// when a third of its lifetime is left. New TLS connections get the new certificate;
+    /// open ones keep theirs. A mounted pair that does not load (half written, key and
+    /// certificate not matching yet) leaves the current one in place; the next check
+    /// tries again. Returns whether the certificate changed.
+    pub fn refresh(&self, config: &Config, data: &DataDir, ca: &Ca) -> anyhow::Result<bool> {
+        let now = OffsetDateTime::now_utc();
+        match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => {
+                let digest = mounted_digest(cert, key)?;
+                if self.mounted_digest.read().as_deref() == Some(digest.as_slice()) {
+                    return Ok(false);
+                }
+                let (certified, not_after) = load_mounted(cert, key)?;
+                *self.current.write() = Arc::new(certified);
+                *self.not_after.write() = Some(not_after);
+                *self.mounted_digest.write() = Some(digest);
+                info!(cert = %cert.display(), %not_after, "serving the rotated TLS certificate");
+                Ok(true)
+            }
+            _ => {
+                let due = self
+                    .not_after()
+                    .is_none_or(|t| t - now < SERVER_CERT_LIFETIME / 3);
+                if !due {
+                    return Ok(false);
+                }
+                let (certified, not_after) = issue(config, data, ca)?;
+                *self.current.write() = Arc::new(certified);
+                *self.not_after.write() = Some(not_after);
+                Ok(true)
+            }
+        }
     }
 
-    /// Expiry of a self-issued certificate (`None` for a mounted one).
+    /// Expiry of the served certificate (the first of a mounted chain).
     pub fn not_after(&self) -> Option<OffsetDateTime> {
         *self.not_after.read()
     }
@@ -211,7 +245,17 @@ fn issue(
     Ok((certified_key(chain, key)?, cert.not_after))
 }
 
-fn load_mounted(cert: &Path, key: &Path) -> anyhow::Result<CertifiedKey> {
+fn mounted_digest(cert: &Path, key: &Path) -> anyhow::Result<Vec<u8>> {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for path in [cert, key] {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        ctx.update(&(bytes.len() as u64).to_be_bytes());
+        ctx.update(&bytes);
+    }
+    Ok(ctx.finish().as_ref().to_vec())
+}
+
+fn load_mounted(cert: &Path, key: &Path) -> anyhow::Result<(CertifiedKey, OffsetDateTime)> {
     let chain = CertificateDer::pem_file_iter(cert)
         .with_context(|| format!("reading TLS certificate {}", cert.display()))?
         .collect::<Result<Vec<_>, _>>()
@@ -219,9 +263,12 @@ fn load_mounted(cert: &Path, key: &Path) -> anyhow::Result<CertifiedKey> {
     if chain.is_empty() {
         anyhow::bail!("{} holds no certificate", cert.display());
     }
+    let not_after = floto_pki::parse_cert_der(&chain[0])
+        .with_context(|| format!("reading the validity of {}", cert.display()))?
+        .not_after;
     let key = PrivateKeyDer::from_pem_file(key)
         .with_context(|| format!("reading TLS key {}", key.display()))?;
-    certified_key(chain, key)
+    Ok((certified_key(chain, key)?, not_after))
 }
 
 fn certified_key(

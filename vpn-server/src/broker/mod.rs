@@ -8,7 +8,7 @@ pub mod quic;
 
 pub use connect::http_connect;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +38,10 @@ pub struct Broker {
     sessions: DashMap<u64, SessionHandle>,
     next_id: AtomicU64,
     slots: Arc<Semaphore>,
+    /// Set at shutdown: open sessions may finish, new ones are refused.
+    draining: AtomicBool,
+    /// Woken whenever a session ends, for the drain.
+    ended: tokio::sync::Notify,
 }
 
 #[derive(Debug)]
@@ -85,6 +89,7 @@ impl std::fmt::Debug for SessionGuard {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         self.state.broker.sessions.remove(&self.id);
+        self.state.broker.ended.notify_waiters();
         self.state.metrics.broker_session_ended(self.result);
     }
 }
@@ -95,7 +100,36 @@ impl Broker {
             sessions: DashMap::new(),
             next_id: AtomicU64::new(1),
             slots: Arc::new(Semaphore::new(MAX_SESSIONS)),
+            draining: AtomicBool::new(false),
+            ended: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Refuses new sessions from now on; open ones go on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Returns once no session is open.
+    pub async fn idle(&self) {
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.sessions.is_empty() {
+                return;
+            }
+            ended.await;
+        }
+    }
+
+    /// Closes every open session (the grace period of a shutdown is over).
+    pub fn close_all(&self) -> usize {
+        self.close_where(|_| true)
     }
 
     /// Sessions open now.
@@ -150,6 +184,13 @@ pub async fn open(
             f
         }
     };
+    if state.broker.is_draining() {
+        let f = Failure::new(
+            ErrorCode::Unavailable,
+            "the server is shutting down and takes no new sessions; try again in a few seconds",
+        );
+        return Err(refuse(f, DeviceId::from_host(target).ok(), "shutting_down").await);
+    }
     let id = match DeviceId::from_host(target) {
         Ok(id) => id,
         Err(e) => {
@@ -345,7 +386,9 @@ fn is_hangup(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     matches!(
         e.kind(),
-        UnexpectedEof | ConnectionReset | BrokenPipe | ConnectionAborted
+        // NotConnected: quinn's word for a QUIC connection the client closed while a
+        // stream's last bytes were in flight.
+        UnexpectedEof | ConnectionReset | BrokenPipe | ConnectionAborted | NotConnected
     )
 }
 

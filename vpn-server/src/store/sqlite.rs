@@ -24,7 +24,8 @@ use super::*;
 use crate::enroll::{self, EnrollDecision, EnrollRefusal, RenewRefusal};
 
 /// Schema version this code writes. Migrations run forward only.
-const SCHEMA_VERSION: i64 = 2;
+/// The registry schema this build reads and writes.
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE meta (
@@ -116,6 +117,51 @@ CREATE UNIQUE INDEX operators_api_token ON operators(api_token_hash) WHERE api_t
 
 /// Enrollments and renewals committed together at most.
 const MAX_BATCH: usize = 256;
+
+/// What a snapshot of the registry holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub schema_version: i64,
+    /// Enrolled, unrevoked devices.
+    pub devices: u64,
+}
+
+/// Writes a consistent copy of the registry at `db` to `to` (which must not exist) with
+/// `VACUUM INTO`: one read transaction, so a running server's concurrent writes are either
+/// all in it or not at all. Never writes to `db`.
+pub async fn snapshot(db: &Path, to: &Path) -> Result<SnapshotInfo, StoreError> {
+    let opts = SqliteConnectOptions::new()
+        .filename(db)
+        .create_if_missing(false)
+        .busy_timeout(Duration::from_secs(30));
+    let mut conn = sqlx::ConnectOptions::connect(&opts).await?;
+    sqlx::query("VACUUM INTO ?")
+        .bind(to.to_string_lossy().into_owned())
+        .execute(&mut conn)
+        .await?;
+    sqlx::Connection::close(conn).await?;
+    inspect(to).await
+}
+
+/// The schema version and device count of the registry at `db`, read without migrating.
+pub async fn inspect(db: &Path) -> Result<SnapshotInfo, StoreError> {
+    let opts = SqliteConnectOptions::new()
+        .filename(db)
+        .create_if_missing(false)
+        .read_only(true);
+    let mut conn = sqlx::ConnectOptions::connect(&opts).await?;
+    let schema_version: i64 = sqlx::query_scalar("PRAGMA user_version")
+        .fetch_one(&mut conn)
+        .await?;
+    let devices: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices WHERE revoked_at IS NULL")
+        .fetch_one(&mut conn)
+        .await?;
+    sqlx::Connection::close(conn).await?;
+    Ok(SnapshotInfo {
+        schema_version,
+        devices: devices.max(0) as u64,
+    })
+}
 
 /// The SQLite registry.
 #[derive(Debug, Clone)]
