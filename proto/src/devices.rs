@@ -43,6 +43,19 @@ pub struct DeviceInfo {
     pub hostname: Option<String>,
 }
 
+impl DeviceInfo {
+    /// The ONLINE column of device tables: `yes`, `no` or `revoked`.
+    pub fn online_word(&self) -> &'static str {
+        if self.revoked_at.is_some() {
+            "revoked"
+        } else if self.online {
+            "yes"
+        } else {
+            "no"
+        }
+    }
+}
+
 /// What happened to a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -171,13 +171,10 @@ pub async fn restore(
         .with_context(|| format!("creating {}", data.root().display()))?;
     fs::set_permissions(data.root(), fs::Permissions::from_mode(0o700))?;
 
-    // Unpack into a staging dir beside the data dir and check it all there.
-    let parent = data
-        .root()
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-    let staging = Staging::new(&parent, "restore")?;
+    // Unpack into a staging dir inside the data dir (the same file system, also when the
+    // data dir is a mounted volume, so the files can be renamed into place) and check it
+    // all there.
+    let staging = Staging::new(data.root(), "restore")?;
     let manifest = unpack(archive, &staging.path)
         .with_context(|| format!("{} is not a usable backup", archive.display()))?;
     let staged = DataDir::new(&staging.path);

@@ -572,13 +572,7 @@ fn print_devices(devices: &[DeviceInfo]) {
             d.uuid,
             d.fleet,
             d.overlay_ip,
-            if d.revoked_at.is_some() {
-                "revoked"
-            } else if d.online {
-                "yes"
-            } else {
-                "no"
-            },
+            d.online_word(),
             d.last_seen.map_or("-".to_owned(), rfc3339),
             d.endpoint.as_deref().unwrap_or("-"),
         );

@@ -249,13 +249,7 @@ fn print_devices(devices: &[DeviceInfo]) {
             d.uuid,
             d.fleet,
             d.overlay_ip,
-            if d.revoked_at.is_some() {
-                "revoked"
-            } else if d.online {
-                "yes"
-            } else {
-                "no"
-            },
+            d.online_word(),
             time(d.last_seen),
             d.endpoint.as_deref().unwrap_or("-"),
             time(Some(d.cert_expires_at)),
