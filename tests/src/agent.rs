@@ -205,14 +205,19 @@ pub fn start_sshd(ns: &Netns, dir: &Path, authorized_key: &str, listen: &[&str])
     crate::require(&["sshd", "ssh-keygen", "ss"]);
     let host_key = dir.join("ssh_host_ed25519_key");
     if !host_key.exists() {
-        crate::run(Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(&host_key));
+        crate::run(
+            Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(&host_key),
+        );
     }
     let auth = dir.join("authorized_keys");
     std::fs::write(&auth, authorized_key).expect("authorized_keys");
     let config = dir.join("sshd_config");
-    let listen_lines: String = listen.iter().map(|l| format!("ListenAddress {l}\n")).collect();
+    let listen_lines: String = listen
+        .iter()
+        .map(|l| format!("ListenAddress {l}\n"))
+        .collect();
     std::fs::write(
         &config,
         format!(

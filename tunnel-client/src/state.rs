@@ -339,11 +339,17 @@ impl StateDir {
             Ok(false) => return Err(self.damaged("device.key", "does not belong to device.pem")),
             Err(e) => return Err(self.damaged("device.key", e)),
         }
-        // The certificate is the truth about its validity (state.json may lag behind a
-        // renewal that was interrupted after the certificate was in place).
+        // The certificate is the truth about its validity: state.json lags behind a renewal
+        // that was interrupted after the certificate was in place. The server backdates
+        // `not_before`, so the renewal point keeps its distance from expiry.
         let mut file = file;
-        file.expires_at = cert.not_after;
-        file.renew_after = renew_after_of(cert.not_before, cert.not_after);
+        if file.expires_at != cert.not_after {
+            let before_expiry = (file.expires_at - file.renew_after)
+                .max(time::Duration::ZERO)
+                .min(cert.not_after - cert.not_before);
+            file.expires_at = cert.not_after;
+            file.renew_after = cert.not_after - before_expiry;
+        }
         Ok(DeviceState {
             file,
             device_key_pem,
@@ -383,9 +389,4 @@ impl StateDir {
         files::write_public(&self.state_json(), json.as_bytes())?;
         Ok(file)
     }
-}
-
-/// The lifetime fraction after which the server says to renew (its `renew_after`).
-fn renew_after_of(not_before: OffsetDateTime, not_after: OffsetDateTime) -> OffsetDateTime {
-    not_before + (not_after - not_before) * 2 / 3
 }

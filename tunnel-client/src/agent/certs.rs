@@ -32,7 +32,10 @@ impl Failed {
 impl From<StateError> for Failed {
     fn from(e: StateError) -> Self {
         // The disk may come back (full, read-only for a moment); the identity is unchanged.
-        Self::new(CertFailure::Transient, format!("storing the certificate: {e}"))
+        Self::new(
+            CertFailure::Transient,
+            format!("storing the certificate: {e}"),
+        )
     }
 }
 
@@ -158,5 +161,8 @@ async fn reenroll(
         }
     }
     let e = last.map_or_else(|| "no key to re-enroll with".to_owned(), |e| e.to_string());
-    Err(Failed::new(CertFailure::Refused, format!("re-enrollment: {e}")))
+    Err(Failed::new(
+        CertFailure::Refused,
+        format!("re-enrollment: {e}"),
+    ))
 }

@@ -108,6 +108,7 @@ async fn obtain_identity(
                 error!(error = %e, retry_in = ?wait, "enrollment refused; check the provisioning key, server and CA in the config");
                 wait
             }
+            Err(EnrollError::State(e)) => return Err(e.into()),
             Err(e) => return Err(e.into()),
         };
         tokio::select! {
@@ -172,9 +173,9 @@ impl Driver {
         let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
             .await
             .context("binding the WireGuard UDP socket")?;
-        let keepalive = config
-            .keepalive
-            .unwrap_or(Duration::from_secs(u64::from(state.file.persistent_keepalive.max(1))));
+        let keepalive = config.keepalive.unwrap_or(Duration::from_secs(u64::from(
+            state.file.persistent_keepalive.max(1),
+        )));
         let link = LinkSupervisor::new(LinkParams::new(keepalive, config.backoff_cap));
         let planner = RenewalPlanner::new(
             state.file.expires_at,
@@ -253,6 +254,7 @@ impl Driver {
         let mut datagram = vec![0u8; 65_536];
         loop {
             tokio::select! {
+                biased;
                 _ = token.cancelled() => break,
                 r = udp.recv_from(&mut datagram) => match r {
                     Ok((n, from)) => self.on_datagram(&datagram[..n], from, &to_local),
@@ -260,6 +262,7 @@ impl Driver {
                 },
                 p = from_local.recv() => match p {
                     Some(p) => self.on_local_packet(&p),
+                    None if token.is_cancelled() => break,
                     None => bail!("the local side stopped"),
                 },
                 Some((action, result)) = cert_rx.recv() => self.on_cert_result(action, result),
@@ -311,7 +314,9 @@ impl Driver {
         };
         if flush {
             // Packets queued while there was no session go out now.
-            while let TunnResult::WriteToNetwork(p) = self.tunn.decapsulate(None, &[], &mut self.buf) {
+            while let TunnResult::WriteToNetwork(p) =
+                self.tunn.decapsulate(None, &[], &mut self.buf)
+            {
                 transmit(&self.udp, &mut self.link, p, from, now);
             }
         }
@@ -359,11 +364,10 @@ impl Driver {
     async fn on_tick(&mut self, cert_tx: &mpsc::Sender<(CertAction, Result<DeviceState, Failed>)>) {
         let now = Instant::now();
         match self.tunn.update_timers(&mut self.buf) {
-            TunnResult::WriteToNetwork(p) => {
-                if !(is_initiation(p) && !self.link.allows_initiation()) {
-                    if let Some(to) = self.endpoint {
-                        transmit(&self.udp, &mut self.link, p, to, now);
-                    }
+            // boringtun's own initiations (retransmits, rekeys) wait while backing off.
+            TunnResult::WriteToNetwork(p) if !is_initiation(p) || self.link.allows_initiation() => {
+                if let Some(to) = self.endpoint {
+                    transmit(&self.udp, &mut self.link, p, to, now);
                 }
             }
             TunnResult::Err(e) => trace!(error = ?e, "boringtun timers"),
@@ -405,7 +409,8 @@ impl Driver {
     /// Resolves the server's endpoint again and sends a fresh handshake initiation.
     async fn connect(&mut self, now: Instant) {
         let name = self.state.file.endpoint.clone();
-        let resolved = tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(&name)).await;
+        let resolved =
+            tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(&name)).await;
         let addr = match resolved {
             Ok(Ok(mut addrs)) => addrs.find(SocketAddr::is_ipv4),
             Ok(Err(e)) => {
@@ -418,7 +423,12 @@ impl Driver {
             }
         };
         let Some(addr) = addr else {
-            if self.status.last_error.as_deref().is_none_or(|e| !e.starts_with("resolving")) {
+            if self
+                .status
+                .last_error
+                .as_deref()
+                .is_none_or(|e| !e.starts_with("resolving"))
+            {
                 self.set_error(format!("{name} has no IPv4 address"));
             }
             self.link.handle_attempt_failed(now, &mut self.rng);
@@ -501,9 +511,10 @@ impl Driver {
                     info!(attempt, ?retry_in, endpoint = ?self.endpoint, "handshake failed; retrying");
                     self.status.failed_attempts = self.link.consecutive_failures();
                     if let Some(ep) = self.endpoint {
-                        let recent = self.status.last_error_at.is_some_and(|t| {
-                            now_utc - t < time::Duration::seconds(1)
-                        });
+                        let recent = self
+                            .status
+                            .last_error_at
+                            .is_some_and(|t| now_utc - t < time::Duration::seconds(1));
                         if !recent {
                             self.set_error(format!("handshake with {ep} got no answer"));
                         }
@@ -545,8 +556,11 @@ impl Driver {
         match result {
             Ok(state) => {
                 let was_revoked = self.planner.is_revoked();
-                self.planner
-                    .handle_success(state.file.expires_at, state.file.renew_after, &mut self.rng);
+                self.planner.handle_success(
+                    state.file.expires_at,
+                    state.file.renew_after,
+                    &mut self.rng,
+                );
                 info!(
                     ?action,
                     expires_at = %state.file.expires_at,

@@ -297,7 +297,8 @@ impl LinkSupervisor {
                     && self.next_probe.is_none_or(|t| now >= t);
                 // A probe is a datagram too, so it doubles as the keepalive; when a keepalive
                 // is due and a probe nearly so, the probe goes out instead of both.
-                let probe_soon = silent_for + self.params.probe_every() >= self.params.probe_after();
+                let probe_soon =
+                    silent_for + self.params.probe_every() >= self.params.probe_after();
                 if probe_due || (tx_idle && probe_soon) {
                     self.actions.push_back(LinkAction::Probe);
                     self.next_probe = Some(now + self.params.probe_every());
@@ -411,12 +412,20 @@ mod tests {
     fn a_new_link_connects_at_once_and_comes_up_on_the_response() {
         let t0 = Instant::now();
         let mut link = LinkSupervisor::new(params());
-        assert!(!link.allows_initiation(), "not before the endpoint is resolved");
+        assert!(
+            !link.allows_initiation(),
+            "not before the endpoint is resolved"
+        );
         assert_eq!(drain(&mut link), [LinkAction::Connect]);
         link.handle_attempt_started(t0);
         assert!(link.allows_initiation());
         link.handle_authenticated(t0 + Duration::from_millis(3));
-        assert_eq!(link.state(), LinkState::Up { since: t0 + Duration::from_millis(3) });
+        assert_eq!(
+            link.state(),
+            LinkState::Up {
+                since: t0 + Duration::from_millis(3)
+            }
+        );
         assert_eq!(
             link.poll_event(),
             Some(LinkEvent::Connected { failed_attempts: 0 })
@@ -449,7 +458,10 @@ mod tests {
         assert!(link.is_up());
         assert!((22..=25).contains(&probes), "{probes} probes in 600 s");
         assert_eq!(keepalives, 0, "the probes are the keepalives");
-        assert_eq!(link.poll_event(), Some(LinkEvent::Connected { failed_attempts: 0 }));
+        assert_eq!(
+            link.poll_event(),
+            Some(LinkEvent::Connected { failed_attempts: 0 })
+        );
         assert_eq!(link.poll_event(), None);
     }
 
@@ -512,7 +524,10 @@ mod tests {
             now += Duration::from_millis(100);
         }
         let gaps: Vec<Duration> = starts.windows(2).map(|w| w[1] - w[0]).collect();
-        assert!(gaps.iter().all(|g| *g <= CAP + Duration::from_millis(100)), "{gaps:?}");
+        assert!(
+            gaps.iter().all(|g| *g <= CAP + Duration::from_millis(100)),
+            "{gaps:?}"
+        );
         assert!(gaps.iter().all(|g| *g >= HANDSHAKE_TIMEOUT));
         // Early attempts are close together, later ones spread over [0, cap].
         assert!(gaps[..3].iter().all(|g| *g <= secs(10)), "{:?}", &gaps[..3]);
@@ -523,7 +538,11 @@ mod tests {
         assert!(min < 20.0 && max > 100.0, "late delays {min}..{max}");
         // Every attempt but possibly the last (still waiting for its answer) failed.
         let failed = link.consecutive_failures() as usize;
-        assert!(failed == starts.len() || failed == starts.len() - 1, "{failed} of {}", starts.len());
+        assert!(
+            failed == starts.len() || failed == starts.len() - 1,
+            "{failed} of {}",
+            starts.len()
+        );
     }
 
     #[test]
@@ -534,8 +553,14 @@ mod tests {
         let _ = drain(&mut link);
         link.handle_attempt_started(t0);
         link.handle_timeout(t0 + secs(6), &mut rng);
-        assert!(matches!(link.state(), LinkState::BackingOff { attempt: 1, .. }));
-        assert!(!link.allows_initiation(), "boringtun's retransmits are held back");
+        assert!(matches!(
+            link.state(),
+            LinkState::BackingOff { attempt: 1, .. }
+        ));
+        assert!(
+            !link.allows_initiation(),
+            "boringtun's retransmits are held back"
+        );
         // The restarted server calls the device back: its data after our response decrypts.
         link.handle_authenticated(t0 + secs(7));
         assert!(link.is_up());
@@ -568,7 +593,10 @@ mod tests {
         }
         down.handle_local_address_changed(now);
         assert_eq!(drain(&mut down), [LinkAction::Connect]);
-        assert!(matches!(down.state(), LinkState::Connecting { started: None, .. }));
+        assert!(matches!(
+            down.state(),
+            LinkState::Connecting { started: None, .. }
+        ));
     }
 
     #[test]
@@ -751,7 +779,11 @@ mod tests {
         );
         assert_eq!(first, AGENTS);
         assert!(busiest_later <= 8, "{busiest_later} attempts in one second");
-        assert!(run.longest_gap <= cap + 0.1, "attempts {} s apart", run.longest_gap);
+        assert!(
+            run.longest_gap <= cap + 0.1,
+            "attempts {} s apart",
+            run.longest_gap
+        );
 
         // Everyone is back within one cap of the server's return.
         let mut returns = run.returns.clone();
@@ -762,7 +794,11 @@ mod tests {
             percentile(&returns, 0.9),
             returns[AGENTS - 1]
         );
-        assert!(returns[AGENTS - 1] <= cap, "an agent took {} s", returns[AGENTS - 1]);
+        assert!(
+            returns[AGENTS - 1] <= cap,
+            "an agent took {} s",
+            returns[AGENTS - 1]
+        );
         assert!(run.all_up);
     }
 

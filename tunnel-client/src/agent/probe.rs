@@ -41,7 +41,10 @@ pub fn is_echo_reply(packet: &[u8], from: Ipv4Addr, ident: u16) -> bool {
         return false;
     }
     let icmp = &packet[header..];
-    packet[9] == 1 && packet[12..16] == from.octets() && icmp[0] == 0 && icmp[4..6] == ident.to_be_bytes()
+    packet[9] == 1
+        && packet[12..16] == from.octets()
+        && icmp[0] == 0
+        && icmp[4..6] == ident.to_be_bytes()
 }
 
 /// The Internet checksum (RFC 1071).

@@ -324,7 +324,11 @@ mod tests {
         let mut p = RenewalPlanner::new(exp, after, true, CAP, false, &mut rng);
         assert_eq!(p.poll_action(now), Some(CertAction::Reenroll));
         let mut q = RenewalPlanner::new(exp, after, false, CAP, false, &mut rng);
-        assert_eq!(q.poll_action(now), Some(CertAction::Renew), "nothing else to try");
+        assert_eq!(
+            q.poll_action(now),
+            Some(CertAction::Renew),
+            "nothing else to try"
+        );
         q.handle_failure(CertFailure::CertificateRefused, now, &mut rng);
         let CertPhase::Retrying { at } = q.phase() else {
             panic!("{:?}", q.phase())
@@ -338,7 +342,11 @@ mod tests {
         let (exp, after) = cert(t0(), Duration::from_secs(3600));
         let mut p = RenewalPlanner::new(exp, after, true, CAP, true, &mut rng);
         let now = t0() + Duration::from_secs(10);
-        assert_eq!(p.poll_action(now), Some(CertAction::Renew), "a cut-short renewal resumes at once");
+        assert_eq!(
+            p.poll_action(now),
+            Some(CertAction::Renew),
+            "a cut-short renewal resumes at once"
+        );
         p.handle_failure(CertFailure::Superseded, now, &mut rng);
         assert_eq!(p.poll_action(now), Some(CertAction::Reenroll));
         p.handle_failure(CertFailure::CertificateRefused, now, &mut rng);
@@ -368,7 +376,10 @@ mod tests {
         }
         // Eight hours of 2-minute-capped retries: hundreds, not millions.
         assert!((200..=1000).contains(&tries), "{tries}");
-        assert_eq!(p.poll_action(exp + Duration::from_secs(300)), Some(CertAction::Reenroll));
+        assert_eq!(
+            p.poll_action(exp + Duration::from_secs(300)),
+            Some(CertAction::Reenroll)
+        );
     }
 
     #[test]

@@ -62,11 +62,13 @@ impl AgentStatus {
     /// Reads a status file; `Ok(None)` when there is none.
     pub fn read(path: &Path) -> Result<Option<Self>, FileError> {
         match files::read_to_string(path) {
-            Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| FileError {
-                action: "parsing",
-                path: path.to_owned(),
-                source: std::io::Error::other(e),
-            }),
+            Ok(text) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| FileError {
+                    action: "parsing",
+                    path: path.to_owned(),
+                    source: std::io::Error::other(e),
+                }),
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
         }
