@@ -255,6 +255,41 @@ fn after_a_server_sigkill_and_restart_the_device_is_back_within_10_s() {
     );
 }
 
+/// With the default 25 s keepalive the agent itself would notice the dead session only after
+/// 55 s: the device is back within 10 s only because the restarted server calls it back
+/// (handshakes to persisted endpoints, DESIGN.md), and the agent answers as responder.
+#[test]
+fn after_a_server_restart_the_server_calls_the_device_back_within_10_s() {
+    let options = AgentOptions {
+        args: vec!["--tun".into()],
+        user: None,
+    };
+    let mut s = Setup::new(&[], options, &["0.0.0.0:22"]);
+    s.agent.start();
+    let uuid = s.agent.uuid();
+    s.agent.wait_connected(Duration::from_secs(30));
+    s.ssh_ok(&uuid, &["true"]);
+
+    s.server.kill();
+    std::thread::sleep(Duration::from_secs(3));
+    s.server.start_again();
+    // Measure the real time (up to the agent's own 55 s detection and beyond), then judge.
+    let reachable = time_until_reachable(&s, &uuid, Duration::from_secs(90));
+    eprintln!(
+        "server SIGKILLed and restarted, default 25 s keepalive: device reachable {:.1} s after the server listened again",
+        reachable.as_secs_f64()
+    );
+    assert_eq!(
+        s.agent.status().unwrap()["connects"],
+        1,
+        "the agent answered the server's handshake within its session, without reconnecting"
+    );
+    assert!(
+        reachable < Duration::from_secs(10),
+        "the device came back {reachable:?} after the server listened again (limit 10 s)"
+    );
+}
+
 #[test]
 fn a_device_whose_address_changes_stays_reachable_without_a_restart() {
     let mut s = Setup::new(&[], userspace_as_nobody(), &["127.0.0.1:22"]);
@@ -296,6 +331,56 @@ fn a_device_whose_address_changes_stays_reachable_without_a_restart() {
         status["connects"], 1,
         "the session itself survived the moves: {status}"
     );
+}
+
+#[test]
+fn a_revoked_device_stops_retrying_and_says_so() {
+    let mut s = Setup::new(&[], tun(), &["0.0.0.0:22"]);
+    s.agent.start();
+    let uuid = s.agent.uuid();
+    s.agent.wait_connected(Duration::from_secs(30));
+    let revoke = s.server.admin(&["device", "revoke", &uuid]);
+    assert!(
+        revoke.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoke.stderr)
+    );
+    // The session is dropped, handshakes fail, the agent checks in with the API and learns
+    // why: one clear log line, then quiet.
+    let status = wait_for(
+        Duration::from_secs(60),
+        "the agent to see the revocation",
+        || s.agent.status().filter(|v| v["revoked"] == true),
+    );
+    assert_eq!(status["connected"], false);
+    assert!(
+        status["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("revoked"),
+        "{status}"
+    );
+    let log = s.agent.log();
+    assert_eq!(log.matches("REVOKED").count(), 1, "{log}");
+    let attempts = |log: &str| {
+        log.matches("handshaking with the server").count() + log.matches("handshake failed").count()
+    };
+    let before = attempts(&log);
+    std::thread::sleep(Duration::from_secs(10));
+    let log = s.agent.log();
+    assert_eq!(
+        attempts(&log),
+        before,
+        "the revoked agent keeps trying:\n{log}"
+    );
+    assert_eq!(log.matches("REVOKED").count(), 1, "{log}");
+    let text = stdout(&output(
+        Command::new(bin("floto-tunnel"))
+            .args(["status", "--state-dir"])
+            .arg(s.agent.state_dir()),
+    ));
+    assert!(text.contains("REVOKED"), "{text}");
+    eprintln!("revoked: {}", status["last_error"]);
 }
 
 /// Copies a state dir (files only).

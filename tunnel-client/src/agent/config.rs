@@ -387,6 +387,35 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_parses() {
+        let text = include_str!("../../../deploy/floto-tunnel.toml.example");
+        let file: FileConfig = toml::from_str(text).unwrap();
+        assert_eq!(file.mode, Some(Mode::Tun));
+        assert_eq!(file.backoff_cap, Some(Backoff::DEFAULT_CAP));
+        assert_eq!(
+            file.state_dir.as_deref(),
+            Some(Path::new("/var/lib/floto-tunnel"))
+        );
+        // The commented-out userspace lines are valid too.
+        let userspace: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if rest.starts_with("mode = \"userspace\"") || rest.starts_with("forward") =>
+                {
+                    rest
+                }
+                _ if l.starts_with("mode = \"tun\"") => "",
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let file: FileConfig = toml::from_str(&userspace).unwrap();
+        assert_eq!(file.mode, Some(Mode::Userspace));
+        assert_eq!(file.forward, ["22", "9100=127.0.0.1:9100"]);
+    }
+
+    #[test]
     fn bad_configs_say_what_is_wrong() {
         let msg = |file: FileConfig, flags: Overrides| {
             AgentConfig::build(file, flags, Path::new("/d"))

@@ -93,10 +93,7 @@ async fn obtain_identity(
             hostname: settings.hostname.clone(),
         };
         let wait = match enroll(dir, &opts).await {
-            Ok((state, created)) => {
-                info!(device = %state.file.uuid, ip = %state.file.overlay_ip, created, "enrolled");
-                return Ok(Some(state));
-            }
+            Ok((state, _created)) => return Ok(Some(state)),
             Err(EnrollError::Client(e)) if e.is_transient() => {
                 let wait = backoff.delay(attempt, rng);
                 attempt = attempt.saturating_add(1);
