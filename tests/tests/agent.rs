@@ -383,6 +383,115 @@ fn a_revoked_device_stops_retrying_and_says_so() {
     eprintln!("revoked: {}", status["last_error"]);
 }
 
+/// `/etc/netns/NS/hosts`, which `ip netns exec` mounts over `/etc/hosts` inside the
+/// namespace: the device's DNS. Removed on drop.
+struct NetnsHosts(PathBuf);
+
+impl NetnsHosts {
+    fn new(ns: &Netns) -> Self {
+        let dir = PathBuf::from("/etc/netns").join(&ns.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn set(&self, name: &str, ip: std::net::Ipv4Addr) {
+        std::fs::write(
+            self.0.join("hosts"),
+            format!("127.0.0.1 localhost\n{ip} {name}\n"),
+        )
+        .unwrap();
+    }
+}
+
+impl Drop for NetnsHosts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn when_the_server_moves_to_another_address_in_dns_the_device_follows() {
+    const NAME: &str = "floto-server.test";
+    let mut s = Setup::new(&["--tls-name", NAME], tun(), &["0.0.0.0:22"]);
+    let hosts = NetnsHosts::new(&s.ns);
+    let old_ip = s.ns.host_ip();
+    let new_ip = std::net::Ipv4Addr::from(u32::from(old_ip) + 3);
+    // The server's second address on the link; it survives the removal of the first.
+    floto_e2e::run(Command::new("sysctl").args([
+        "-q",
+        "-w",
+        &format!("net.ipv4.conf.{}.promote_secondaries=1", s.ns.host_if),
+    ]));
+    floto_e2e::run(Command::new("ip").args([
+        "addr",
+        "add",
+        &format!("{new_ip}/29"),
+        "dev",
+        &s.ns.host_if,
+    ]));
+    hosts.set(NAME, old_ip);
+    // The device knows the server by name: the API URL, and so the WireGuard endpoint.
+    let config = std::fs::read_to_string(s.agent.config_file()).unwrap();
+    std::fs::write(
+        s.agent.config_file(),
+        config.replace(&format!("https://{old_ip}:"), &format!("https://{NAME}:")),
+    )
+    .unwrap();
+    s.agent.start();
+    let uuid = s.agent.uuid();
+    let status = s.agent.wait_connected(Duration::from_secs(30));
+    assert!(
+        status["configured_endpoint"]
+            .as_str()
+            .unwrap()
+            .starts_with(NAME),
+        "{status}"
+    );
+    assert!(
+        status["endpoint"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{old_ip}:")),
+        "{status}"
+    );
+    s.ssh_ok(&uuid, &["true"]);
+
+    // The server moves: the name points to the new address, the old one is gone.
+    hosts.set(NAME, new_ip);
+    floto_e2e::run(Command::new("ip").args([
+        "addr",
+        "del",
+        &format!("{old_ip}/29"),
+        "dev",
+        &s.ns.host_if,
+    ]));
+    // Nothing comes from the server unasked: the agent notices the dead session itself,
+    // resolves the name again and handshakes with the new address.
+    let moved = Instant::now();
+    wait_for(
+        Duration::from_secs(40),
+        "the agent to follow the server",
+        || {
+            s.agent.status().filter(|v| {
+                v["connected"] == true
+                    && v["endpoint"]
+                        .as_str()
+                        .is_some_and(|e| e.starts_with(&format!("{new_ip}:")))
+            })
+        },
+    );
+    eprintln!(
+        "server moved from {old_ip} to {new_ip} in DNS: the agent handshook with the new address after {:.1} s (keepalive 2 s: dead after 9 s)",
+        moved.elapsed().as_secs_f64()
+    );
+    let log = s.agent.log();
+    assert!(
+        log.contains(&format!("handshaking with the server endpoint={new_ip}:")),
+        "{log}"
+    );
+    assert_eq!(s.ssh_ok(&uuid, &["echo", "followed"]), "followed");
+}
+
 /// Copies a state dir (files only).
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
