@@ -198,6 +198,13 @@ impl Netns {
         } else {
             self.dev_ip()
         };
+        // Deleting an interface's primary address deletes its secondaries too, unless they
+        // are promoted: without this the namespace would be left with no address at all.
+        run(self.command("sysctl").args([
+            "-q",
+            "-w",
+            &format!("net.ipv4.conf.{}.promote_secondaries=1", self.dev_if),
+        ]));
         self.ip(&[
             "addr",
             "replace",

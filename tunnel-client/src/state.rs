@@ -149,6 +149,18 @@ impl StateDir {
     pub fn status(&self) -> PathBuf {
         self.root.join("status.json")
     }
+    /// The key of a renewal in flight (written before the request, kept until committed).
+    pub fn device_key_next(&self) -> PathBuf {
+        self.root.join("device.key.next")
+    }
+    /// The certificate of a renewal that is being committed.
+    pub fn device_cert_next(&self) -> PathBuf {
+        self.root.join("device.pem.next")
+    }
+    /// Whether a renewal's key is waiting (the renewal was cut short).
+    pub fn has_pending_key(&self) -> bool {
+        self.device_key_next().exists()
+    }
 
     pub fn is_enrolled(&self) -> bool {
         self.state_json().exists()
@@ -165,7 +177,7 @@ impl StateDir {
     /// Reads a file that must be there, turning a parse failure into `Damaged`.
     fn read(&self, path: &Path, name: &'static str, secret: bool) -> Result<String, StateError> {
         let read = if secret {
-            tighten(path);
+            self.check_private(path, name)?;
             files::read_secret(path)
         } else {
             files::read_to_string(path)
@@ -179,11 +191,124 @@ impl StateDir {
         })
     }
 
+    /// A secret readable by group or others may have leaked: refuse it (with what to do).
+    fn check_private(&self, path: &Path, name: &'static str) -> Result<(), StateError> {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return Ok(()); // the read reports it
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(self.damaged(
+                name,
+                format!(
+                    "it is readable by group or others (mode {mode:o}), so the key may have leaked. If you are sure it did not, `chmod 600 {}` and start again; otherwise have the device revoked and enrolled anew",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Completes a renewal that was cut short while its files were being put in place
+    /// (`device.pem.next` written, renames not all done). A renewal whose request was in
+    /// flight (`device.key.next` alone) is left for the agent to finish.
+    pub fn finish_interrupted_renewal(&self) -> Result<bool, StateError> {
+        let cert_next = self.device_cert_next();
+        if !cert_next.exists() {
+            return Ok(false);
+        }
+        let key_next = self.device_key_next();
+        let cert_pem = self.read(&cert_next, "device.pem.next", false)?;
+        let (key_path, key_name) = if key_next.exists() {
+            (key_next.clone(), "device.key.next")
+        } else {
+            (self.device_key(), "device.key")
+        };
+        let key_pem = self.read(&key_path, key_name, true)?;
+        match floto_pki::key_matches_cert(&key_pem, &cert_pem) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(self.damaged(
+                    "device.pem.next",
+                    "an interrupted renewal left a certificate that matches neither key",
+                ))
+            }
+            Err(e) => return Err(self.damaged("device.pem.next", e)),
+        }
+        self.commit_next()?;
+        tracing::info!(dir = %self.root.display(), "completed a renewal that was interrupted");
+        Ok(true)
+    }
+
+    /// Puts `device.key.next` (if any) and `device.pem.next` in place, key first.
+    fn commit_next(&self) -> Result<(), StateError> {
+        let rename = |from: PathBuf, to: PathBuf| {
+            std::fs::rename(&from, &to).map_err(|source| FileError {
+                action: "renaming",
+                path: from,
+                source,
+            })
+        };
+        if self.device_key_next().exists() {
+            rename(self.device_key_next(), self.device_key())?;
+        }
+        rename(self.device_cert_next(), self.device_cert())?;
+        if let Ok(d) = std::fs::File::open(&self.root) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    /// Stores a certificate obtained by renewal or re-enrollment. `with_next_key`: it
+    /// certifies `device.key.next` (a fresh key), which then replaces `device.key`. The
+    /// certificate is written as `device.pem.next` first, so a crash at any point leaves a
+    /// consistent identity (the old one, or the new one after [`Self::load`] completes it).
+    pub fn save_renewal(
+        &self,
+        resp: &EnrollResponse,
+        with_next_key: bool,
+        now: OffsetDateTime,
+    ) -> Result<DeviceState, StateError> {
+        let current = self.load()?;
+        if resp.uuid != current.file.uuid {
+            return Err(self.damaged(
+                "device.pem",
+                format!(
+                    "the server returned a certificate for {} instead of {}",
+                    resp.uuid, current.file.uuid
+                ),
+            ));
+        }
+        if with_next_key {
+            files::write_public(&self.device_cert_next(), resp.certificate_pem.as_bytes())?;
+            self.commit_next()?;
+        } else {
+            files::write_public(&self.device_cert(), resp.certificate_pem.as_bytes())?;
+        }
+        let file = StateFile {
+            overlay_ip: resp.overlay_ip,
+            server_overlay_ip: resp.server_overlay_ip,
+            overlay_network: resp.overlay_network.clone(),
+            endpoint: resp.endpoint.clone(),
+            server_public_key: resp.server_public_key,
+            persistent_keepalive: resp.persistent_keepalive,
+            renew_after: resp.renew_after,
+            expires_at: resp.expires_at,
+            updated_at: now,
+            ..current.file
+        };
+        let json =
+            serde_json::to_string_pretty(&file).map_err(|e| self.damaged("state.json", e))?;
+        files::write_public(&self.state_json(), json.as_bytes())?;
+        self.load()
+    }
+
     /// Loads and cross-checks the identity.
     pub fn load(&self) -> Result<DeviceState, StateError> {
         if !self.is_enrolled() {
             return Err(StateError::NotEnrolled(self.root.clone()));
         }
+        self.finish_interrupted_renewal()?;
         let text = self.read(&self.state_json(), "state.json", false)?;
         let file: StateFile =
             serde_json::from_str(&text).map_err(|e| self.damaged("state.json", e))?;
@@ -213,6 +338,17 @@ impl StateDir {
             Ok(true) => {}
             Ok(false) => return Err(self.damaged("device.key", "does not belong to device.pem")),
             Err(e) => return Err(self.damaged("device.key", e)),
+        }
+        // The certificate is the truth about its validity: state.json lags behind a renewal
+        // that was interrupted after the certificate was in place. The server backdates
+        // `not_before`, so the renewal point keeps its distance from expiry.
+        let mut file = file;
+        if file.expires_at != cert.not_after {
+            let before_expiry = (file.expires_at - file.renew_after)
+                .max(time::Duration::ZERO)
+                .min(cert.not_after - cert.not_before);
+            file.expires_at = cert.not_after;
+            file.renew_after = cert.not_after - before_expiry;
         }
         Ok(DeviceState {
             file,
@@ -252,16 +388,5 @@ impl StateDir {
         // state.json last: its presence means the rest is complete.
         files::write_public(&self.state_json(), json.as_bytes())?;
         Ok(file)
-    }
-}
-
-/// Secrets readable by others are made private again (and the read warns).
-fn tighten(path: &Path) {
-    if let Ok(meta) = std::fs::metadata(path) {
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "secret was readable by others; setting it to 0600");
-            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-        }
     }
 }

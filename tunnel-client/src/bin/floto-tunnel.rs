@@ -8,8 +8,17 @@ use clap::{Parser, Subcommand};
 
 use floto_client::files;
 use floto_proto::DeviceId;
+use floto_tunnel_client::agent::config::{
+    AgentConfig, ConfigError, FileConfig, Forward, Mode, Overrides,
+};
+use floto_tunnel_client::agent::status::AgentStatus;
 use floto_tunnel_client::enroll::{enroll, EnrollOptions};
-use floto_tunnel_client::state::StateDir;
+use floto_tunnel_client::state::{StateDir, StateError};
+
+/// Exit status for an invalid configuration (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+/// Exit status for a damaged state dir (EX_DATAERR): a person must look at it.
+const EXIT_DAMAGED: u8 = 65;
 
 #[derive(Parser)]
 #[command(name = "floto-tunnel", version, about = "floto-connect device agent")]
@@ -23,6 +32,50 @@ struct StateDirArg {
     /// Where the device keeps its identity.
     #[arg(long, env = "FLOTO_STATE_DIR", default_value = floto_proto::defaults::STATE_DIR, global = true)]
     state_dir: PathBuf,
+}
+
+#[derive(clap::Args, Clone)]
+struct RunArgs {
+    /// Config file (TOML; default /etc/floto-tunnel.toml when it exists). Flags override it.
+    #[arg(long, env = "FLOTO_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where the device keeps its identity [default: /var/lib/floto-tunnel].
+    #[arg(long, env = "FLOTO_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// A TUN interface with the overlay address: every local service is reachable (root).
+    #[arg(long, conflicts_with = "userspace")]
+    tun: bool,
+    /// No TUN and no root: a userspace TCP stack forwards only the --forward ports.
+    #[arg(long)]
+    userspace: bool,
+    /// PORT[=HOST:PORT]: overlay PORT goes to HOST:PORT (default 127.0.0.1:PORT). Repeatable.
+    #[arg(long = "forward", value_name = "PORT[=HOST:PORT]")]
+    forwards: Vec<Forward>,
+    /// Name of the TUN interface [default: floto0].
+    #[arg(long, env = "FLOTO_TUN_NAME")]
+    tun_name: Option<String>,
+    /// The server's API, https://HOST[:PORT] (to enroll when the state dir is empty).
+    #[arg(long, env = "FLOTO_SERVER")]
+    server: Option<String>,
+    /// CA certificate (PEM) the server's TLS certificate chains to (to enroll).
+    #[arg(long, env = "FLOTO_CA")]
+    ca: Option<PathBuf>,
+    /// The fleet's provisioning key (to enroll, and to re-enroll after expiry).
+    #[arg(long, env = "FLOTO_PROVISIONING_KEY", hide_env_values = true)]
+    provisioning_key: Option<String>,
+    /// A file whose first line is the provisioning key.
+    #[arg(long, env = "FLOTO_PROVISIONING_KEY_FILE")]
+    provisioning_key_file: Option<PathBuf>,
+    /// The UUID to enroll as (default: a new one).
+    #[arg(long, env = "FLOTO_UUID")]
+    uuid: Option<DeviceId>,
+    /// Longest wait between reconnection attempts [default: 2m].
+    #[arg(long, env = "FLOTO_BACKOFF_CAP", value_parser = humantime::parse_duration)]
+    backoff_cap: Option<std::time::Duration>,
+    /// Keepalive interval [default: the server's, 25s]; the session counts as dead after
+    /// two of them plus 5 s without an answer.
+    #[arg(long, env = "FLOTO_KEEPALIVE", value_parser = humantime::parse_duration)]
+    keepalive: Option<std::time::Duration>,
 }
 
 #[derive(Subcommand)]
@@ -48,7 +101,9 @@ enum Command {
         #[arg(long)]
         hostname: Option<String>,
     },
-    /// Show the device's identity and state.
+    /// Run the agent: enroll if needed, keep the tunnel up, renew the certificate.
+    Run(Box<RunArgs>),
+    /// Show the device's identity and the running agent's state.
     Status {
         #[command(flatten)]
         dir: StateDirArg,
@@ -80,7 +135,16 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("floto-tunnel: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(EXIT_CONFIG)
+            } else if matches!(
+                e.downcast_ref::<StateError>(),
+                Some(StateError::Damaged { .. })
+            ) {
+                ExitCode::from(EXIT_DAMAGED)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -119,24 +183,130 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             );
             println!("{}", state.file.uuid);
         }
-        Command::Status { dir, json } => {
-            let state = StateDir::new(dir.state_dir).load()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&state.file)?);
-            } else {
-                let f = &state.file;
-                println!("device       {}", f.uuid);
-                println!("server       {}", f.server);
-                println!("overlay ip   {}", f.overlay_ip);
-                println!("endpoint     {}", f.endpoint);
-                println!("wg key       {}", state.wg_public());
-                println!("cert expires {}", rfc3339(f.expires_at));
-                println!("renew after  {}", rfc3339(f.renew_after));
-            }
-        }
+        Command::Run(args) => run(*args).await?,
+        Command::Status { dir, json } => status(dir.state_dir, json)?,
         Command::WgConfig { dir } => {
             let state = StateDir::new(dir.state_dir).load()?;
             print!("{}", state.wg_quick_config());
+        }
+    }
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let file = FileConfig::load(args.config.as_deref())?;
+    let mode = match (args.tun, args.userspace) {
+        (true, _) => Some(Mode::Tun),
+        (_, true) => Some(Mode::Userspace),
+        _ => None,
+    };
+    let config = AgentConfig::build(
+        file,
+        Overrides {
+            server: args.server,
+            ca: args.ca,
+            provisioning_key: args.provisioning_key,
+            provisioning_key_file: args.provisioning_key_file,
+            uuid: args.uuid,
+            state_dir: args.state_dir,
+            mode,
+            tun_name: args.tun_name,
+            forward: args.forwards,
+            backoff_cap: args.backoff_cap,
+            keepalive: args.keepalive,
+        },
+        std::path::Path::new(floto_proto::defaults::STATE_DIR),
+    )?;
+    floto_tunnel_client::agent::run(config, shutdown_signal()).await
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// `floto-tunnel status`: the identity, and the running agent's report.
+fn status(state_dir: PathBuf, json: bool) -> anyhow::Result<()> {
+    let dir = StateDir::new(state_dir);
+    let state = dir.load()?;
+    let agent = AgentStatus::read(&dir.status())?;
+    let running = agent.as_ref().is_some_and(AgentStatus::agent_running);
+    let live = agent.as_ref().filter(|_| running);
+    let f = &state.file;
+    if json {
+        let v = serde_json::json!({
+            "uuid": f.uuid,
+            "server": f.server,
+            "overlay_ip": f.overlay_ip,
+            "server_overlay_ip": f.server_overlay_ip,
+            "configured_endpoint": f.endpoint,
+            "wg_public_key": state.wg_public().to_base64(),
+            "cert_expires_at": rfc3339(f.expires_at),
+            "renew_after": rfc3339(f.renew_after),
+            "running": running,
+            "pid": live.map(|a| a.pid),
+            "mode": live.map(|a| a.mode),
+            "connected": live.is_some_and(|a| a.connected),
+            "since": live.and_then(|a| a.since).map(rfc3339),
+            "endpoint": live.and_then(|a| a.endpoint.clone()),
+            "revoked": live.is_some_and(|a| a.revoked),
+            "failed_attempts": live.map(|a| a.failed_attempts),
+            "connects": live.map(|a| a.connects),
+            "renewals": live.map(|a| a.renewals),
+            "last_error": agent.as_ref().and_then(|a| a.last_error.clone()),
+            "last_error_at": agent.as_ref().and_then(|a| a.last_error_at).map(rfc3339),
+            "status_updated_at": agent.as_ref().map(|a| rfc3339(a.updated_at)),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("device       {}", f.uuid);
+    println!("server       {}", f.server);
+    println!("overlay ip   {}", f.overlay_ip);
+    println!("wg key       {}", state.wg_public());
+    println!("cert expires {}", rfc3339(f.expires_at));
+    match live {
+        None => {
+            println!("agent        not running");
+            println!("endpoint     {}", f.endpoint);
+        }
+        Some(a) => {
+            let since = a.since.map(rfc3339).unwrap_or_default();
+            let what = if a.revoked {
+                "REVOKED (retrying rarely)"
+            } else if a.connected {
+                "connected"
+            } else {
+                "not connected"
+            };
+            println!("agent        running (pid {}, {} mode)", a.pid, a.mode);
+            println!("state        {what} since {since}");
+            println!(
+                "endpoint     {}",
+                a.endpoint.as_deref().unwrap_or(f.endpoint.as_str())
+            );
+            if a.failed_attempts > 0 {
+                println!("failed tries {}", a.failed_attempts);
+            }
+        }
+    }
+    if let Some(a) = &agent {
+        if let (Some(e), Some(at)) = (&a.last_error, a.last_error_at) {
+            println!("last error   {e} (at {})", rfc3339(at));
         }
     }
     Ok(())

@@ -1,0 +1,447 @@
+//! The agent's configuration: the TOML file (`/etc/floto-tunnel.toml`, or `--config`)
+//! merged under the command-line flags, validated into one [`AgentConfig`] before anything
+//! is opened. It does not read files other than the ones it names (CA, key file).
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use floto_proto::DeviceId;
+
+use super::backoff::Backoff;
+
+/// The config file read when `--config` is not given (if it exists).
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/floto-tunnel.toml";
+
+/// The TUN interface's default name.
+pub const DEFAULT_TUN_NAME: &str = "floto0";
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file cannot be read.
+    #[error("reading config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for this program.
+    #[error("config file {}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    /// A value is wrong or settings contradict each other.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// How the device's services are reached from the overlay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// A TUN interface with the overlay address: every local service is reachable.
+    Tun,
+    /// A userspace TCP stack on the overlay address: only the forwarded ports are reachable.
+    Userspace,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Tun => "tun",
+            Self::Userspace => "userspace",
+        })
+    }
+}
+
+/// `PORT[=HOST:PORT]`: connections to `PORT` of the overlay address go to `target`
+/// (default `127.0.0.1:PORT`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    pub port: u16,
+    /// `HOST:PORT`, resolved at each connection.
+    pub target: String,
+}
+
+impl FromStr for Forward {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("forward {s:?}: {why} (expected PORT or PORT=HOST:PORT)");
+        let (port, target) = match s.split_once('=') {
+            Some((p, t)) => (p, Some(t)),
+            None => (s, None),
+        };
+        let port: u16 = port.trim().parse().map_err(|_| bad("bad port"))?;
+        if port == 0 {
+            return Err(bad("port 0"));
+        }
+        let target = match target {
+            None => format!("127.0.0.1:{port}"),
+            Some(t) => {
+                let t = t.trim();
+                let (host, tport) = t.rsplit_once(':').ok_or_else(|| bad("no target port"))?;
+                let tport: u16 = tport.parse().map_err(|_| bad("bad target port"))?;
+                if host.is_empty() || tport == 0 {
+                    return Err(bad("bad target"));
+                }
+                t.to_owned()
+            }
+        };
+        Ok(Self { port, target })
+    }
+}
+
+/// The config file. Every key is optional; flags override them.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// The server's API, `https://HOST[:PORT]` (needed to enroll).
+    pub server: Option<String>,
+    /// CA certificate (PEM) the server's TLS certificate chains to (needed to enroll).
+    pub ca: Option<PathBuf>,
+    /// The fleet's provisioning key.
+    pub provisioning_key: Option<String>,
+    /// A file holding the provisioning key (first line).
+    pub provisioning_key_file: Option<PathBuf>,
+    /// The UUID to enroll as (default: a new one).
+    pub uuid: Option<DeviceId>,
+    pub device_type: Option<String>,
+    pub hostname: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub mode: Option<Mode>,
+    pub tun_name: Option<String>,
+    #[serde(default)]
+    pub forward: Vec<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub backoff_cap: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub keepalive: Option<Duration>,
+}
+
+impl FileConfig {
+    /// Reads `path`; `None` reads [`DEFAULT_CONFIG_FILE`] if it exists.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let (path, required) = match path {
+            Some(p) => (p.to_owned(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_FILE), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Self::default())
+            }
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path,
+            message: e.to_string(),
+        })
+    }
+}
+
+/// Flags of `floto-tunnel run`, as given (all optional: the file fills the gaps).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub server: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub provisioning_key: Option<String>,
+    pub provisioning_key_file: Option<PathBuf>,
+    pub uuid: Option<DeviceId>,
+    pub state_dir: Option<PathBuf>,
+    pub mode: Option<Mode>,
+    pub tun_name: Option<String>,
+    pub forward: Vec<Forward>,
+    pub backoff_cap: Option<Duration>,
+    pub keepalive: Option<Duration>,
+}
+
+/// What the agent needs to enroll (or re-enroll after its certificate expired).
+#[derive(Clone)]
+pub struct EnrollSettings {
+    pub server: String,
+    pub server_ca_pem: String,
+    pub provisioning_key: String,
+    pub uuid: Option<DeviceId>,
+    pub device_type: Option<String>,
+    pub hostname: Option<String>,
+}
+
+impl std::fmt::Debug for EnrollSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollSettings")
+            .field("server", &self.server)
+            .field("uuid", &self.uuid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The validated configuration of `floto-tunnel run`.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub state_dir: PathBuf,
+    pub mode: Mode,
+    pub tun_name: String,
+    pub forwards: Vec<Forward>,
+    pub backoff_cap: Duration,
+    /// `None`: the server's `persistent_keepalive`.
+    pub keepalive: Option<Duration>,
+    /// `None`: no provisioning key configured (the device must be enrolled already, and
+    /// cannot come back by itself once its certificate expired).
+    pub enroll: Option<EnrollSettings>,
+}
+
+impl AgentConfig {
+    /// Merges flags over the file and validates the result.
+    pub fn build(
+        file: FileConfig,
+        flags: Overrides,
+        default_state_dir: &Path,
+    ) -> Result<Self, ConfigError> {
+        let invalid = |m: String| ConfigError::Invalid(m);
+        let mode = flags.mode.or(file.mode).unwrap_or(Mode::Tun);
+        let forwards = if flags.forward.is_empty() {
+            file.forward
+                .iter()
+                .map(|s| s.parse::<Forward>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(invalid)?
+        } else {
+            flags.forward
+        };
+        match mode {
+            Mode::Userspace if forwards.is_empty() => {
+                return Err(invalid(
+                    "userspace mode forwards only the listed ports, and none is listed: add --forward PORT[=HOST:PORT] (or `forward = [\"22\"]` in the config file)".into(),
+                ))
+            }
+            Mode::Tun if !forwards.is_empty() => {
+                return Err(invalid(
+                    "--forward is for --userspace mode; with --tun every local service is reachable on the overlay address".into(),
+                ))
+            }
+            _ => {}
+        }
+        let mut ports: Vec<u16> = forwards.iter().map(|f| f.port).collect();
+        ports.sort_unstable();
+        if ports.windows(2).any(|w| w[0] == w[1]) {
+            return Err(invalid("a port is forwarded twice".into()));
+        }
+        let backoff_cap = flags
+            .backoff_cap
+            .or(file.backoff_cap)
+            .unwrap_or(Backoff::DEFAULT_CAP);
+        if backoff_cap < Duration::from_secs(1) {
+            return Err(invalid(format!(
+                "backoff cap {} is below 1 s",
+                humantime::format_duration(backoff_cap)
+            )));
+        }
+        let keepalive = flags.keepalive.or(file.keepalive);
+        if keepalive.is_some_and(|k| k < Duration::from_secs(1)) {
+            return Err(invalid("keepalive must be at least 1 s".into()));
+        }
+        let key = match (flags.provisioning_key, flags.provisioning_key_file) {
+            (Some(k), _) => Some(k),
+            (None, Some(f)) => Some(read_key_file(&f)?),
+            (None, None) => match (file.provisioning_key, file.provisioning_key_file) {
+                (Some(k), _) => Some(k),
+                (None, Some(f)) => Some(read_key_file(&f)?),
+                (None, None) => None,
+            },
+        };
+        let server = flags.server.or(file.server);
+        let ca = flags.ca.or(file.ca);
+        let enroll = match (key, server, ca) {
+            (None, _, _) => None,
+            (Some(provisioning_key), Some(server), Some(ca)) => {
+                let server_ca_pem = std::fs::read_to_string(&ca).map_err(|source| {
+                    ConfigError::Read {
+                        path: ca.clone(),
+                        source,
+                    }
+                })?;
+                Some(EnrollSettings {
+                    server,
+                    server_ca_pem,
+                    provisioning_key: provisioning_key.trim().to_owned(),
+                    uuid: flags.uuid.or(file.uuid),
+                    device_type: file.device_type,
+                    hostname: file.hostname,
+                })
+            }
+            (Some(_), None, _) => {
+                return Err(invalid(
+                    "a provisioning key is configured but no server: set --server (or `server` in the config file)".into(),
+                ))
+            }
+            (Some(_), _, None) => {
+                return Err(invalid(
+                    "a provisioning key is configured but no CA: set --ca (or `ca` in the config file)".into(),
+                ))
+            }
+        };
+        Ok(Self {
+            state_dir: flags
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| default_state_dir.to_owned()),
+            mode,
+            tun_name: flags
+                .tun_name
+                .or(file.tun_name)
+                .unwrap_or_else(|| DEFAULT_TUN_NAME.to_owned()),
+            forwards,
+            backoff_cap,
+            keepalive,
+            enroll,
+        })
+    }
+}
+
+fn read_key_file(path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let key = text.lines().next().unwrap_or_default().trim().to_owned();
+    if key.is_empty() {
+        return Err(ConfigError::Invalid(format!(
+            "provisioning key file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwards_parse() {
+        assert_eq!(
+            "22".parse::<Forward>().unwrap(),
+            Forward {
+                port: 22,
+                target: "127.0.0.1:22".into()
+            }
+        );
+        assert_eq!(
+            "2222=127.0.0.1:22".parse::<Forward>().unwrap(),
+            Forward {
+                port: 2222,
+                target: "127.0.0.1:22".into()
+            }
+        );
+        assert_eq!(
+            "80=localhost:8080".parse::<Forward>().unwrap().target,
+            "localhost:8080"
+        );
+        for bad in ["", "0", "x", "22=", "22=host", "22=:1", "22=h:0", "70000"] {
+            assert!(bad.parse::<Forward>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_file_fills_gaps_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "CA").unwrap();
+        let keyfile = dir.path().join("key");
+        std::fs::write(&keyfile, "fpk_fromfile\n").unwrap();
+        let conf = dir.path().join("floto-tunnel.toml");
+        std::fs::write(
+            &conf,
+            format!(
+                "server = \"https://vpn.example:8443\"\nca = {:?}\nprovisioning_key_file = {:?}\nmode = \"userspace\"\nforward = [\"22\", \"8080=127.0.0.1:80\"]\nbackoff_cap = \"30s\"\n",
+                ca, keyfile
+            ),
+        )
+        .unwrap();
+        let file = FileConfig::load(Some(&conf)).unwrap();
+        let c = AgentConfig::build(file.clone(), Overrides::default(), Path::new("/d")).unwrap();
+        assert_eq!(c.mode, Mode::Userspace);
+        assert_eq!(c.forwards.len(), 2);
+        assert_eq!(c.backoff_cap, Duration::from_secs(30));
+        assert_eq!(c.state_dir, Path::new("/d"));
+        let e = c.enroll.unwrap();
+        assert_eq!(e.provisioning_key, "fpk_fromfile");
+        assert_eq!(e.server_ca_pem, "CA");
+
+        let flags = Overrides {
+            mode: Some(Mode::Tun),
+            forward: vec![],
+            provisioning_key: Some("fpk_flag".into()),
+            backoff_cap: Some(Duration::from_secs(5)),
+            ..Overrides::default()
+        };
+        // Tun mode with the file's forwards is refused: forwards are for userspace.
+        assert!(AgentConfig::build(file.clone(), flags.clone(), Path::new("/d")).is_err());
+        let mut file2 = file;
+        file2.forward.clear();
+        let c = AgentConfig::build(file2, flags, Path::new("/d")).unwrap();
+        assert_eq!(c.mode, Mode::Tun);
+        assert_eq!(c.backoff_cap, Duration::from_secs(5));
+        assert_eq!(c.enroll.unwrap().provisioning_key, "fpk_flag");
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let text = include_str!("../../../deploy/floto-tunnel.toml.example");
+        let file: FileConfig = toml::from_str(text).unwrap();
+        assert_eq!(file.mode, Some(Mode::Tun));
+        assert_eq!(file.backoff_cap, Some(Backoff::DEFAULT_CAP));
+        assert_eq!(
+            file.state_dir.as_deref(),
+            Some(Path::new("/var/lib/floto-tunnel"))
+        );
+        // The commented-out userspace lines are valid too.
+        let userspace: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if rest.starts_with("mode = \"userspace\"") || rest.starts_with("forward") =>
+                {
+                    rest
+                }
+                _ if l.starts_with("mode = \"tun\"") => "",
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let file: FileConfig = toml::from_str(&userspace).unwrap();
+        assert_eq!(file.mode, Some(Mode::Userspace));
+        assert_eq!(file.forward, ["22", "9100=127.0.0.1:9100"]);
+    }
+
+    #[test]
+    fn bad_configs_say_what_is_wrong() {
+        let msg = |file: FileConfig, flags: Overrides| {
+            AgentConfig::build(file, flags, Path::new("/d"))
+                .unwrap_err()
+                .to_string()
+        };
+        let userspace = Overrides {
+            mode: Some(Mode::Userspace),
+            ..Overrides::default()
+        };
+        assert!(msg(FileConfig::default(), userspace).contains("--forward"));
+        let key_only = Overrides {
+            provisioning_key: Some("k".into()),
+            ..Overrides::default()
+        };
+        assert!(msg(FileConfig::default(), key_only).contains("no server"));
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("c.toml");
+        std::fs::write(&conf, "sever = \"typo\"\n").unwrap();
+        let err = FileConfig::load(Some(&conf)).unwrap_err().to_string();
+        assert!(err.contains("sever"), "{err}");
+        assert!(FileConfig::load(Some(&dir.path().join("missing"))).is_err());
+        let cap = Overrides {
+            backoff_cap: Some(Duration::from_millis(10)),
+            ..Overrides::default()
+        };
+        assert!(msg(FileConfig::default(), cap).contains("backoff cap"));
+    }
+}

@@ -1,0 +1,661 @@
+//! The agent's I/O shell: one task that owns the UDP socket, boringtun's `Tunn`, the link
+//! supervisor and the renewal planner, and moves packets between the socket and the local
+//! side. All decisions are the sans-IO cores' ([`LinkSupervisor`], [`RenewalPlanner`]);
+//! this module only reads, writes and reports.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
+use time::OffsetDateTime;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, trace, warn};
+
+use super::backoff::{jittered, Backoff};
+use super::certs::{self, Failed};
+use super::config::AgentConfig;
+use super::link::{LinkAction, LinkEvent, LinkParams, LinkSupervisor};
+use super::local::{self, LocalSide};
+use super::probe;
+use super::renewal::{CertAction, RenewalPlanner, REVOKED_RETRY};
+use super::status::AgentStatus;
+use crate::enroll::{enroll, EnrollError, EnrollOptions};
+use crate::state::{DeviceState, StateDir, StateError};
+
+/// How often the driver runs its timers.
+const TICK: Duration = Duration::from_millis(100);
+
+/// How often the device's own address is looked at.
+const ADDRESS_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// The status file is rewritten at least this often (its `updated_at` shows the agent lives).
+const STATUS_EVERY: Duration = Duration::from_secs(10);
+
+/// Runs the agent until `shutdown` completes: enrolls if needed, then keeps the tunnel up.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let token = CancellationToken::new();
+    let stop = token.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        stop.cancel();
+    });
+    let dir = StateDir::new(&config.state_dir);
+    let mut rng = StdRng::from_os_rng();
+    let Some(state) = obtain_identity(&dir, &config, &mut rng, &token).await? else {
+        return Ok(());
+    };
+    let result = Driver::start(config, dir, state, rng, &token)
+        .await?
+        .run(&token)
+        .await;
+    token.cancel();
+    result
+}
+
+/// The identity in the state dir, enrolling first when there is none and a provisioning key
+/// is configured. A damaged state dir is an error, never a reason to enroll anew. `None`
+/// when shut down while waiting.
+async fn obtain_identity(
+    dir: &StateDir,
+    config: &AgentConfig,
+    rng: &mut StdRng,
+    token: &CancellationToken,
+) -> anyhow::Result<Option<DeviceState>> {
+    let backoff = Backoff::new(Duration::from_secs(1), config.backoff_cap);
+    let mut attempt = 0u32;
+    loop {
+        match dir.load() {
+            Ok(state) => return Ok(Some(state)),
+            Err(StateError::NotEnrolled(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let Some(settings) = &config.enroll else {
+            bail!(
+                "{} holds no device identity and no provisioning key is configured: set `provisioning_key` (or `provisioning_key_file`), `server` and `ca` in the config file, or run `floto-tunnel enroll`",
+                dir.root().display()
+            );
+        };
+        let opts = EnrollOptions {
+            server: settings.server.clone(),
+            server_ca_pem: settings.server_ca_pem.clone(),
+            provisioning_key: settings.provisioning_key.clone(),
+            uuid: settings.uuid,
+            device_type: settings.device_type.clone(),
+            hostname: settings.hostname.clone(),
+        };
+        let wait = match enroll(dir, &opts).await {
+            Ok((state, _created)) => return Ok(Some(state)),
+            Err(EnrollError::Client(e)) if e.is_transient() => {
+                let wait = backoff.delay(attempt, rng);
+                attempt = attempt.saturating_add(1);
+                warn!(error = %e, retry_in = ?wait, "cannot enroll yet");
+                wait
+            }
+            Err(EnrollError::Client(e)) => {
+                let wait = jittered(REVOKED_RETRY, 0.25, rng);
+                error!(error = %e, retry_in = ?wait, "enrollment refused; check the provisioning key, server and CA in the config");
+                wait
+            }
+            Err(EnrollError::State(e)) => return Err(e.into()),
+            Err(e) => return Err(e.into()),
+        };
+        tokio::select! {
+            _ = token.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Kind of an incoming datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Initiation,
+    Response,
+    CookieReply,
+    Data,
+}
+
+/// The running agent.
+struct Driver {
+    config: AgentConfig,
+    dir: StateDir,
+    state: DeviceState,
+    tunn: Tunn,
+    udp: Arc<UdpSocket>,
+    /// The server's WireGuard endpoint in use.
+    endpoint: Option<SocketAddr>,
+    link: LinkSupervisor,
+    planner: RenewalPlanner,
+    cert_busy: bool,
+    rng: StdRng,
+    probe_ident: u16,
+    probe_seq: u16,
+    local_address: Option<IpAddr>,
+    next_address_check: Instant,
+    status: AgentStatus,
+    status_dirty: bool,
+    next_status_write: Instant,
+    buf: Vec<u8>,
+    local: Option<LocalSide>,
+}
+
+impl Driver {
+    async fn start(
+        config: AgentConfig,
+        dir: StateDir,
+        state: DeviceState,
+        mut rng: StdRng,
+        token: &CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let (net, prefix) = overlay_network(&state.file.overlay_network)?;
+        let _ = net;
+        let local = local::open(
+            config.mode,
+            &config.tun_name,
+            state.file.overlay_ip,
+            prefix,
+            &config.forwards,
+            token,
+        )
+        .await?;
+        let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+            .await
+            .context("binding the WireGuard UDP socket")?;
+        let keepalive = config.keepalive.unwrap_or(Duration::from_secs(u64::from(
+            state.file.persistent_keepalive.max(1),
+        )));
+        let link = LinkSupervisor::new(LinkParams::new(keepalive, config.backoff_cap));
+        let planner = RenewalPlanner::new(
+            state.file.expires_at,
+            state.file.renew_after,
+            config.enroll.is_some(),
+            config.backoff_cap,
+            dir.has_pending_key(),
+            &mut rng,
+        );
+        let tunn = new_tunn(&state, &mut rng);
+        let now_utc = OffsetDateTime::now_utc();
+        let status = AgentStatus {
+            pid: std::process::id(),
+            mode: config.mode,
+            uuid: state.file.uuid,
+            overlay_ip: state.file.overlay_ip,
+            connected: false,
+            since: Some(now_utc),
+            endpoint: None,
+            cert_expires_at: state.file.expires_at,
+            last_error: None,
+            last_error_at: None,
+            revoked: false,
+            failed_attempts: 0,
+            connects: 0,
+            renewals: 0,
+            started_at: now_utc,
+            updated_at: now_utc,
+        };
+        info!(
+            device = %state.file.uuid,
+            ip = %state.file.overlay_ip,
+            mode = %config.mode,
+            ?keepalive,
+            backoff_cap = ?config.backoff_cap,
+            cert_expires_at = %state.file.expires_at,
+            renew_at = %planner.renew_at(),
+            "agent started"
+        );
+        let now = Instant::now();
+        Ok(Self {
+            config,
+            dir,
+            state,
+            tunn,
+            udp: Arc::new(udp),
+            endpoint: None,
+            link,
+            planner,
+            cert_busy: false,
+            probe_ident: rng.random(),
+            probe_seq: 0,
+            rng,
+            local_address: None,
+            next_address_check: now,
+            status,
+            status_dirty: true,
+            next_status_write: now,
+            buf: vec![0u8; 65_536 + 256],
+            local: Some(local),
+        })
+    }
+
+    async fn run(mut self, token: &CancellationToken) -> anyhow::Result<()> {
+        let udp = self.udp.clone();
+        let Some(LocalSide {
+            to_local,
+            mut from_local,
+        }) = self.local.take()
+        else {
+            bail!("the local side is gone");
+        };
+        let (cert_tx, mut cert_rx) = mpsc::channel(4);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut datagram = vec![0u8; 65_536];
+        loop {
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => break,
+                r = udp.recv_from(&mut datagram) => match r {
+                    Ok((n, from)) => self.on_datagram(&datagram[..n], from, &to_local),
+                    Err(e) => debug!(error = %e, "UDP receive failed"),
+                },
+                p = from_local.recv() => match p {
+                    Some(p) => self.on_local_packet(&p),
+                    None if token.is_cancelled() => break,
+                    None => bail!("the local side stopped"),
+                },
+                Some((action, result)) = cert_rx.recv() => self.on_cert_result(action, result),
+                _ = tick.tick() => self.on_tick(&cert_tx).await,
+            }
+        }
+        self.status.connected = false;
+        self.status.since = Some(OffsetDateTime::now_utc());
+        self.write_status();
+        info!("agent stopped");
+        Ok(())
+    }
+
+    // ---- network input ---------------------------------------------------------------
+
+    fn on_datagram(&mut self, data: &[u8], from: SocketAddr, to_local: &mpsc::Sender<Vec<u8>>) {
+        let now = Instant::now();
+        let kind = match Tunn::parse_incoming_packet(data) {
+            Ok(Packet::HandshakeInit(_)) => Kind::Initiation,
+            Ok(Packet::HandshakeResponse(_)) => Kind::Response,
+            Ok(Packet::PacketCookieReply(_)) => Kind::CookieReply,
+            Ok(Packet::PacketData(_)) => Kind::Data,
+            Err(_) => {
+                trace!(%from, len = data.len(), "not a WireGuard datagram");
+                return;
+            }
+        };
+        let mut flush = false;
+        let authenticated = match self.tunn.decapsulate(Some(from.ip()), data, &mut self.buf) {
+            TunnResult::Done => kind == Kind::Data,
+            TunnResult::Err(e) => {
+                debug!(%from, ?kind, error = ?e, "datagram refused");
+                return;
+            }
+            TunnResult::WriteToNetwork(p) => {
+                transmit(&self.udp, &mut self.link, p, from, now);
+                flush = true;
+                matches!(kind, Kind::Response | Kind::Data)
+            }
+            TunnResult::WriteToTunnelV4(p, _src) => {
+                if probe::is_echo_reply(p, self.state.file.server_overlay_ip, self.probe_ident) {
+                    trace!("probe answered");
+                } else if to_local.try_send(p.to_vec()).is_err() {
+                    trace!("local side full; packet dropped");
+                }
+                true
+            }
+            TunnResult::WriteToTunnelV6(..) => true,
+        };
+        if flush {
+            // Packets queued while there was no session go out now.
+            while let TunnResult::WriteToNetwork(p) =
+                self.tunn.decapsulate(None, &[], &mut self.buf)
+            {
+                transmit(&self.udp, &mut self.link, p, from, now);
+            }
+        }
+        if kind == Kind::Initiation {
+            debug!(%from, "the server initiated a handshake");
+        }
+        if authenticated {
+            if self.endpoint != Some(from) {
+                info!(endpoint = %from, "server endpoint");
+                self.endpoint = Some(from);
+                self.status.endpoint = Some(from.to_string());
+                self.status_dirty = true;
+            }
+            self.link.handle_authenticated(now);
+            self.drain_link_events();
+        }
+    }
+
+    fn on_local_packet(&mut self, packet: &[u8]) {
+        if packet.first().is_none_or(|b| b >> 4 != 4) {
+            return; // IPv4 only
+        }
+        self.encapsulate_and_send(packet);
+    }
+
+    fn encapsulate_and_send(&mut self, packet: &[u8]) {
+        let now = Instant::now();
+        match self.tunn.encapsulate(packet, &mut self.buf) {
+            TunnResult::WriteToNetwork(p) => {
+                if is_initiation(p) && !self.link.allows_initiation() {
+                    trace!("initiation held back by the backoff");
+                    return;
+                }
+                if let Some(to) = self.endpoint {
+                    transmit(&self.udp, &mut self.link, p, to, now);
+                }
+            }
+            TunnResult::Err(e) => debug!(error = ?e, "encapsulation failed"),
+            _ => {}
+        }
+    }
+
+    // ---- timers ----------------------------------------------------------------------
+
+    async fn on_tick(&mut self, cert_tx: &mpsc::Sender<(CertAction, Result<DeviceState, Failed>)>) {
+        let now = Instant::now();
+        match self.tunn.update_timers(&mut self.buf) {
+            // boringtun's own initiations (retransmits, rekeys) wait while backing off.
+            TunnResult::WriteToNetwork(p) if !is_initiation(p) || self.link.allows_initiation() => {
+                if let Some(to) = self.endpoint {
+                    transmit(&self.udp, &mut self.link, p, to, now);
+                }
+            }
+            TunnResult::Err(e) => trace!(error = ?e, "boringtun timers"),
+            _ => {}
+        }
+        if now >= self.next_address_check {
+            self.next_address_check = now + ADDRESS_CHECK_EVERY;
+            self.check_local_address(now);
+        }
+        self.link.handle_timeout(now, &mut self.rng);
+        while let Some(action) = self.link.poll_action() {
+            match action {
+                LinkAction::Connect => self.connect(now).await,
+                LinkAction::Probe => {
+                    self.probe_seq = self.probe_seq.wrapping_add(1);
+                    let p = probe::echo_request(
+                        self.state.file.overlay_ip,
+                        self.state.file.server_overlay_ip,
+                        self.probe_ident,
+                        self.probe_seq,
+                    );
+                    self.encapsulate_and_send(&p);
+                }
+                LinkAction::Keepalive => self.encapsulate_and_send(&[]),
+            }
+        }
+        self.drain_link_events();
+        if !self.cert_busy {
+            if let Some(action) = self.planner.poll_action(OffsetDateTime::now_utc()) {
+                self.start_cert_action(action, cert_tx);
+            }
+        }
+        if self.status_dirty || now >= self.next_status_write {
+            self.write_status();
+            self.next_status_write = now + STATUS_EVERY;
+        }
+    }
+
+    /// Resolves the server's endpoint again and sends a fresh handshake initiation.
+    async fn connect(&mut self, now: Instant) {
+        let name = self.state.file.endpoint.clone();
+        let resolved =
+            tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(&name)).await;
+        let addr = match resolved {
+            Ok(Ok(mut addrs)) => addrs.find(SocketAddr::is_ipv4),
+            Ok(Err(e)) => {
+                self.set_error(format!("resolving {name}: {e}"));
+                None
+            }
+            Err(_) => {
+                self.set_error(format!("resolving {name}: timed out"));
+                None
+            }
+        };
+        let Some(addr) = addr else {
+            if self
+                .status
+                .last_error
+                .as_deref()
+                .is_none_or(|e| !e.starts_with("resolving"))
+            {
+                self.set_error(format!("{name} has no IPv4 address"));
+            }
+            self.link.handle_attempt_failed(now, &mut self.rng);
+            return;
+        };
+        if self.endpoint != Some(addr) {
+            info!(endpoint = %addr, %name, "handshaking with the server");
+            self.endpoint = Some(addr);
+            self.status.endpoint = Some(addr.to_string());
+            self.status_dirty = true;
+        } else {
+            debug!(endpoint = %addr, "handshaking with the server");
+        }
+        match self.tunn.format_handshake_initiation(&mut self.buf, true) {
+            TunnResult::WriteToNetwork(p) => match self.udp.try_send_to(p, addr) {
+                Ok(_) => {
+                    self.link.handle_sent(now);
+                    self.link.handle_attempt_started(now);
+                }
+                Err(e) => {
+                    self.set_error(format!("sending to {addr}: {e}"));
+                    self.link.handle_attempt_failed(now, &mut self.rng);
+                }
+            },
+            other => {
+                let what = match other {
+                    TunnResult::Err(e) => format!("{e:?}"),
+                    _ => "no initiation".to_owned(),
+                };
+                self.set_error(format!("making a handshake initiation: {what}"));
+                self.link.handle_attempt_failed(now, &mut self.rng);
+            }
+        }
+    }
+
+    /// Notices a change of the device's own address toward the server.
+    fn check_local_address(&mut self, now: Instant) {
+        let Some(endpoint) = self.endpoint else {
+            return;
+        };
+        let current = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+            .and_then(|s| {
+                s.connect(endpoint)?;
+                s.local_addr()
+            })
+            .ok()
+            .map(|a| a.ip());
+        if current != self.local_address {
+            if let (Some(old), Some(new)) = (self.local_address, current) {
+                info!(%old, %new, "the device's address changed");
+                self.link.handle_local_address_changed(now);
+            }
+            if current.is_some() {
+                self.local_address = current;
+            }
+        }
+    }
+
+    fn drain_link_events(&mut self) {
+        while let Some(event) = self.link.poll_event() {
+            let now_utc = OffsetDateTime::now_utc();
+            match event {
+                LinkEvent::Connected { failed_attempts } => {
+                    info!(endpoint = ?self.endpoint, failed_attempts, "connected");
+                    self.status.connected = true;
+                    self.status.since = Some(now_utc);
+                    self.status.connects += 1;
+                    self.status.failed_attempts = 0;
+                }
+                LinkEvent::Lost { silent_for } => {
+                    warn!(?silent_for, "no answer from the server; handshaking again");
+                    self.status.connected = false;
+                    self.status.since = Some(now_utc);
+                    self.set_error(format!(
+                        "no answer from the server for {} s",
+                        silent_for.as_secs()
+                    ));
+                }
+                LinkEvent::AttemptFailed { attempt, retry_in } => {
+                    info!(attempt, ?retry_in, endpoint = ?self.endpoint, "handshake failed; retrying");
+                    self.status.failed_attempts = self.link.consecutive_failures();
+                    if let Some(ep) = self.endpoint {
+                        let recent = self
+                            .status
+                            .last_error_at
+                            .is_some_and(|t| now_utc - t < time::Duration::seconds(1));
+                        if !recent {
+                            self.set_error(format!("handshake with {ep} got no answer"));
+                        }
+                    }
+                    if self
+                        .planner
+                        .handle_link_failing(self.link.consecutive_failures(), now_utc)
+                    {
+                        info!("checking in with the API (renewal) while the tunnel fails");
+                    }
+                }
+            }
+            self.status_dirty = true;
+        }
+    }
+
+    // ---- certificates ----------------------------------------------------------------
+
+    fn start_cert_action(
+        &mut self,
+        action: CertAction,
+        tx: &mpsc::Sender<(CertAction, Result<DeviceState, Failed>)>,
+    ) {
+        self.cert_busy = true;
+        info!(?action, expires_at = %self.state.file.expires_at, "renewing the certificate");
+        let dir = self.dir.clone();
+        let state = self.state.clone();
+        let settings = self.config.enroll.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let result = certs::perform(action, &dir, &state, settings.as_ref()).await;
+            let _ = tx.send((action, result)).await;
+        });
+    }
+
+    fn on_cert_result(&mut self, action: CertAction, result: Result<DeviceState, Failed>) {
+        self.cert_busy = false;
+        let now_utc = OffsetDateTime::now_utc();
+        match result {
+            Ok(state) => {
+                let was_revoked = self.planner.is_revoked();
+                self.planner.handle_success(
+                    state.file.expires_at,
+                    state.file.renew_after,
+                    &mut self.rng,
+                );
+                info!(
+                    ?action,
+                    expires_at = %state.file.expires_at,
+                    next_renewal = %self.planner.renew_at(),
+                    "new certificate"
+                );
+                if state.file.overlay_ip != self.state.file.overlay_ip {
+                    warn!(old = %self.state.file.overlay_ip, new = %state.file.overlay_ip, "the server moved the device to another overlay address; restart the agent to use it");
+                }
+                if state.file.server_public_key != self.state.file.server_public_key {
+                    warn!("the server's WireGuard key changed; handshaking with the new one");
+                    self.state = state;
+                    self.tunn = new_tunn(&self.state, &mut self.rng);
+                    self.link.reconnect(Instant::now());
+                } else {
+                    self.state = state;
+                }
+                if was_revoked {
+                    info!("the server accepts the device again; reconnecting");
+                    self.status.revoked = false;
+                    self.link.reconnect(Instant::now());
+                }
+                self.status.cert_expires_at = self.state.file.expires_at;
+                self.status.renewals += 1;
+            }
+            Err(Failed { failure, message }) => {
+                let newly_revoked = self.planner.handle_failure(failure, now_utc, &mut self.rng);
+                let next = self.planner.poll_timeout();
+                if newly_revoked {
+                    error!(
+                        device = %self.state.file.uuid,
+                        reason = %message,
+                        "this device was REVOKED by the server: it stops reconnecting and asks again only about every 30 minutes; an admin must enroll it under a new UUID"
+                    );
+                    self.link.suspend();
+                    self.status.revoked = true;
+                    self.status.connected = false;
+                    self.status.since = Some(now_utc);
+                } else {
+                    warn!(?action, ?failure, error = %message, retry_at = ?next, "certificate renewal failed");
+                }
+                self.set_error(message);
+            }
+        }
+        self.status_dirty = true;
+    }
+
+    // ---- status ----------------------------------------------------------------------
+
+    fn set_error(&mut self, message: String) {
+        debug!(error = %message, "agent error");
+        self.status.last_error = Some(message);
+        self.status.last_error_at = Some(OffsetDateTime::now_utc());
+        self.status_dirty = true;
+    }
+
+    fn write_status(&mut self) {
+        self.status.updated_at = OffsetDateTime::now_utc();
+        if let Err(e) = self.status.write(&self.dir.status()) {
+            warn!(error = %e, "cannot write the status file");
+        }
+        self.status_dirty = false;
+    }
+}
+
+/// A `Tunn` for the device's key and the server's, with a random session index.
+fn new_tunn(state: &DeviceState, rng: &mut StdRng) -> Tunn {
+    let secret = x25519_dalek::StaticSecret::from(state.wg_private);
+    let server = x25519_dalek::PublicKey::from(state.file.server_public_key.0);
+    // Keepalives are the link supervisor's job (its probes), not boringtun's.
+    Tunn::new(secret, server, None, None, rng.random::<u32>() >> 8, None)
+}
+
+/// Sends one datagram without waiting (a full socket buffer drops it, as a NIC would).
+fn transmit(udp: &UdpSocket, link: &mut LinkSupervisor, p: &[u8], to: SocketAddr, now: Instant) {
+    match udp.try_send_to(p, to) {
+        Ok(_) => link.handle_sent(now),
+        Err(e) => debug!(%to, error = %e, "UDP send failed"),
+    }
+}
+
+/// Whether a WireGuard message is a handshake initiation (type 1).
+fn is_initiation(p: &[u8]) -> bool {
+    p.len() >= 4 && p[..4] == [1, 0, 0, 0]
+}
+
+/// `10.240.0.0/16` as (network, prefix length).
+fn overlay_network(cidr: &str) -> anyhow::Result<(Ipv4Addr, u8)> {
+    let (net, len) = cidr
+        .split_once('/')
+        .with_context(|| format!("overlay network {cidr:?} has no prefix length"))?;
+    let net: Ipv4Addr = net
+        .parse()
+        .with_context(|| format!("overlay network {cidr:?}"))?;
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|l| *l <= 32)
+        .with_context(|| format!("overlay network {cidr:?}: bad prefix length"))?;
+    Ok((net, len))
+}
