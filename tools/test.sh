@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(wireguard-go wireguard-tools openssh-server openssh-client iproute2 curl openssl iputils-ping prometheus iperf3 systemd)
+PACKAGES=(wireguard-go wireguard-tools openssh-server openssh-client iproute2 curl openssl iputils-ping prometheus iperf3 systemd procps util-linux)
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()

@@ -51,6 +51,8 @@ pub struct EventHub {
     clock: WallClock,
     inner: Mutex<Inner>,
     live: broadcast::Sender<DeviceEvent>,
+    /// Woken when a device gets a new endpoint (online, roamed), so it is persisted soon.
+    endpoints_changed: tokio::sync::Notify,
 }
 
 #[derive(Debug)]
@@ -71,7 +73,14 @@ impl EventHub {
                 buffer: VecDeque::with_capacity(1024),
             }),
             live: broadcast::channel(4096).0,
+            endpoints_changed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Completes after a device's endpoint changed (at once if one changed since the last
+    /// call).
+    pub async fn endpoint_changed(&self) {
+        self.endpoints_changed.notified().await;
     }
 
     pub fn clock(&self) -> &WallClock {
@@ -109,9 +118,13 @@ impl EventHub {
             // Roaming is not an online/offline transition; it shows in the device view.
             PeerEvent::Roamed { id, endpoint, .. } => {
                 debug!(device = %id, %endpoint, "device roamed");
+                self.endpoints_changed.notify_one();
                 return;
             }
         };
+        if kind == DeviceEventKind::Online {
+            self.endpoints_changed.notify_one();
+        }
         debug!(device = %uuid, ?kind, generation, "device state");
         let mut inner = self.inner.lock();
         let event = DeviceEvent {

@@ -350,9 +350,13 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
 
 /// Handshakes per second the server starts to call devices back after a restart.
 const CALL_BACK_RATE: u32 = 2000;
-/// How often new or changed endpoints are written to the registry, so that even after a
-/// SIGKILL the server can call back devices that came online or roamed before it.
+/// How often endpoints are checked for changes, besides being woken by a device coming
+/// online or roaming; written so that even after a SIGKILL the server can call back the
+/// devices that were connected.
 const PRESENCE_EVERY: Duration = Duration::from_secs(5);
+/// After a device came online or roamed, how long to gather more before writing (a storm of
+/// reconnecting devices is written in a few batches, not one transaction each).
+const PRESENCE_GATHER: Duration = Duration::from_millis(500);
 
 /// How often the API's TLS certificate is checked for rotation.
 const TLS_REFRESH_EVERY: Duration = Duration::from_secs(5);
@@ -391,8 +395,15 @@ async fn presence_loop(state: Arc<AppState>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => persist_presence(&state, Some(&mut written)).await,
+            _ = tick.tick() => {}
+            _ = state.events.endpoint_changed() => {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(PRESENCE_GATHER) => {}
+                }
+            }
         }
+        persist_presence(&state, Some(&mut written)).await;
     }
 }
 
