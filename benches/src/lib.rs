@@ -7,3 +7,5 @@
 pub mod enroll;
 pub mod report;
 pub mod soak;
+pub mod storm;
+pub mod target;

@@ -174,10 +174,13 @@ pub enum DropReason {
     NoEndpoint,
     /// An outgoing packet for an address no device holds.
     NoPeer,
+    /// A handshake initiation shed because the handshake queue was full, or it waited
+    /// there so long that the device has retried since.
+    Overloaded,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Malformed,
         DropReason::BadMac,
         DropReason::BadHandshake,
@@ -189,6 +192,7 @@ impl DropReason {
         DropReason::NotRoutable,
         DropReason::NoEndpoint,
         DropReason::NoPeer,
+        DropReason::Overloaded,
     ];
 
     pub fn label(self) -> &'static str {
@@ -204,6 +208,7 @@ impl DropReason {
             DropReason::NotRoutable => "not_routable",
             DropReason::NoEndpoint => "no_endpoint",
             DropReason::NoPeer => "no_peer",
+            DropReason::Overloaded => "overloaded",
         }
     }
 }
@@ -224,7 +229,7 @@ pub struct Counters {
     pub tx_bytes: AtomicU64,
     pub tunns_created: AtomicU64,
     pub tunns_dropped: AtomicU64,
-    drops: [AtomicU64; 11],
+    drops: [AtomicU64; 12],
 }
 
 impl Counters {
@@ -455,24 +460,72 @@ impl PeerTable {
         scratch: &mut [u8],
         out: &mut dyn Output,
     ) {
-        let packet = match self
+        if self.admit(from, datagram, scratch, out) {
+            self.dispatch(from, datagram, now, scratch, out);
+        }
+    }
+
+    /// The cheap checks every datagram passes first: its shape, and for handshake messages
+    /// their MAC1 and the shared rate limiter (which answers with a cookie reply under
+    /// load). Returns `true` if the datagram should be handled. The UDP driver runs this on
+    /// its receive path and queues admitted initiations for [`Self::handle_initiation`].
+    pub fn admit(
+        &self,
+        from: SocketAddr,
+        datagram: &[u8],
+        scratch: &mut [u8],
+        out: &mut dyn Output,
+    ) -> bool {
+        match self
             .rate_limiter
             .verify_packet(Some(from.ip()), datagram, scratch)
         {
-            Ok(packet) => packet,
+            Ok(_) => true,
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 bump(&self.counters.cookie_replies, 1);
                 out.send_datagram(from, cookie);
-                return;
+                false
             }
             Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
                 self.counters.drop(DropReason::BadMac);
-                return;
+                false
             }
             Err(_) => {
                 self.counters.drop(DropReason::Malformed);
-                return;
+                false
             }
+        }
+    }
+
+    /// Handles a handshake initiation that passed [`Self::admit`] (the expensive part:
+    /// finding its peer by decrypting its static key, then answering it).
+    pub fn handle_initiation(
+        &self,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+        scratch: &mut [u8],
+        out: &mut dyn Output,
+    ) {
+        self.dispatch(from, datagram, now, scratch, out);
+    }
+
+    /// Counts a datagram the driver dropped before handling it.
+    pub fn count_drop(&self, why: DropReason) {
+        self.counters.drop(why);
+    }
+
+    /// Routes an admitted datagram to its peer.
+    fn dispatch(
+        &self,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+        scratch: &mut [u8],
+        out: &mut dyn Output,
+    ) {
+        let Ok(packet) = Tunn::parse_incoming_packet(datagram) else {
+            return self.counters.drop(DropReason::Malformed);
         };
         let (peer, kind) = match &packet {
             Packet::HandshakeInit(init) => {
@@ -549,6 +602,10 @@ impl PeerTable {
             }
             TunnResult::WriteToNetwork(reply) => {
                 match kind {
+                    // The `Tunn`'s own check of the shared limiter can still answer a cookie.
+                    Kind::Init if reply.first() == Some(&3) => {
+                        bump(&self.counters.cookie_replies, 1)
+                    }
                     Kind::Init => bump(&self.counters.handshakes_completed, 1),
                     Kind::Response => {
                         bump(&self.counters.handshakes_responded, 1);
