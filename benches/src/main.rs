@@ -38,6 +38,28 @@ enum Scenario {
     Storm(StormFlags),
     /// N devices online; the server is killed and started again.
     Restart(StormFlags),
+    /// N devices online sending only keepalives: server memory and CPU.
+    Idle {
+        #[arg(long, default_value_t = 100_000)]
+        devices: usize,
+        #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Only floto-vpn-server.
+        #[arg(long)]
+        no_compare: bool,
+        /// Devices for the wireguard-go side (it holds at most 65,536).
+        #[arg(long)]
+        compare_devices: Option<usize>,
+    },
+    /// One device, TCP through the tunnel with iperf3 (needs root, iperf3, wireguard-go).
+    Throughput {
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -109,5 +131,24 @@ fn main() -> anyhow::Result<()> {
             f.args(),
             command,
         )),
+        Scenario::Idle {
+            devices,
+            duration,
+            threads,
+            no_compare,
+            compare_devices,
+        } => rt.block_on(floto_bench::idle::main(
+            floto_bench::idle::Args {
+                devices,
+                duration,
+                threads,
+                compare: !no_compare,
+                compare_devices,
+            },
+            command,
+        )),
+        Scenario::Throughput { seconds, runs } => {
+            floto_bench::throughput::main(floto_bench::throughput::Args { seconds, runs }, command)
+        }
     }
 }

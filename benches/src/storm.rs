@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use floto_e2e::server::metric;
+
 use floto_e2e::fleet::{CounterSnapshot, Fleet, FleetOptions};
 
 use crate::report::{self, Machine};
@@ -53,6 +55,54 @@ pub struct Run {
     /// Server CPU seconds over the measured interval.
     pub server_cpu_s: f64,
     pub server_rss_bytes: u64,
+    /// When the server itself counted 50%, 99% and 100% online (`floto_devices_online`,
+    /// sampled every 200 ms; floto-vpn-server only).
+    pub server_t50_s: Option<f64>,
+    pub server_t99_s: Option<f64>,
+    pub server_t100_s: Option<f64>,
+    /// Datagrams the kernel dropped for a full receive buffer, in the server's namespace
+    /// (the fleet's sockets included).
+    pub kernel_drops: u64,
+    /// Initiations the server shed (floto_wg_dropped_total{reason="overloaded"}).
+    pub server_shed: Option<f64>,
+}
+
+/// Samples `floto_devices_online` from a background thread until it reaches `n` or
+/// `timeout` passes.
+struct OnlineSampler {
+    handle: std::thread::JoinHandle<Vec<(Duration, f64)>>,
+}
+
+impl OnlineSampler {
+    fn start(metrics: std::net::SocketAddr, from: Instant, n: usize, timeout: Duration) -> Self {
+        let handle = std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            while from.elapsed() < timeout {
+                let text = floto_e2e::server::http_get(metrics, "/metrics");
+                if let Some(v) = metric(&text, "floto_devices_online") {
+                    samples.push((from.elapsed(), v));
+                    if v >= n as f64 {
+                        break;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            samples
+        });
+        Self { handle }
+    }
+
+    /// Waits for the sampler; returns when 50%, 99% and 100% of `n` were first reached.
+    fn finish(self, n: usize) -> [Option<f64>; 3] {
+        let samples = self.handle.join().unwrap_or_default();
+        [50.0, 99.0, 100.0].map(|p| {
+            let needed = ((p / 100.0) * n as f64).ceil();
+            samples
+                .iter()
+                .find(|(_, v)| *v >= needed)
+                .map(|(t, _)| t.as_secs_f64())
+        })
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -148,6 +198,11 @@ fn summarize(
         fleet: fleet_delta,
         server_cpu_s: after.cpu_seconds - usage_before.cpu_seconds,
         server_rss_bytes: after.rss_bytes,
+        server_t50_s: None,
+        server_t99_s: None,
+        server_t100_s: None,
+        kernel_drops: 0,
+        server_shed: None,
     }
 }
 
@@ -164,9 +219,16 @@ async fn storm_floto(args: &Args, run: usize) -> anyhow::Result<Run> {
     let fleet = target.fleet(fleet_options(args))?;
     let usage = Usage::of(target.pid());
     let before = fleet.counters();
+    let drops = report::udp_rcvbuf_errors(target.pid());
     let start = fleet.start();
+    let sampler = OnlineSampler::start(
+        target.server.bound.metrics,
+        start,
+        args.devices,
+        args.timeout,
+    );
     wait_all_online(&fleet, args.timeout).await;
-    let r = summarize(
+    let mut r = summarize(
         Kind::FlotoVpnServer,
         run,
         &fleet,
@@ -175,12 +237,21 @@ async fn storm_floto(args: &Args, run: usize) -> anyhow::Result<Run> {
         usage,
         target.pid(),
     );
-    // The server's own count, once the confirming keepalives are in.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    [r.server_t50_s, r.server_t99_s, r.server_t100_s] = sampler.finish(args.devices);
+    r.kernel_drops = report::udp_rcvbuf_errors(target.pid()) - drops;
+    r.server_shed = Some(target.shed());
+    if std::env::var_os("FLOTO_BENCH_DUMP_METRICS").is_some() {
+        for line in target.server.metrics().lines() {
+            if line.starts_with("floto_wg") || line.starts_with("floto_hand") {
+                eprintln!("    {line}");
+            }
+        }
+    }
     eprintln!(
-        "  server: floto_devices_online {} floto_cookie_replies_total {}",
+        "  server: floto_devices_online {} floto_cookie_replies_total {} shed {}",
         target.online(),
-        target.cookie_replies()
+        target.cookie_replies(),
+        target.shed()
     );
     Ok(r)
 }
@@ -190,9 +261,10 @@ async fn storm_wggo(args: &Args, run: usize) -> anyhow::Result<Run> {
     let fleet = target.fleet(fleet_options(args))?;
     let usage = Usage::of(target.pid());
     let before = fleet.counters();
+    let drops = report::udp_rcvbuf_errors(target.pid());
     let start = fleet.start();
     wait_all_online(&fleet, args.timeout).await;
-    Ok(summarize(
+    let mut r = summarize(
         Kind::WireguardGo,
         run,
         &fleet,
@@ -200,7 +272,9 @@ async fn storm_wggo(args: &Args, run: usize) -> anyhow::Result<Run> {
         before,
         usage,
         target.pid(),
-    ))
+    );
+    r.kernel_drops = report::udp_rcvbuf_errors(target.pid()) - drops;
+    Ok(r)
 }
 
 async fn restart_floto(args: &Args, run: usize) -> anyhow::Result<Run> {
@@ -221,8 +295,15 @@ async fn restart_floto(args: &Args, run: usize) -> anyhow::Result<Run> {
     fleet.mark();
     let listening = target.kill_and_restart();
     let usage = Usage::of(target.pid());
+    let drops = report::udp_rcvbuf_errors(target.pid());
+    let sampler = OnlineSampler::start(
+        target.server.bound.metrics,
+        listening,
+        args.devices,
+        args.timeout,
+    );
     wait_all_online(&fleet, args.timeout).await;
-    Ok(summarize(
+    let mut r = summarize(
         Kind::FlotoVpnServer,
         run,
         &fleet,
@@ -230,7 +311,11 @@ async fn restart_floto(args: &Args, run: usize) -> anyhow::Result<Run> {
         before,
         usage,
         target.pid(),
-    ))
+    );
+    [r.server_t50_s, r.server_t99_s, r.server_t100_s] = sampler.finish(args.devices);
+    r.kernel_drops = report::udp_rcvbuf_errors(target.pid()) - drops;
+    r.server_shed = Some(target.shed());
+    Ok(r)
 }
 
 async fn restart_wggo(args: &Args, run: usize) -> anyhow::Result<Run> {
@@ -326,10 +411,13 @@ pub async fn main(scenario: Scenario, args: Args, command: String) -> anyhow::Re
                 fmt_s(r.t50_s),
                 fmt_s(r.t99_s),
                 fmt_s(r.t100_s),
+                fmt_s(r.server_t100_s),
                 format!("{:.0}", r.handshakes_per_s),
                 r.fleet.cookie_replies.to_string(),
                 r.fleet.initiations_sent.to_string(),
                 r.failures.to_string(),
+                r.kernel_drops.to_string(),
+                r.server_shed.map_or("-".into(), |v| format!("{v:.0}")),
                 format!("{:.2}", r.server_cpu_s),
                 format!("{:.0}", r.server_rss_bytes as f64 / (1 << 20) as f64),
             ]
@@ -337,8 +425,21 @@ pub async fn main(scenario: Scenario, args: Args, command: String) -> anyhow::Re
         .collect();
     report::print_table(
         &[
-            "server", "run", "devices", "t50 s", "t99 s", "t100 s", "hs/s", "cookies", "inits",
-            "failed", "cpu s", "rss MiB",
+            "server",
+            "run",
+            "devices",
+            "t50 s",
+            "t99 s",
+            "t100 s",
+            "srv t100 s",
+            "hs/s",
+            "cookies",
+            "inits",
+            "failed",
+            "kern drops",
+            "shed",
+            "cpu s",
+            "rss MiB",
         ],
         &rows,
     );

@@ -90,6 +90,15 @@ impl Floto {
         metric(&self.server.metrics(), "floto_devices_online").unwrap_or(-1.0)
     }
 
+    /// Initiations the server shed (queue full or stale).
+    pub fn shed(&self) -> f64 {
+        metric(
+            &self.server.metrics(),
+            "floto_wg_dropped_total{reason=\"overloaded\"}",
+        )
+        .unwrap_or(0.0)
+    }
+
     pub fn cookie_replies(&self) -> f64 {
         metric(&self.server.metrics(), "floto_cookie_replies_total").unwrap_or(0.0)
     }

@@ -777,3 +777,105 @@ fn wait_readable(fd: RawFd, timeout: Duration) {
         libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int);
     }
 }
+
+/// A flood of valid handshake initiations from keys the server does not know, sent from
+/// many loopback addresses (127.200.0.0/16) at a fixed rate, as an attacker with a botnet
+/// would. Counts what comes back. Stops when dropped.
+pub struct Flood {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+    pub sent: Arc<AtomicU64>,
+    pub cookie_replies: Arc<AtomicU64>,
+    /// Handshake responses to the flood: there must never be any.
+    pub responses: Arc<AtomicU64>,
+}
+
+/// First source address of a flood.
+pub const FLOOD_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 200, 0, 0);
+
+impl Flood {
+    pub fn start(
+        server: SocketAddr,
+        server_public: PublicKey,
+        per_second: u32,
+    ) -> std::io::Result<Self> {
+        let socket = plain_fleet_socket()?;
+        // 64 distinct unknown keys, 4 initiations each, replayed round robin: each valid
+        // until the server sees a newer timestamp, and costing the server the same work.
+        let mut inits = Vec::new();
+        let mut buf = vec![0u8; 256];
+        for k in 0..64u8 {
+            let mut t = Tunn::new(
+                StaticSecret::from([k.wrapping_add(1); 32]),
+                server_public,
+                None,
+                None,
+                0x00ff_0000 + u32::from(k),
+                None,
+            );
+            for _ in 0..4 {
+                if let TunnResult::WriteToNetwork(p) = t.format_handshake_initiation(&mut buf, true)
+                {
+                    inits.push(p.to_vec());
+                }
+            }
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let cookie_replies = Arc::new(AtomicU64::new(0));
+        let responses = Arc::new(AtomicU64::new(0));
+        let (s, c, r, flag) = (
+            sent.clone(),
+            cookie_replies.clone(),
+            responses.clone(),
+            stop.clone(),
+        );
+        let handle = std::thread::Builder::new()
+            .name("flood".into())
+            .spawn(move || {
+                let counters = FleetCounters::default();
+                let start = Instant::now();
+                let mut n = 0u64;
+                let mut rx = vec![0u8; 2048];
+                while !flag.load(Ordering::Relaxed) {
+                    let due = (start.elapsed().as_secs_f64() * f64::from(per_second)) as u64;
+                    while n < due {
+                        let from = Ipv4Addr::from(u32::from(FLOOD_SOURCE) + (n % 65_536) as u32);
+                        send_from(
+                            &socket,
+                            from,
+                            server,
+                            &inits[(n as usize) % inits.len()],
+                            &counters,
+                        );
+                        n += 1;
+                    }
+                    s.store(n, Ordering::Relaxed);
+                    while let Some((len, _)) = recv_with_dst(&socket, &mut rx) {
+                        match rx.first() {
+                            Some(3) if len == 64 => bump(&c),
+                            Some(2) => bump(&r),
+                            _ => {}
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })?;
+        Ok(Self {
+            stop,
+            handle: Some(handle),
+            sent,
+            cookie_replies,
+            responses,
+        })
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

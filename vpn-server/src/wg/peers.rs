@@ -363,6 +363,12 @@ impl PeerTable {
         self.by_index.len()
     }
 
+    /// Entries in the timer heap, superseded ones included (tests watch it for growth).
+    #[cfg(test)]
+    pub(crate) fn timer_entries(&self) -> usize {
+        self.timers.lock().len()
+    }
+
     // ---- configuration ------------------------------------------------------------
 
     /// Adds a peer, or replaces one whose key or address changed. A replaced peer loses

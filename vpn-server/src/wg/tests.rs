@@ -503,3 +503,55 @@ fn an_initiation_flood_gets_cookies_and_established_devices_keep_flowing() {
     }
     assert!(s.table.status(&fresh.id).unwrap().online);
 }
+
+#[test]
+fn repeated_connect_and_expire_cycles_of_the_same_devices_leave_nothing_behind() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut s = Server::new();
+    let mut devices: Vec<Device> = (1..=100).map(|n| s.enroll(n)).collect();
+    for cycle in 0..6 {
+        for d in &mut devices {
+            d.connect(&mut s);
+            // Some traffic, so data timers are armed too.
+            let data = d.encrypt(&ipv4(d.ip, SERVER_IP, b"hello"));
+            s.receive(d.addr, &data);
+        }
+        assert_eq!(s.table.online_count(), 100);
+        assert_eq!(s.table.active_sessions(), 100);
+        // Silence until every session is past the online window and the idle drop.
+        let quiet = WINDOW + TUNN_IDLE_DROP + Duration::from_secs(5);
+        let step = Duration::from_millis(250);
+        let mut waited = Duration::ZERO;
+        while waited < quiet {
+            s.advance(step);
+            waited += step;
+        }
+        assert_eq!(
+            s.table.online_count(),
+            0,
+            "cycle {cycle}: devices still online"
+        );
+        assert_eq!(
+            s.table.active_sessions(),
+            0,
+            "cycle {cycle}: sessions (Tunns and receiver indices) not freed"
+        );
+        let c = &s.table.counters;
+        assert_eq!(
+            c.tunns_created.load(Relaxed),
+            c.tunns_dropped.load(Relaxed),
+            "cycle {cycle}: every Tunn made is freed"
+        );
+        // A peer with nothing to do has no deadline: the heap drains, it does not grow.
+        let entries = s.table.timer_entries();
+        assert_eq!(entries, 0, "cycle {cycle}: {entries} timer entries left");
+        s.out = Collected::default();
+        let peers = s.table.len();
+        assert_eq!(peers, 100);
+    }
+    assert_eq!(
+        s.table.counters.tunns_created.load(Relaxed),
+        600,
+        "one Tunn per device per cycle"
+    );
+}
