@@ -71,6 +71,9 @@ struct PeerState {
     /// Last non-empty data packet in either direction.
     last_traffic: Option<Instant>,
     timers_refreshed: Option<Instant>,
+    /// When the current `Tunn` was made: a session being made is kept as long as an idle
+    /// one, not dropped before the device's confirmation can arrive.
+    tunn_since: Option<Instant>,
     online: bool,
     online_since: Option<Instant>,
     generation: u64,
@@ -592,7 +595,7 @@ impl PeerTable {
                 self.counters.drop(DropReason::UnknownIndex);
                 return;
             }
-            self.create_tunn(peer, &mut st);
+            self.create_tunn(peer, &mut st, now);
         }
         self.refresh_timers(&mut st, now, scratch, out);
         let Some(tunn) = st.tunn.as_mut() else { return };
@@ -714,7 +717,7 @@ impl PeerTable {
         }
     }
 
-    fn create_tunn(&self, peer: &Arc<Peer>, st: &mut PeerState) {
+    fn create_tunn(&self, peer: &Arc<Peer>, st: &mut PeerState, now: Instant) {
         let index = loop {
             let candidate = rand::random::<u32>() & 0x00ff_ffff;
             if let dashmap::Entry::Vacant(v) = self.by_index.entry(candidate) {
@@ -731,6 +734,7 @@ impl PeerTable {
             Some(self.rate_limiter.clone()),
         )));
         st.index = Some(index);
+        st.tunn_since = Some(now);
         st.timers_refreshed = None;
         bump(&self.counters.tunns_created, 1);
     }
@@ -807,7 +811,7 @@ impl PeerTable {
             return;
         };
         if st.tunn.is_none() {
-            self.create_tunn(&peer, &mut st);
+            self.create_tunn(&peer, &mut st, now);
         }
         self.refresh_timers(&mut st, now, scratch, out);
         let Some(tunn) = st.tunn.as_mut() else { return };
@@ -847,7 +851,7 @@ impl PeerTable {
         if st.removed || st.tunn.is_some() {
             return false;
         }
-        self.create_tunn(&peer, &mut st);
+        self.create_tunn(&peer, &mut st, now);
         st.endpoint = Some(endpoint);
         self.refresh_timers(&mut st, now, scratch, out);
         let Some(tunn) = st.tunn.as_mut() else {
@@ -933,6 +937,7 @@ impl PeerTable {
             && st
                 .last_traffic
                 .max(st.last_rx)
+                .max(st.tunn_since)
                 .is_none_or(|t| now.saturating_duration_since(t) >= TUNN_IDLE_DROP);
         if st.tunn.is_some() && (idle || (expired && !st.online)) {
             self.drop_tunn(peer, st);
@@ -960,7 +965,11 @@ impl PeerTable {
             }
         }
         if st.tunn.is_some() {
-            let last = st.last_traffic.max(st.last_rx).unwrap_or(now);
+            let last = st
+                .last_traffic
+                .max(st.last_rx)
+                .max(st.tunn_since)
+                .unwrap_or(now);
             consider(last + TUNN_IDLE_DROP);
         }
         deadline.map(|d| d.max(now))

@@ -555,3 +555,34 @@ fn repeated_connect_and_expire_cycles_of_the_same_devices_leave_nothing_behind()
         "one Tunn per device per cycle"
     );
 }
+
+#[test]
+fn a_session_being_made_survives_a_slow_confirmation() {
+    // Under a storm (or on a slow link) the device's confirming keepalive can arrive
+    // seconds after the response; the half-made session must still be there. Also for a
+    // device returning after its previous session was freed (its last packet is old).
+    let mut s = Server::new();
+    let mut d = s.enroll(1);
+    for round in 0..2 {
+        let init = d.initiation();
+        let replies = s.receive(d.addr, &init);
+        assert_eq!(replies.len(), 1, "round {round}: a handshake response");
+        let keepalive = d.receive(&replies[0]);
+        for _ in 0..12 {
+            s.advance(Duration::from_millis(250));
+        }
+        s.receive(d.addr, &keepalive[0]);
+        assert!(
+            s.table.status(&d.id).unwrap().online,
+            "round {round}: a confirmation 3 s late was refused"
+        );
+        assert_eq!(s.dropped(DropReason::UnknownIndex), 0, "round {round}");
+        s.advance(WINDOW);
+        s.advance(TUNN_IDLE_DROP);
+        assert_eq!(
+            s.table.active_sessions(),
+            0,
+            "round {round}: freed when idle"
+        );
+    }
+}
