@@ -5,5 +5,9 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod enroll;
+pub mod idle;
 pub mod report;
 pub mod soak;
+pub mod storm;
+pub mod target;
+pub mod throughput;

@@ -34,6 +34,69 @@ enum Scenario {
         #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
         interval: std::time::Duration,
     },
+    /// N devices handshake at once with a server that has no session for them.
+    Storm(StormFlags),
+    /// N devices online; the server is killed and started again.
+    Restart(StormFlags),
+    /// N devices online sending only keepalives: server memory and CPU.
+    Idle {
+        #[arg(long, default_value_t = 100_000)]
+        devices: usize,
+        #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Only floto-vpn-server.
+        #[arg(long)]
+        no_compare: bool,
+        /// Devices for the wireguard-go side (it holds at most 65,536).
+        #[arg(long)]
+        compare_devices: Option<usize>,
+    },
+    /// One device, TCP through the tunnel with iperf3 (needs root, iperf3, wireguard-go).
+    Throughput {
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+}
+
+#[derive(clap::Args)]
+struct StormFlags {
+    #[arg(long, default_value_t = 10_000)]
+    devices: usize,
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Load generator threads (each drives its share of the devices over one socket).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Give up waiting for devices after this long.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+    /// Only floto-vpn-server (no wireguard-go run).
+    #[arg(long)]
+    no_compare: bool,
+    /// restart: how long devices stay online before the kill.
+    #[arg(long, default_value = "35s", value_parser = humantime::parse_duration)]
+    settle: std::time::Duration,
+    /// Extra flags for floto-vpn-server run, e.g. --server-arg=--handshake-rate-limit=8000.
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    server_args: Vec<String>,
+}
+
+impl StormFlags {
+    fn args(self) -> floto_bench::storm::Args {
+        floto_bench::storm::Args {
+            devices: self.devices,
+            runs: self.runs,
+            threads: self.threads,
+            timeout: self.timeout,
+            compare: !self.no_compare,
+            settle: self.settle,
+            server_args: self.server_args,
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +120,35 @@ fn main() -> anyhow::Result<()> {
         )),
         Scenario::Soak { duration, interval } => {
             floto_bench::soak::main(floto_bench::soak::Args { duration, interval }, command)
+        }
+        Scenario::Storm(f) => rt.block_on(floto_bench::storm::main(
+            floto_bench::storm::Scenario::Storm,
+            f.args(),
+            command,
+        )),
+        Scenario::Restart(f) => rt.block_on(floto_bench::storm::main(
+            floto_bench::storm::Scenario::Restart,
+            f.args(),
+            command,
+        )),
+        Scenario::Idle {
+            devices,
+            duration,
+            threads,
+            no_compare,
+            compare_devices,
+        } => rt.block_on(floto_bench::idle::main(
+            floto_bench::idle::Args {
+                devices,
+                duration,
+                threads,
+                compare: !no_compare,
+                compare_devices,
+            },
+            command,
+        )),
+        Scenario::Throughput { seconds, runs } => {
+            floto_bench::throughput::main(floto_bench::throughput::Args { seconds, runs }, command)
         }
     }
 }

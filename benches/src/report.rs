@@ -70,6 +70,22 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
+/// UDP datagrams the kernel dropped for full receive buffers (`RcvbufErrors`), in the
+/// network namespace of process `pid`.
+pub fn udp_rcvbuf_errors(pid: u32) -> u64 {
+    let snmp = std::fs::read_to_string(format!("/proc/{pid}/net/snmp")).unwrap_or_default();
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Percentile (0-100) of a sample, nearest rank.
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {

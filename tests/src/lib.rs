@@ -9,6 +9,8 @@
 pub mod agent;
 pub mod api;
 pub mod device;
+pub mod enroll;
+pub mod fleet;
 pub mod net;
 pub mod ping;
 pub mod server;

@@ -2,6 +2,7 @@
 //! around it (one `SO_REUSEPORT` socket per worker, a timer task, no per-peer sockets or
 //! tasks).
 
+pub mod handshake_queue;
 pub mod peers;
 #[cfg(test)]
 mod tests;
@@ -18,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use floto_proto::{DeviceId, WgKey};
 
+pub use handshake_queue::HandshakeQueue;
 pub use peers::{DropReason, Output, Peer, PeerConfig, PeerEvent, PeerStatus, PeerTable};
 
 use crate::events::EventHub;
@@ -29,6 +31,14 @@ pub type HostPacket = Vec<u8>;
 /// Packets waiting for the netstack; beyond this they are dropped (TCP retransmits).
 const HOST_QUEUE: usize = 4096;
 
+/// Handshake initiations waiting for a worker; beyond this they are dropped (the device
+/// retries after 5 s). About 5 s of work for this many handshake workers at full speed.
+const HANDSHAKE_QUEUE: usize = 16_384;
+
+/// An initiation that waited longer than this is dropped unanswered: WireGuard devices
+/// retry after 5 s with a new ephemeral key, so an answer to the old one is wasted work.
+const HANDSHAKE_MAX_AGE: Duration = Duration::from_secs(3);
+
 /// The running concentrator: the peer table plus the sockets that feed it.
 pub struct Concentrator {
     pub table: Arc<PeerTable>,
@@ -36,6 +46,7 @@ pub struct Concentrator {
     to_host: mpsc::Sender<HostPacket>,
     events: Arc<EventHub>,
     local_addr: SocketAddr,
+    handshakes: HandshakeQueue,
 }
 
 impl std::fmt::Debug for Concentrator {
@@ -97,6 +108,7 @@ impl Concentrator {
                 to_host,
                 events,
                 local_addr,
+                handshakes: HandshakeQueue::new(HANDSHAKE_QUEUE),
             },
             from_devices,
         ))
@@ -196,9 +208,23 @@ impl Concentrator {
             let shutdown = shutdown.clone();
             tasks.spawn(async move { me.receive_loop(&socket, shutdown).await });
         }
+        // Handshake workers: threads, as the work is CPU-bound (Diffie-Hellmans).
+        for i in 0..self.sockets.len() {
+            let me = self.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn_blocking(move || me.handshake_worker(i, &shutdown));
+        }
         let me = self.clone();
         let timer_shutdown = shutdown.clone();
         tasks.spawn(async move { me.timer_loop(timer_shutdown).await });
+        {
+            let me = self.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                shutdown.cancelled().await;
+                me.handshakes.wake_all();
+            });
+        }
         while let Some(r) = tasks.join_next().await {
             if let Err(e) = r {
                 warn!(error = %e, "concentrator task ended abnormally");
@@ -228,13 +254,19 @@ impl Concentrator {
             for _ in 0..256 {
                 match socket.try_recv_from(&mut buf) {
                     Ok((n, from)) => {
-                        self.table.route_datagram(
-                            from,
-                            &buf[..n],
-                            Instant::now(),
-                            &mut scratch,
-                            &mut out,
-                        );
+                        let datagram = &buf[..n];
+                        let now = Instant::now();
+                        if is_initiation(datagram) {
+                            // Cheap checks here; the Diffie-Hellmans on a worker.
+                            if self.table.admit(from, datagram, &mut scratch, &mut out)
+                                && !self.handshakes.push(from, datagram, now)
+                            {
+                                self.table.count_drop(DropReason::Overloaded);
+                            }
+                        } else {
+                            self.table
+                                .route_datagram(from, datagram, now, &mut scratch, &mut out);
+                        }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) => {
@@ -244,6 +276,28 @@ impl Concentrator {
                     }
                 }
             }
+        }
+    }
+
+    /// Answers queued handshake initiations until `shutdown`.
+    fn handshake_worker(&self, n: usize, shutdown: &CancellationToken) {
+        let mut scratch = vec![0u8; peers::MAX_DATAGRAM];
+        let mut out = SocketOutput {
+            socket: &self.sockets[n % self.sockets.len()],
+            to_host: &self.to_host,
+            events: &self.events,
+        };
+        while !shutdown.is_cancelled() {
+            let Some(init) = self.handshakes.pop(Duration::from_millis(200)) else {
+                continue;
+            };
+            let now = Instant::now();
+            if now.saturating_duration_since(init.at) > HANDSHAKE_MAX_AGE {
+                self.table.count_drop(DropReason::Overloaded);
+                continue;
+            }
+            self.table
+                .handle_initiation(init.from, &init.datagram, now, &mut scratch, &mut out);
         }
     }
 
@@ -265,6 +319,11 @@ impl Concentrator {
                 .handle_timeout(Instant::now(), &mut scratch, &mut self.output());
         }
     }
+}
+
+/// A WireGuard handshake initiation (type 1, 148 bytes).
+fn is_initiation(datagram: &[u8]) -> bool {
+    datagram.len() == handshake_queue::INITIATION_LEN && datagram[..4] == [1, 0, 0, 0]
 }
 
 /// A non-blocking UDP socket with `SO_REUSEPORT`, so several workers share one port.

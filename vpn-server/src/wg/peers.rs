@@ -71,6 +71,9 @@ struct PeerState {
     /// Last non-empty data packet in either direction.
     last_traffic: Option<Instant>,
     timers_refreshed: Option<Instant>,
+    /// When the current `Tunn` was made: a session being made is kept as long as an idle
+    /// one, not dropped before the device's confirmation can arrive.
+    tunn_since: Option<Instant>,
     online: bool,
     online_since: Option<Instant>,
     generation: u64,
@@ -174,10 +177,13 @@ pub enum DropReason {
     NoEndpoint,
     /// An outgoing packet for an address no device holds.
     NoPeer,
+    /// A handshake initiation shed because the handshake queue was full, or it waited
+    /// there so long that the device has retried since.
+    Overloaded,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Malformed,
         DropReason::BadMac,
         DropReason::BadHandshake,
@@ -189,6 +195,7 @@ impl DropReason {
         DropReason::NotRoutable,
         DropReason::NoEndpoint,
         DropReason::NoPeer,
+        DropReason::Overloaded,
     ];
 
     pub fn label(self) -> &'static str {
@@ -204,6 +211,7 @@ impl DropReason {
             DropReason::NotRoutable => "not_routable",
             DropReason::NoEndpoint => "no_endpoint",
             DropReason::NoPeer => "no_peer",
+            DropReason::Overloaded => "overloaded",
         }
     }
 }
@@ -224,7 +232,7 @@ pub struct Counters {
     pub tx_bytes: AtomicU64,
     pub tunns_created: AtomicU64,
     pub tunns_dropped: AtomicU64,
-    drops: [AtomicU64; 11],
+    drops: [AtomicU64; 12],
 }
 
 impl Counters {
@@ -358,6 +366,12 @@ impl PeerTable {
         self.by_index.len()
     }
 
+    /// Entries in the timer heap, superseded ones included (tests watch it for growth).
+    #[cfg(test)]
+    pub(crate) fn timer_entries(&self) -> usize {
+        self.timers.lock().len()
+    }
+
     // ---- configuration ------------------------------------------------------------
 
     /// Adds a peer, or replaces one whose key or address changed. A replaced peer loses
@@ -455,24 +469,72 @@ impl PeerTable {
         scratch: &mut [u8],
         out: &mut dyn Output,
     ) {
-        let packet = match self
+        if self.admit(from, datagram, scratch, out) {
+            self.dispatch(from, datagram, now, scratch, out);
+        }
+    }
+
+    /// The cheap checks every datagram passes first: its shape, and for handshake messages
+    /// their MAC1 and the shared rate limiter (which answers with a cookie reply under
+    /// load). Returns `true` if the datagram should be handled. The UDP driver runs this on
+    /// its receive path and queues admitted initiations for [`Self::handle_initiation`].
+    pub fn admit(
+        &self,
+        from: SocketAddr,
+        datagram: &[u8],
+        scratch: &mut [u8],
+        out: &mut dyn Output,
+    ) -> bool {
+        match self
             .rate_limiter
             .verify_packet(Some(from.ip()), datagram, scratch)
         {
-            Ok(packet) => packet,
+            Ok(_) => true,
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 bump(&self.counters.cookie_replies, 1);
                 out.send_datagram(from, cookie);
-                return;
+                false
             }
             Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
                 self.counters.drop(DropReason::BadMac);
-                return;
+                false
             }
             Err(_) => {
                 self.counters.drop(DropReason::Malformed);
-                return;
+                false
             }
+        }
+    }
+
+    /// Handles a handshake initiation that passed [`Self::admit`] (the expensive part:
+    /// finding its peer by decrypting its static key, then answering it).
+    pub fn handle_initiation(
+        &self,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+        scratch: &mut [u8],
+        out: &mut dyn Output,
+    ) {
+        self.dispatch(from, datagram, now, scratch, out);
+    }
+
+    /// Counts a datagram the driver dropped before handling it.
+    pub fn count_drop(&self, why: DropReason) {
+        self.counters.drop(why);
+    }
+
+    /// Routes an admitted datagram to its peer.
+    fn dispatch(
+        &self,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+        scratch: &mut [u8],
+        out: &mut dyn Output,
+    ) {
+        let Ok(packet) = Tunn::parse_incoming_packet(datagram) else {
+            return self.counters.drop(DropReason::Malformed);
         };
         let (peer, kind) = match &packet {
             Packet::HandshakeInit(init) => {
@@ -533,7 +595,7 @@ impl PeerTable {
                 self.counters.drop(DropReason::UnknownIndex);
                 return;
             }
-            self.create_tunn(peer, &mut st);
+            self.create_tunn(peer, &mut st, now);
         }
         self.refresh_timers(&mut st, now, scratch, out);
         let Some(tunn) = st.tunn.as_mut() else { return };
@@ -549,6 +611,10 @@ impl PeerTable {
             }
             TunnResult::WriteToNetwork(reply) => {
                 match kind {
+                    // The `Tunn`'s own check of the shared limiter can still answer a cookie.
+                    Kind::Init if reply.first() == Some(&3) => {
+                        bump(&self.counters.cookie_replies, 1)
+                    }
                     Kind::Init => bump(&self.counters.handshakes_completed, 1),
                     Kind::Response => {
                         bump(&self.counters.handshakes_responded, 1);
@@ -651,7 +717,7 @@ impl PeerTable {
         }
     }
 
-    fn create_tunn(&self, peer: &Arc<Peer>, st: &mut PeerState) {
+    fn create_tunn(&self, peer: &Arc<Peer>, st: &mut PeerState, now: Instant) {
         let index = loop {
             let candidate = rand::random::<u32>() & 0x00ff_ffff;
             if let dashmap::Entry::Vacant(v) = self.by_index.entry(candidate) {
@@ -668,6 +734,7 @@ impl PeerTable {
             Some(self.rate_limiter.clone()),
         )));
         st.index = Some(index);
+        st.tunn_since = Some(now);
         st.timers_refreshed = None;
         bump(&self.counters.tunns_created, 1);
     }
@@ -744,7 +811,7 @@ impl PeerTable {
             return;
         };
         if st.tunn.is_none() {
-            self.create_tunn(&peer, &mut st);
+            self.create_tunn(&peer, &mut st, now);
         }
         self.refresh_timers(&mut st, now, scratch, out);
         let Some(tunn) = st.tunn.as_mut() else { return };
@@ -784,7 +851,7 @@ impl PeerTable {
         if st.removed || st.tunn.is_some() {
             return false;
         }
-        self.create_tunn(&peer, &mut st);
+        self.create_tunn(&peer, &mut st, now);
         st.endpoint = Some(endpoint);
         self.refresh_timers(&mut st, now, scratch, out);
         let Some(tunn) = st.tunn.as_mut() else {
@@ -870,6 +937,7 @@ impl PeerTable {
             && st
                 .last_traffic
                 .max(st.last_rx)
+                .max(st.tunn_since)
                 .is_none_or(|t| now.saturating_duration_since(t) >= TUNN_IDLE_DROP);
         if st.tunn.is_some() && (idle || (expired && !st.online)) {
             self.drop_tunn(peer, st);
@@ -897,7 +965,11 @@ impl PeerTable {
             }
         }
         if st.tunn.is_some() {
-            let last = st.last_traffic.max(st.last_rx).unwrap_or(now);
+            let last = st
+                .last_traffic
+                .max(st.last_rx)
+                .max(st.tunn_since)
+                .unwrap_or(now);
             consider(last + TUNN_IDLE_DROP);
         }
         deadline.map(|d| d.max(now))

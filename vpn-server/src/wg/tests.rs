@@ -503,3 +503,86 @@ fn an_initiation_flood_gets_cookies_and_established_devices_keep_flowing() {
     }
     assert!(s.table.status(&fresh.id).unwrap().online);
 }
+
+#[test]
+fn repeated_connect_and_expire_cycles_of_the_same_devices_leave_nothing_behind() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut s = Server::new();
+    let mut devices: Vec<Device> = (1..=100).map(|n| s.enroll(n)).collect();
+    for cycle in 0..6 {
+        for d in &mut devices {
+            d.connect(&mut s);
+            // Some traffic, so data timers are armed too.
+            let data = d.encrypt(&ipv4(d.ip, SERVER_IP, b"hello"));
+            s.receive(d.addr, &data);
+        }
+        assert_eq!(s.table.online_count(), 100);
+        assert_eq!(s.table.active_sessions(), 100);
+        // Silence until every session is past the online window and the idle drop.
+        let quiet = WINDOW + TUNN_IDLE_DROP + Duration::from_secs(5);
+        let step = Duration::from_millis(250);
+        let mut waited = Duration::ZERO;
+        while waited < quiet {
+            s.advance(step);
+            waited += step;
+        }
+        assert_eq!(
+            s.table.online_count(),
+            0,
+            "cycle {cycle}: devices still online"
+        );
+        assert_eq!(
+            s.table.active_sessions(),
+            0,
+            "cycle {cycle}: sessions (Tunns and receiver indices) not freed"
+        );
+        let c = &s.table.counters;
+        assert_eq!(
+            c.tunns_created.load(Relaxed),
+            c.tunns_dropped.load(Relaxed),
+            "cycle {cycle}: every Tunn made is freed"
+        );
+        // A peer with nothing to do has no deadline: the heap drains, it does not grow.
+        let entries = s.table.timer_entries();
+        assert_eq!(entries, 0, "cycle {cycle}: {entries} timer entries left");
+        s.out = Collected::default();
+        let peers = s.table.len();
+        assert_eq!(peers, 100);
+    }
+    assert_eq!(
+        s.table.counters.tunns_created.load(Relaxed),
+        600,
+        "one Tunn per device per cycle"
+    );
+}
+
+#[test]
+fn a_session_being_made_survives_a_slow_confirmation() {
+    // Under a storm (or on a slow link) the device's confirming keepalive can arrive
+    // seconds after the response; the half-made session must still be there. Also for a
+    // device returning after its previous session was freed (its last packet is old).
+    let mut s = Server::new();
+    let mut d = s.enroll(1);
+    for round in 0..2 {
+        let init = d.initiation();
+        let replies = s.receive(d.addr, &init);
+        assert_eq!(replies.len(), 1, "round {round}: a handshake response");
+        let keepalive = d.receive(&replies[0]);
+        for _ in 0..12 {
+            s.advance(Duration::from_millis(250));
+        }
+        s.receive(d.addr, &keepalive[0]);
+        assert!(
+            s.table.status(&d.id).unwrap().online,
+            "round {round}: a confirmation 3 s late was refused"
+        );
+        assert_eq!(s.dropped(DropReason::UnknownIndex), 0, "round {round}");
+        s.advance(WINDOW);
+        s.advance(TUNN_IDLE_DROP);
+        assert_eq!(
+            s.table.active_sessions(),
+            0,
+            "round {round}: freed when idle"
+        );
+    }
+}

@@ -1,0 +1,214 @@
+//! One device, TCP through the tunnel with iperf3, ours against wireguard-go in the same
+//! run. The device is wireguard-go in a network namespace in both cases, running
+//! `iperf3 -s`. With floto-vpn-server the operator's path is the product's: `floto tunnel`
+//! (QUIC to the broker) -> the server's userspace TCP stack -> WireGuard (boringtun) -> the
+//! device; the server has no TUN interface. The reference is a wireguard-go server with a
+//! kernel TUN interface, reached by the host's own TCP stack.
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use floto_e2e::device::{WgGoDevice, WgGoHost};
+use floto_e2e::net::Netns;
+use floto_e2e::server::Server;
+use floto_e2e::{floto, output, wait_for, Child};
+
+use crate::report::{self, Machine};
+
+#[derive(Debug, Clone, Copy)]
+pub struct Args {
+    pub seconds: u32,
+    pub runs: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct Run {
+    server: &'static str,
+    direction: &'static str,
+    run: usize,
+    mbit_per_s: f64,
+    server_cpu_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Results {
+    scenario: &'static str,
+    machine: Machine,
+    load_before: String,
+    command: String,
+    seconds: u32,
+    runs: Vec<Run>,
+    medians: Vec<(String, String, f64)>,
+}
+
+/// Runs iperf3 against `host:port`; returns received Mbit/s.
+fn iperf(host: &str, port: u16, seconds: u32, reverse: bool) -> anyhow::Result<f64> {
+    let mut cmd = Command::new("iperf3");
+    cmd.args([
+        "-c",
+        host,
+        "-p",
+        &port.to_string(),
+        "-t",
+        &seconds.to_string(),
+        "-J",
+    ]);
+    if reverse {
+        cmd.arg("-R");
+    }
+    let out = output(&mut cmd);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "iperf3 gave no result: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })?;
+    Ok(bps / 1e6)
+}
+
+fn iperf_server(ns: &Netns, dir: &std::path::Path) -> Child {
+    let mut cmd = ns.command("iperf3");
+    cmd.args(["-s", "-p", "5201"]);
+    let child = Child::spawn(&format!("iperf3-{}", ns.name), cmd, dir);
+    wait_for(Duration::from_secs(10), "iperf3 to listen", || {
+        let out = output(ns.command("ss").args(["-ltn", "sport = :5201"]));
+        String::from_utf8_lossy(&out.stdout)
+            .contains(":5201")
+            .then_some(())
+    });
+    child
+}
+
+pub fn main(args: Args, command: String) -> anyhow::Result<()> {
+    floto_e2e::require_root();
+    floto_e2e::require(&["wireguard-go", "wg", "ip", "ss"]);
+    anyhow::ensure!(
+        floto_e2e::which("iperf3").is_some(),
+        "the throughput benchmark needs iperf3: apt-get install -y iperf3"
+    );
+    let load_before = std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let logs = tempfile::tempdir()?;
+
+    // floto-vpn-server, a wireguard-go device, `floto tunnel` to its iperf3.
+    let ns = Netns::new();
+    let server = Server::start_logging(&["--tls-name", &ns.host_ip().to_string()], "warn");
+    let key = server.create_key("bench", None);
+    let mut device = WgGoDevice::enroll(ns, &server, &key);
+    device.up();
+    let _iperf_ours = iperf_server(&device.ns, logs.path());
+    let cfg = logs.path().join("operator");
+    server.login_operator("bench", "admin", &[], &cfg);
+    server.wait_online(&device.uuid, true, Duration::from_secs(30));
+    let mut tunnel = floto(&cfg);
+    tunnel.args(["tunnel", &device.uuid, "127.0.0.1:0:5201"]);
+    let tunnel = Child::spawn("floto-tunnel-cmd", tunnel, logs.path());
+    let port: u16 = wait_for(Duration::from_secs(15), "floto tunnel to listen", || {
+        tunnel
+            .log()
+            .lines()
+            .find_map(|l| l.strip_prefix("forwarding 127.0.0.1:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    });
+
+    // The reference: wireguard-go server and device.
+    let tag = std::process::id() % 250;
+    let host = WgGoHost::new(
+        &format!("fwtp{tag}"),
+        std::net::Ipv4Addr::new(10, 242, tag as u8, 1),
+    );
+    let mut reference = WgGoDevice::bare(Netns::new());
+    let device_ip = std::net::Ipv4Addr::new(10, 242, tag as u8, 2);
+    let conf = host.add_device(&reference.ns, device_ip, 25);
+    reference.up_with(&conf);
+    let _iperf_ref = iperf_server(&reference.ns, logs.path());
+    wait_for(Duration::from_secs(20), "the reference tunnel", || {
+        output(Command::new("ping").args(["-c", "1", "-W", "1", &device_ip.to_string()]))
+            .status
+            .success()
+            .then_some(())
+    });
+
+    let mut runs = Vec::new();
+    for run in 1..=args.runs {
+        for (direction, reverse) in [("to device", false), ("from device", true)] {
+            let cpu = report::cpu_seconds(server.child.pid());
+            let mbit = iperf("127.0.0.1", port, args.seconds, reverse)?;
+            runs.push(Run {
+                server: "floto-vpn-server",
+                direction,
+                run,
+                mbit_per_s: mbit,
+                server_cpu_s: report::cpu_seconds(server.child.pid()) - cpu,
+            });
+            let pid = host.pid().unwrap_or(0);
+            let cpu = report::cpu_seconds(pid);
+            let mbit = iperf(&device_ip.to_string(), 5201, args.seconds, reverse)?;
+            runs.push(Run {
+                server: "wireguard-go",
+                direction,
+                run,
+                mbit_per_s: mbit,
+                server_cpu_s: report::cpu_seconds(pid) - cpu,
+            });
+            eprintln!("run {run} {direction} done");
+        }
+    }
+    let rows: Vec<Vec<String>> = runs
+        .iter()
+        .map(|r| {
+            vec![
+                r.server.to_owned(),
+                r.direction.to_owned(),
+                r.run.to_string(),
+                format!("{:.0}", r.mbit_per_s),
+                format!("{:.2}", r.server_cpu_s),
+            ]
+        })
+        .collect();
+    report::print_table(
+        &["server", "direction", "run", "Mbit/s", "server cpu s"],
+        &rows,
+    );
+    let mut medians = Vec::new();
+    for direction in ["to device", "from device"] {
+        let mut m = [0.0f64; 2];
+        for (i, server) in ["floto-vpn-server", "wireguard-go"].iter().enumerate() {
+            let mut v: Vec<f64> = runs
+                .iter()
+                .filter(|r| r.server == *server && r.direction == direction)
+                .map(|r| r.mbit_per_s)
+                .collect();
+            m[i] = report::median(&mut v);
+            medians.push((server.to_string(), direction.to_string(), m[i]));
+        }
+        println!(
+            "median {direction}: floto-vpn-server {:.0} Mbit/s, wireguard-go {:.0} Mbit/s, ratio {:.2}",
+            m[0],
+            m[1],
+            m[0] / m[1].max(1e-9)
+        );
+    }
+    let results = Results {
+        scenario: "throughput",
+        machine: Machine::this(),
+        load_before,
+        command,
+        seconds: args.seconds,
+        runs,
+        medians,
+    };
+    let path = report::write_json("throughput", &results)?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
