@@ -221,25 +221,7 @@ async fn storm_floto(args: &Args, run: usize) -> anyhow::Result<Run> {
     let before = fleet.counters();
     let drops = report::udp_rcvbuf_errors(target.pid());
     let start = fleet.start();
-    let sampler = OnlineSampler::start(
-        target.server.bound.metrics,
-        start,
-        args.devices,
-        args.timeout,
-    );
-    wait_all_online(&fleet, args.timeout).await;
-    let mut r = summarize(
-        Kind::FlotoVpnServer,
-        run,
-        &fleet,
-        start,
-        before,
-        usage,
-        target.pid(),
-    );
-    [r.server_t50_s, r.server_t99_s, r.server_t100_s] = sampler.finish(args.devices);
-    r.kernel_drops = report::udp_rcvbuf_errors(target.pid()) - drops;
-    r.server_shed = Some(target.shed());
+    let r = until_all_online(args, run, &target, &fleet, start, before, usage, drops).await;
     if std::env::var_os("FLOTO_BENCH_DUMP_METRICS").is_some() {
         for line in target.server.metrics().lines() {
             if line.starts_with("floto_wg") || line.starts_with("floto_hand") {
@@ -296,18 +278,34 @@ async fn restart_floto(args: &Args, run: usize) -> anyhow::Result<Run> {
     let listening = target.kill_and_restart();
     let usage = Usage::of(target.pid());
     let drops = report::udp_rcvbuf_errors(target.pid());
+    Ok(until_all_online(args, run, &target, &fleet, listening, before, usage, drops).await)
+}
+
+/// Waits until every device of `fleet` is online (or the timeout), sampling the server's
+/// own count meanwhile, and summarizes the run from `from`.
+#[allow(clippy::too_many_arguments)]
+async fn until_all_online(
+    args: &Args,
+    run: usize,
+    target: &Floto,
+    fleet: &Fleet,
+    from: Instant,
+    before: CounterSnapshot,
+    usage: Usage,
+    drops: u64,
+) -> Run {
     let sampler = OnlineSampler::start(
         target.server.bound.metrics,
-        listening,
+        from,
         args.devices,
         args.timeout,
     );
-    wait_all_online(&fleet, args.timeout).await;
+    wait_all_online(fleet, args.timeout).await;
     let mut r = summarize(
         Kind::FlotoVpnServer,
         run,
-        &fleet,
-        listening,
+        fleet,
+        from,
         before,
         usage,
         target.pid(),
@@ -315,7 +313,7 @@ async fn restart_floto(args: &Args, run: usize) -> anyhow::Result<Run> {
     [r.server_t50_s, r.server_t99_s, r.server_t100_s] = sampler.finish(args.devices);
     r.kernel_drops = report::udp_rcvbuf_errors(target.pid()) - drops;
     r.server_shed = Some(target.shed());
-    Ok(r)
+    r
 }
 
 async fn restart_wggo(args: &Args, run: usize) -> anyhow::Result<Run> {
