@@ -41,32 +41,29 @@ impl HandshakeQueue {
         }
     }
 
-    /// Queues an initiation. When the queue is full the oldest one is dropped to make room
-    /// (its device has most likely retried already): `false` then, or when the datagram is
-    /// not initiation-sized (nothing queued).
+    /// Queues an initiation; `false` (and nothing queued) if the queue is full or the
+    /// datagram is not initiation-sized.
     pub fn push(&self, from: SocketAddr, datagram: &[u8], at: Instant) -> bool {
         let Ok(datagram) = <[u8; INITIATION_LEN]>::try_from(datagram) else {
             return false;
         };
         let mut q = self.inner.lock();
-        let evicted = q.len() >= self.capacity && q.pop_front().is_some();
+        if q.len() >= self.capacity {
+            return false;
+        }
         q.push_back(QueuedInitiation { from, at, datagram });
         drop(q);
         self.ready.notify_one();
-        !evicted
+        true
     }
 
-    /// The newest queued initiation, waiting up to `timeout` for one. Newest first: under
-    /// overload the answer that still reaches a waiting device is the one to the initiation
-    /// it sent last; answering in arrival order would answer initiations their devices have
-    /// already given up on (WireGuard retries after 5 s with a new key), and a backlog
-    /// longer than that would make every answer useless.
+    /// The oldest queued initiation, waiting up to `timeout` for one.
     pub fn pop(&self, timeout: Duration) -> Option<QueuedInitiation> {
         let mut q = self.inner.lock();
         if q.is_empty() {
             self.ready.wait_for(&mut q, timeout);
         }
-        q.pop_back()
+        q.pop_front()
     }
 
     pub fn len(&self) -> usize {
@@ -88,7 +85,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bounded_newest_first_that_drops_the_oldest_when_full() {
+    fn bounded_fifo_that_drops_when_full() {
         let q = HandshakeQueue::new(2);
         let from = SocketAddr::from(([127, 0, 0, 1], 1));
         let now = Instant::now();
@@ -96,14 +93,12 @@ mod tests {
         a[0] = 1;
         let mut b = a;
         b[1] = 2;
-        let mut c = a;
-        c[1] = 3;
         assert!(q.push(from, &a, now));
         assert!(q.push(from, &b, now));
-        assert!(!q.push(from, &c, now), "a full queue drops its oldest");
+        assert!(!q.push(from, &a, now), "a full queue must not grow");
         assert!(!q.push(from, &a[..100], now), "only initiations are queued");
-        assert_eq!(q.len(), 2, "a full queue must not grow");
-        assert_eq!(q.pop(Duration::ZERO).map(|i| i.datagram), Some(c));
+        assert_eq!(q.len(), 2);
+        assert_eq!(q.pop(Duration::ZERO).map(|i| i.datagram), Some(a));
         assert_eq!(q.pop(Duration::ZERO).map(|i| i.datagram), Some(b));
         assert!(q.pop(Duration::from_millis(1)).is_none());
         assert!(q.is_empty());
