@@ -13,8 +13,9 @@ use floto_proto::{DeviceId, WgKey};
 
 use crate::state::{DeviceState, StateDir, StateError};
 
-/// What `floto-tunnel enroll` needs.
-#[derive(Debug, Clone)]
+/// What enrolling needs (`floto-tunnel enroll`, and the agent's first start or its
+/// re-enrollment after its certificate expired).
+#[derive(Clone)]
 pub struct EnrollOptions {
     /// `https://HOST[:PORT]`
     pub server: String,
@@ -24,6 +25,16 @@ pub struct EnrollOptions {
     pub uuid: Option<DeviceId>,
     pub device_type: Option<String>,
     pub hostname: Option<String>,
+}
+
+// Never prints the provisioning key.
+impl std::fmt::Debug for EnrollOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollOptions")
+            .field("server", &self.server)
+            .field("uuid", &self.uuid)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why enrollment failed.

@@ -58,6 +58,27 @@ pub struct StateFile {
     pub updated_at: OffsetDateTime,
 }
 
+impl StateFile {
+    /// What the server said in an enrollment or renewal response, for the device enrolled
+    /// with `server`.
+    fn from_response(resp: &EnrollResponse, server: String, now: OffsetDateTime) -> Self {
+        Self {
+            version: STATE_VERSION,
+            uuid: resp.uuid,
+            server,
+            overlay_ip: resp.overlay_ip,
+            server_overlay_ip: resp.server_overlay_ip,
+            overlay_network: resp.overlay_network.clone(),
+            endpoint: resp.endpoint.clone(),
+            server_public_key: resp.server_public_key,
+            persistent_keepalive: resp.persistent_keepalive,
+            renew_after: resp.renew_after,
+            expires_at: resp.expires_at,
+            updated_at: now,
+        }
+    }
+}
+
 /// A loaded, consistent identity.
 #[derive(Clone)]
 pub struct DeviceState {
@@ -285,21 +306,12 @@ impl StateDir {
         } else {
             files::write_public(&self.device_cert(), resp.certificate_pem.as_bytes())?;
         }
+        // Same UUID (checked above); the version and server it enrolled with stay.
         let file = StateFile {
-            overlay_ip: resp.overlay_ip,
-            server_overlay_ip: resp.server_overlay_ip,
-            overlay_network: resp.overlay_network.clone(),
-            endpoint: resp.endpoint.clone(),
-            server_public_key: resp.server_public_key,
-            persistent_keepalive: resp.persistent_keepalive,
-            renew_after: resp.renew_after,
-            expires_at: resp.expires_at,
-            updated_at: now,
-            ..current.file
+            version: current.file.version,
+            ..StateFile::from_response(resp, current.file.server, now)
         };
-        let json =
-            serde_json::to_string_pretty(&file).map_err(|e| self.damaged("state.json", e))?;
-        files::write_public(&self.state_json(), json.as_bytes())?;
+        self.write_state_json(&file)?;
         self.load()
     }
 
@@ -367,26 +379,17 @@ impl StateDir {
         server_ca_pem: &str,
         now: OffsetDateTime,
     ) -> Result<StateFile, StateError> {
-        let file = StateFile {
-            version: STATE_VERSION,
-            uuid: resp.uuid,
-            server: server.to_owned(),
-            overlay_ip: resp.overlay_ip,
-            server_overlay_ip: resp.server_overlay_ip,
-            overlay_network: resp.overlay_network.clone(),
-            endpoint: resp.endpoint.clone(),
-            server_public_key: resp.server_public_key,
-            persistent_keepalive: resp.persistent_keepalive,
-            renew_after: resp.renew_after,
-            expires_at: resp.expires_at,
-            updated_at: now,
-        };
+        let file = StateFile::from_response(resp, server.to_owned(), now);
         files::write_public(&self.server_ca(), server_ca_pem.as_bytes())?;
         files::write_public(&self.device_cert(), resp.certificate_pem.as_bytes())?;
-        let json =
-            serde_json::to_string_pretty(&file).map_err(|e| self.damaged("state.json", e))?;
         // state.json last: its presence means the rest is complete.
-        files::write_public(&self.state_json(), json.as_bytes())?;
+        self.write_state_json(&file)?;
         Ok(file)
+    }
+
+    fn write_state_json(&self, file: &StateFile) -> Result<(), StateError> {
+        let json = serde_json::to_string_pretty(file).map_err(|e| self.damaged("state.json", e))?;
+        files::write_public(&self.state_json(), json.as_bytes())?;
+        Ok(())
     }
 }

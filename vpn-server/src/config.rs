@@ -417,6 +417,7 @@ mod tests {
             ("endpoint = \"no-port\"", "HOST:PORT"),
             ("endpoint = \"host:0\"", "HOST:PORT"),
             ("cert_lifetime = \"1s\"", "too short"),
+            ("shutdown_grace = \"2h\"", "at most 1h"),
         ];
         for (toml_text, want) in cases {
             let s: ServerSettings = toml::from_str(toml_text).unwrap();

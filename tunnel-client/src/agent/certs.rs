@@ -9,8 +9,8 @@ use floto_client::{files, ApiClient, ClientError};
 use floto_proto::enroll::{EnrollRequest, RenewRequest};
 use floto_proto::ErrorCode;
 
-use super::config::EnrollSettings;
 use super::renewal::{CertAction, CertFailure};
+use crate::enroll::EnrollOptions;
 use crate::state::{DeviceState, StateDir, StateError};
 
 /// A failed action: how it failed (for the planner) and what to tell a person.
@@ -68,7 +68,7 @@ pub async fn perform(
     action: CertAction,
     dir: &StateDir,
     state: &DeviceState,
-    enroll: Option<&EnrollSettings>,
+    enroll: Option<&EnrollOptions>,
 ) -> Result<DeviceState, Failed> {
     match action {
         CertAction::Renew => renew(dir, state).await,
@@ -117,7 +117,7 @@ async fn renew(dir: &StateDir, state: &DeviceState) -> Result<DeviceState, Faile
 async fn reenroll(
     dir: &StateDir,
     state: &DeviceState,
-    settings: &EnrollSettings,
+    settings: &EnrollOptions,
 ) -> Result<DeviceState, Failed> {
     let api = ApiClient::new(&settings.server, &settings.server_ca_pem, None)
         .map_err(|e| Failed::new(CertFailure::Refused, e.to_string()))?;

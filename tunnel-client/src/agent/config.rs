@@ -11,6 +11,7 @@ use serde::Deserialize;
 use floto_proto::DeviceId;
 
 use super::backoff::Backoff;
+use crate::enroll::EnrollOptions;
 
 /// The config file read when `--config` is not given (if it exists).
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/floto-tunnel.toml";
@@ -156,26 +157,6 @@ pub struct Overrides {
     pub keepalive: Option<Duration>,
 }
 
-/// What the agent needs to enroll (or re-enroll after its certificate expired).
-#[derive(Clone)]
-pub struct EnrollSettings {
-    pub server: String,
-    pub server_ca_pem: String,
-    pub provisioning_key: String,
-    pub uuid: Option<DeviceId>,
-    pub device_type: Option<String>,
-    pub hostname: Option<String>,
-}
-
-impl std::fmt::Debug for EnrollSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EnrollSettings")
-            .field("server", &self.server)
-            .field("uuid", &self.uuid)
-            .finish_non_exhaustive()
-    }
-}
-
 /// The validated configuration of `floto-tunnel run`.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -188,7 +169,7 @@ pub struct AgentConfig {
     pub keepalive: Option<Duration>,
     /// `None`: no provisioning key configured (the device must be enrolled already, and
     /// cannot come back by itself once its certificate expired).
-    pub enroll: Option<EnrollSettings>,
+    pub enroll: Option<EnrollOptions>,
 }
 
 impl AgentConfig {
@@ -261,7 +242,7 @@ impl AgentConfig {
                         source,
                     }
                 })?;
-                Some(EnrollSettings {
+                Some(EnrollOptions {
                     server,
                     server_ca_pem,
                     provisioning_key: provisioning_key.trim().to_owned(),

@@ -25,7 +25,7 @@ use super::local::{self, LocalSide};
 use super::probe;
 use super::renewal::{CertAction, RenewalPlanner, REVOKED_RETRY};
 use super::status::AgentStatus;
-use crate::enroll::{enroll, EnrollError, EnrollOptions};
+use crate::enroll::{enroll, EnrollError};
 use crate::state::{DeviceState, StateDir, StateError};
 
 /// How often the driver runs its timers.
@@ -84,15 +84,7 @@ async fn obtain_identity(
                 dir.root().display()
             );
         };
-        let opts = EnrollOptions {
-            server: settings.server.clone(),
-            server_ca_pem: settings.server_ca_pem.clone(),
-            provisioning_key: settings.provisioning_key.clone(),
-            uuid: settings.uuid,
-            device_type: settings.device_type.clone(),
-            hostname: settings.hostname.clone(),
-        };
-        let wait = match enroll(dir, &opts).await {
+        let wait = match enroll(dir, settings).await {
             Ok((state, _created)) => return Ok(Some(state)),
             Err(EnrollError::Client(e)) if e.is_transient() => {
                 let wait = backoff.delay(attempt, rng);
