@@ -286,7 +286,9 @@ fn after_a_server_restart_the_server_calls_the_device_back_within_10_s() {
     );
     assert!(
         reachable < Duration::from_secs(10),
-        "the device came back {reachable:?} after the server listened again (limit 10 s)"
+        "the device came back {reachable:?} after the server listened again (limit 10 s)\nagent log:\n{}\nserver log:\n{}",
+        s.agent.log(),
+        s.server.child.log()
     );
 }
 

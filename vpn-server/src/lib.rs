@@ -354,8 +354,9 @@ const CALL_BACK_RATE: u32 = 2000;
 /// online or roaming; written so that even after a SIGKILL the server can call back the
 /// devices that were connected.
 const PRESENCE_EVERY: Duration = Duration::from_secs(5);
-/// After a device came online or roamed, how long to gather more before writing (a storm of
-/// reconnecting devices is written in a few batches, not one transaction each).
+/// After a write prompted by a device coming online or roaming, how long to gather more
+/// before the next one: a lone device is written at once, a storm of reconnecting devices
+/// in a few batches rather than one transaction each.
 const PRESENCE_GATHER: Duration = Duration::from_millis(500);
 
 /// How often the API's TLS certificate is checked for rotation.
@@ -393,17 +394,19 @@ async fn presence_loop(state: Arc<AppState>, shutdown: CancellationToken) {
     tick.tick().await;
     let mut written = std::collections::HashMap::new();
     loop {
-        tokio::select! {
+        let prompted = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-            _ = state.events.endpoint_changed() => {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(PRESENCE_GATHER) => {}
-                }
+            _ = tick.tick() => false,
+            _ = state.events.endpoint_changed() => true,
+        };
+        persist_presence(&state, Some(&mut written)).await;
+        if prompted {
+            // Changes meanwhile leave a stored wake-up: they are written as one batch.
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(PRESENCE_GATHER) => {}
             }
         }
-        persist_presence(&state, Some(&mut written)).await;
     }
 }
 
