@@ -323,6 +323,13 @@ struct Driver {
 
 /// Initiations a thread sends between two looks at its socket during a storm.
 const INITIATE_BATCH: usize = 32;
+/// Device timers a thread runs between two looks at its socket. A retransmit costs a
+/// Diffie-Hellman: after a slow turn an uncapped sweep would retransmit for thousands of
+/// devices at once while the server's answers overflow the socket, and the devices'
+/// simulated slowness would be counted as the server's.
+const TIMER_BATCH: usize = 512;
+/// Datagrams a thread reads in one turn before it looks at its timers again.
+const RECEIVE_BATCH: usize = 4096;
 
 impl Driver {
     fn new(
@@ -369,6 +376,8 @@ impl Driver {
         let mut initiated = 0usize;
         let mut sweep_pos = 0usize;
         let mut last_sweep = Instant::now();
+        // Devices whose timers are due but not yet run (the rest of a capped sweep).
+        let mut sweep_owed = 0.0f64;
         let mut ping_round = 0u64;
         let mut ping_pos = usize::MAX;
         while !self.shared.stop.load(Ordering::Acquire) {
@@ -382,18 +391,23 @@ impl Driver {
                 initiated = end;
                 busy = true;
             }
-            // Timers: a share of the devices proportional to the time since the last share.
+            // Timers: a share of the devices proportional to the time since the last share,
+            // at most TIMER_BATCH per turn; what is left is owed to the next turns (never
+            // more than one full sweep).
             if go && !self.devices.is_empty() {
                 let now = Instant::now();
-                let due = ((now - last_sweep).as_secs_f64() / self.sweep.as_secs_f64()
-                    * self.devices.len() as f64) as usize;
-                if due > 0 {
-                    last_sweep = now;
-                    for _ in 0..due.min(self.devices.len()) {
-                        self.timers(sweep_pos);
-                        sweep_pos = (sweep_pos + 1) % self.devices.len();
-                    }
+                let len = self.devices.len() as f64;
+                sweep_owed = (sweep_owed
+                    + (now - last_sweep).as_secs_f64() / self.sweep.as_secs_f64() * len)
+                    .min(len);
+                last_sweep = now;
+                let run = (sweep_owed as usize).min(TIMER_BATCH);
+                for _ in 0..run {
+                    self.timers(sweep_pos);
+                    sweep_pos = (sweep_pos + 1) % self.devices.len();
                 }
+                sweep_owed -= run as f64;
+                busy |= sweep_owed >= 1.0;
             }
             let round = self.shared.ping_round.load(Ordering::Acquire);
             if round != ping_round {
@@ -417,7 +431,7 @@ impl Driver {
     /// Handles every datagram queued on the socket; `true` if there was any.
     fn receive_all(&mut self) -> bool {
         let mut any = false;
-        for _ in 0..1024 {
+        for _ in 0..RECEIVE_BATCH {
             let Some((len, dst)) = recv_with_dst(&self.socket, &mut self.buf) else {
                 break;
             };

@@ -130,8 +130,9 @@ pub struct ServerSettings {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tls_names: Vec<String>,
 
-    /// Handshakes per second (all devices together) before the server answers new
-    /// initiations with cookies, so initiators must prove their address first.
+    /// Handshake messages per second (all devices together) before the server answers new
+    /// ones with cookies, so initiators must prove their address first. Cookies are also
+    /// asked for, whatever the rate, while the handshake queue has fallen behind.
     #[arg(long, env = "FLOTO_HANDSHAKE_RATE_LIMIT", value_name = "PER_SECOND")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handshake_rate_limit: Option<u64>,

@@ -66,6 +66,14 @@ impl HandshakeQueue {
         q.pop_front()
     }
 
+    /// Whether the oldest queued initiation arrived `age` or more before `now`.
+    pub fn backlogged(&self, now: Instant, age: Duration) -> bool {
+        self.inner
+            .lock()
+            .front()
+            .is_some_and(|head| now.saturating_duration_since(head.at) >= age)
+    }
+
     pub fn len(&self) -> usize {
         self.inner.lock().len()
     }
@@ -102,5 +110,26 @@ mod tests {
         assert_eq!(q.pop(Duration::ZERO).map(|i| i.datagram), Some(b));
         assert!(q.pop(Duration::from_millis(1)).is_none());
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn backlogged_when_the_oldest_entry_waited_long_enough() {
+        let q = HandshakeQueue::new(4);
+        let from = SocketAddr::from(([127, 0, 0, 1], 1));
+        let t0 = Instant::now();
+        let age = Duration::from_secs(1);
+        assert!(
+            !q.backlogged(t0 + age * 10, age),
+            "an empty queue has no backlog"
+        );
+        let mut a = [0u8; INITIATION_LEN];
+        a[0] = 1;
+        assert!(q.push(from, &a, t0));
+        assert!(q.push(from, &a, t0 + age));
+        assert!(!q.backlogged(t0 + age / 2, age));
+        assert!(q.backlogged(t0 + age, age));
+        q.pop(Duration::ZERO);
+        assert!(!q.backlogged(t0 + age, age), "only the head's age counts");
+        assert!(q.backlogged(t0 + age * 2, age));
     }
 }

@@ -2,8 +2,9 @@
 //! datagrams to them, online tracking and timers. No sockets and no clock: callers pass
 //! datagrams and `now`, and get what to send through [`Output`].
 //!
-//! Routing (as DESIGN.md): the shared [`RateLimiter`] checks every handshake first (and
-//! answers with a cookie under load); a handshake initiation is matched to its peer by the
+//! Routing (as DESIGN.md): every handshake message's MAC1 is checked first and, under load,
+//! its MAC2 (without a valid cookie it is answered with a cookie reply); a handshake
+//! initiation is matched to its peer by the
 //! static key `parse_handshake_anon` decrypts; every other message by `receiver_idx >> 8`,
 //! a 24-bit index unique to the peer while it has a session.
 //!
@@ -27,9 +28,20 @@ use parking_lot::Mutex;
 
 use floto_proto::{DeviceId, WgKey};
 
-/// Default handshakes per second (all peers together) before the server answers with
-/// cookies, requiring initiators to prove their address (WireGuard's DoS defence).
-pub const DEFAULT_HANDSHAKE_RATE: u64 = 4000;
+/// Default handshake messages per second (all peers together) admitted before the server
+/// answers with cookies, requiring initiators to prove their address (WireGuard's DoS
+/// defence). A ceiling above what a node answers (a 2-core node about 3,000 a second), so
+/// that a storm of real devices arriving at once is not sent through a 5 s cookie round by
+/// its arrival rate alone: the queue's backlog and the count of failed initiations
+/// ([`STRANGER_LIMIT`]) are what put the server under load first.
+pub const DEFAULT_HANDSHAKE_RATE: u64 = 20_000;
+
+/// Initiations per second that cost a Diffie-Hellman and led nowhere (an unknown or
+/// revoked key, an undecryptable or replayed initiation) before the server asks every
+/// initiator for a cookie, until the next second. Real devices rarely fail; a flood of
+/// made-up initiations fails every time, so it is held to about this many
+/// Diffie-Hellmans a second (a few percent of a core) whatever its rate.
+pub const STRANGER_LIMIT: u64 = 1000;
 
 /// How often `Tunn::update_timers` must have run before we hand a `Tunn` a packet, so the
 /// times boringtun stamps on events are fresh (it stamps them with the time of the last
@@ -256,7 +268,20 @@ pub struct PeerTable {
     server_ip: Ipv4Addr,
     overlay: ipnet::Ipv4Net,
     online_window: Duration,
-    rate_limiter: Arc<RateLimiter>,
+    /// Checks MAC1 and always MAC2: answers a cookie reply unless the sender has a valid
+    /// cookie. Used under load (boringtun's limiter with a count limit of 0).
+    cookie_gate: Arc<RateLimiter>,
+    /// Checks MAC1 only (a count limit never reached). Also the `Tunn`s' own limiter, so a
+    /// handshake admitted here is never answered with a cookie after its Diffie-Hellmans.
+    mac1_gate: Arc<RateLimiter>,
+    /// Handshake messages per second admitted without a cookie when there is no backlog
+    /// (`--handshake-rate-limit`).
+    rate_limit: u64,
+    /// Handshake messages checked since `rate_reset`.
+    rate_count: AtomicU64,
+    /// Initiations that failed after their Diffie-Hellmans since `rate_reset`.
+    strangers: AtomicU64,
+    rate_reset: Mutex<Instant>,
     by_key: DashMap<[u8; 32], Arc<Peer>>,
     by_id: DashMap<DeviceId, Arc<Peer>>,
     by_ip: DashMap<Ipv4Addr, Arc<Peer>>,
@@ -310,19 +335,23 @@ pub struct PeerConfig {
 }
 
 impl PeerTable {
-    /// `handshake_rate` is the handshakes per second admitted without a cookie.
+    /// `rate_limit`: handshake messages per second admitted without a cookie even when
+    /// the caller does not report a backlog (see [`Self::admit`]).
     pub fn new(
         private: StaticSecret,
         overlay: ipnet::Ipv4Net,
         server_ip: Ipv4Addr,
         online_window: Duration,
-        handshake_rate: u64,
+        rate_limit: u64,
     ) -> Self {
         let public = PublicKey::from(&private);
         Self {
-            // Every handshake message passes the shared limiter twice (our routing check and
-            // the `Tunn`'s own), so its count limit is twice the rate.
-            rate_limiter: Arc::new(RateLimiter::new(&public, 2 * handshake_rate.max(1))),
+            cookie_gate: Arc::new(RateLimiter::new(&public, 0)),
+            mac1_gate: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            rate_limit: rate_limit.max(1),
+            rate_count: AtomicU64::new(0),
+            strangers: AtomicU64::new(0),
+            rate_reset: Mutex::new(Instant::now()),
             private,
             public,
             server_ip,
@@ -469,26 +498,41 @@ impl PeerTable {
         scratch: &mut [u8],
         out: &mut dyn Output,
     ) {
-        if self.admit(from, datagram, scratch, out) {
+        if self.admit(from, datagram, false, scratch, out) {
             self.dispatch(from, datagram, now, scratch, out);
         }
     }
 
     /// The cheap checks every datagram passes first: its shape, and for handshake messages
-    /// their MAC1 and the shared rate limiter (which answers with a cookie reply under
-    /// load). Returns `true` if the datagram should be handled. The UDP driver runs this on
-    /// its receive path and queues admitted initiations for [`Self::handle_initiation`].
+    /// their MAC1 and, under load, their MAC2 (a sender without a valid cookie gets a
+    /// cookie reply instead). Returns `true` if the datagram should be handled. The UDP
+    /// driver runs this on its receive path and queues admitted initiations for
+    /// [`Self::handle_initiation`].
+    ///
+    /// Under load means `backlogged` (the caller's handshake queue holds more work than it
+    /// answers in time: a message admitted now would wait until its sender retries anyway,
+    /// so a cookie costs a legitimate device nothing and a spoofed flood its way in), more
+    /// failed initiations this second than [`STRANGER_LIMIT`], or more handshake messages
+    /// this second than the rate limit.
     pub fn admit(
         &self,
         from: SocketAddr,
         datagram: &[u8],
+        backlogged: bool,
         scratch: &mut [u8],
         out: &mut dyn Output,
     ) -> bool {
-        match self
-            .rate_limiter
-            .verify_packet(Some(from.ip()), datagram, scratch)
-        {
+        let handshake = matches!(datagram.first(), Some(1 | 2));
+        let over_rate =
+            handshake && self.rate_count.fetch_add(1, Ordering::Relaxed) >= self.rate_limit;
+        let under_load =
+            backlogged || over_rate || self.strangers.load(Ordering::Relaxed) >= STRANGER_LIMIT;
+        let gate = if handshake && under_load {
+            &self.cookie_gate
+        } else {
+            &self.mac1_gate
+        };
+        match gate.verify_packet(Some(from.ip()), datagram, scratch) {
             Ok(_) => true,
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 bump(&self.counters.cookie_replies, 1);
@@ -542,6 +586,7 @@ impl PeerTable {
                     Ok(half) => half,
                     Err(_) => {
                         self.counters.drop(DropReason::BadHandshake);
+                        bump(&self.strangers, 1);
                         return;
                     }
                 };
@@ -549,6 +594,7 @@ impl PeerTable {
                     Some(p) => (p.clone(), Kind::Init),
                     None => {
                         self.counters.drop(DropReason::UnknownPeer);
+                        bump(&self.strangers, 1);
                         return;
                     }
                 }
@@ -608,20 +654,21 @@ impl PeerTable {
             }
             TunnResult::Err(_) => {
                 self.counters.drop(DropReason::Rejected);
+                if kind == Kind::Init {
+                    // A replayed or stale initiation of a known key.
+                    bump(&self.strangers, 1);
+                }
             }
             TunnResult::WriteToNetwork(reply) => {
                 match kind {
-                    // The `Tunn`'s own check of the shared limiter can still answer a cookie.
-                    Kind::Init if reply.first() == Some(&3) => {
-                        bump(&self.counters.cookie_replies, 1)
-                    }
                     Kind::Init => bump(&self.counters.handshakes_completed, 1),
                     Kind::Response => {
                         bump(&self.counters.handshakes_responded, 1);
                         authenticated = true;
                     }
-                    // A cookie reply under load from the peer's own limiter.
-                    _ => bump(&self.counters.cookie_replies, 1),
+                    // A handshake boringtun starts on its own (a cookie consumed, or data
+                    // on an expiring session): nothing to count here.
+                    Kind::Cookie | Kind::Data => {}
                 }
                 // Answer where the message came from; the endpoint itself moves only on
                 // authenticated packets (an initiation can be replayed by anyone).
@@ -731,7 +778,7 @@ impl PeerTable {
             None,
             None,
             index,
-            Some(self.rate_limiter.clone()),
+            Some(self.mac1_gate.clone()),
         )));
         st.index = Some(index);
         st.tunn_since = Some(now);
@@ -878,11 +925,20 @@ impl PeerTable {
     }
 
     /// Runs every peer timer due at `now`: boringtun's timers (retransmits, keepalives,
-    /// rekeys), online-window expiry, and freeing idle `Tunn`s. Also resets the shared
-    /// rate limiter's count, which boringtun never does for a shared limiter: call this
-    /// at least once a second.
+    /// rekeys), online-window expiry, and freeing idle `Tunn`s. Also starts a new second
+    /// for the handshake rate limit (and resets the gates' own counts, which boringtun
+    /// never does for a shared limiter): call this at least once a second.
     pub fn handle_timeout(&self, now: Instant, scratch: &mut [u8], out: &mut dyn Output) {
-        self.rate_limiter.reset_count();
+        {
+            let mut reset = self.rate_reset.lock();
+            if now.saturating_duration_since(*reset) >= Duration::from_secs(1) {
+                self.rate_count.store(0, Ordering::Relaxed);
+                self.strangers.store(0, Ordering::Relaxed);
+                *reset = now;
+            }
+        }
+        self.cookie_gate.reset_count();
+        self.mac1_gate.reset_count();
         loop {
             let due = {
                 let mut heap = self.timers.lock();

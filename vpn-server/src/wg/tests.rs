@@ -13,6 +13,8 @@ use super::peers::*;
 
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 1);
 const WINDOW: Duration = Duration::from_secs(85);
+/// `--handshake-rate-limit` in these tests.
+const RATE: u64 = 4000;
 
 /// Everything the table produced.
 #[derive(Default)]
@@ -52,7 +54,7 @@ impl Server {
                 "10.240.0.0/16".parse().unwrap(),
                 SERVER_IP,
                 WINDOW,
-                DEFAULT_HANDSHAKE_RATE,
+                RATE,
             ),
             public,
             scratch: vec![0; MAX_DATAGRAM],
@@ -457,7 +459,7 @@ fn an_initiation_flood_gets_cookies_and_established_devices_keep_flowing() {
     let mut stranger = Tunn::new(stranger_key, s.public, None, None, 10, None);
     let mut buf = vec![0u8; 2048];
     let mut cookies = 0;
-    for i in 0..(2 * DEFAULT_HANDSHAKE_RATE + 200) {
+    for i in 0..(RATE + 200) {
         let init = match stranger.format_handshake_initiation(&mut buf, true) {
             TunnResult::WriteToNetwork(p) => p.to_vec(),
             _ => unreachable!(),
@@ -479,10 +481,7 @@ fn an_initiation_flood_gets_cookies_and_established_devices_keep_flowing() {
             .load(std::sync::atomic::Ordering::Relaxed)
             >= cookies as u64
     );
-    assert_eq!(
-        s.out.host.len(),
-        (2 * DEFAULT_HANDSHAKE_RATE as usize + 200).div_ceil(500)
-    );
+    assert_eq!(s.out.host.len(), (RATE as usize + 200).div_ceil(500));
     // Still under load: a new legitimate device gets a cookie, proves its address with
     // it, and connects.
     let mut fresh = s.enroll(2);
@@ -502,6 +501,88 @@ fn an_initiation_flood_gets_cookies_and_established_devices_keep_flowing() {
         s.receive(fresh.addr, &k);
     }
     assert!(s.table.status(&fresh.id).unwrap().online);
+}
+
+#[test]
+fn failed_initiations_put_the_server_under_load_until_the_next_second() {
+    let mut s = Server::new();
+    let stranger_key = StaticSecret::from([79u8; 32]);
+    let mut stranger = Tunn::new(stranger_key, s.public, None, None, 11, None);
+    let mut buf = vec![0u8; 2048];
+    // Far below the rate limit, but every one costs a Diffie-Hellman and leads nowhere.
+    for i in 0..STRANGER_LIMIT {
+        let init = match stranger.format_handshake_initiation(&mut buf, true) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            _ => unreachable!(),
+        };
+        let from = SocketAddr::from(([198, 51, 100, (i % 250) as u8], 2000 + i as u16));
+        assert!(
+            s.receive(from, &init).is_empty(),
+            "an unknown key gets no answer"
+        );
+    }
+    // A real device is now asked for a cookie.
+    let mut d = s.enroll(1);
+    let replies = s.receive(d.addr, &d.initiation());
+    assert_eq!(replies.len(), 1);
+    assert_eq!(
+        replies[0][0], 3,
+        "expected a cookie reply after the failures"
+    );
+    // In the next second the count starts again: no cookie asked.
+    s.advance(Duration::from_secs(1));
+    let mut fresh = s.enroll(2);
+    fresh.connect(&mut s);
+    assert!(s.table.status(&fresh.id).unwrap().online);
+}
+
+#[test]
+fn a_backlog_asks_for_cookies_below_the_rate_limit_and_a_cookie_gets_through() {
+    let mut s = Server::new();
+    let mut d = s.enroll(1);
+    let mut scratch = vec![0u8; MAX_DATAGRAM];
+    let mut out = Collected::default();
+    // Without a backlog (and far below the rate limit) an initiation is admitted as is.
+    let init = d.initiation();
+    assert!(s.table.admit(d.addr, &init, false, &mut scratch, &mut out));
+    assert!(out.datagrams.is_empty());
+    // With one, it is answered with a cookie reply instead, and not admitted.
+    let init = d.initiation();
+    assert!(!s.table.admit(d.addr, &init, true, &mut scratch, &mut out));
+    assert_eq!(out.datagrams.len(), 1);
+    let (to, cookie) = out.datagrams.pop().unwrap();
+    assert_eq!(
+        (to, cookie[0]),
+        (d.addr, 3),
+        "expected a cookie reply to the sender"
+    );
+    assert_eq!(
+        s.table
+            .counters
+            .cookie_replies
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // The device's retry carries MAC2 and is admitted despite the backlog...
+    assert!(d.receive(&cookie).is_empty());
+    let retry = d.initiation();
+    assert!(s.table.admit(d.addr, &retry, true, &mut scratch, &mut out));
+    assert!(out.datagrams.is_empty());
+    // ...but the cookie is bound to the address: from elsewhere it is asked again.
+    let elsewhere = SocketAddr::from(([198, 51, 100, 7], 4000));
+    assert!(!s
+        .table
+        .admit(elsewhere, &retry, true, &mut scratch, &mut out));
+    assert_eq!(out.datagrams.pop().map(|(_, c)| c[0]), Some(3));
+    // A worker answers the admitted retry: the device comes online.
+    s.table
+        .handle_initiation(d.addr, &retry, s.now, &mut scratch, &mut out);
+    let (_, response) = out.datagrams.pop().expect("a handshake response");
+    assert_eq!(response[0], 2);
+    for k in d.receive(&response) {
+        s.receive(d.addr, &k);
+    }
+    assert!(s.table.status(&d.id).unwrap().online);
 }
 
 #[test]
