@@ -171,3 +171,23 @@ fn identity_to_use(dir: &StateDir, opts: &EnrollOptions) -> Result<DeviceId, Enr
         (None, None) => Ok(DeviceId::new_random()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_the_provisioning_key() {
+        let opts = EnrollOptions {
+            server: "https://vpn.example:8443".into(),
+            server_ca_pem: "-----BEGIN CERTIFICATE-----".into(),
+            provisioning_key: "fpk_secret_value_1234".into(),
+            uuid: None,
+            device_type: Some("rpi4".into()),
+            hostname: Some("sensor-1".into()),
+        };
+        let shown = format!("{opts:?} {opts:#?}");
+        assert!(shown.contains("vpn.example"), "{shown}");
+        assert!(!shown.contains("fpk_secret_value_1234"), "{shown}");
+    }
+}

@@ -42,8 +42,8 @@ const HANDSHAKE_MAX_AGE: Duration = Duration::from_secs(3);
 /// When the oldest queued initiation has waited this long, the server is under load: new
 /// initiations must carry a cookie (MAC2), or they are answered with a cookie reply. One
 /// admitted now would likely wait about as long, close to `HANDSHAKE_MAX_AGE`, so the
-/// cookie costs a legitimate device nothing (it retries after 5 s either way, then with
-/// proof of its address), while a spoofed flood stops reaching the workers. A storm the
+/// cookie costs a legitimate device little (it retries after 5 s, then with proof of its
+/// address), while a spoofed flood stops reaching the workers. A storm the
 /// workers keep up with is answered without cookies. WireGuard's own implementations
 /// decide by queue length (an eighth of it), which in a storm of real devices puts most of
 /// them through a 5 s cookie round.

@@ -510,8 +510,8 @@ impl PeerTable {
     /// [`Self::handle_initiation`].
     ///
     /// Under load means `backlogged` (the caller's handshake queue holds more work than it
-    /// answers in time: a message admitted now would wait until its sender retries anyway,
-    /// so a cookie costs a legitimate device nothing and a spoofed flood its way in), more
+    /// answers in time: a message admitted now would wait close to when its sender retries,
+    /// so a cookie costs a legitimate device little and a spoofed flood its way in), more
     /// failed initiations this second than [`STRANGER_LIMIT`], or more handshake messages
     /// this second than the rate limit.
     pub fn admit(
@@ -666,8 +666,8 @@ impl PeerTable {
                         bump(&self.counters.handshakes_responded, 1);
                         authenticated = true;
                     }
-                    // A handshake boringtun starts on its own (a cookie consumed, or data
-                    // on an expiring session): nothing to count here.
+                    // boringtun 0.7 answers neither a cookie reply nor data with a datagram;
+                    // should a later version, there is nothing to count here.
                     Kind::Cookie | Kind::Data => {}
                 }
                 // Answer where the message came from; the endpoint itself moves only on
