@@ -87,6 +87,24 @@ impl Server {
         }
     }
 
+    /// A device with the key `[seed; 32]`, which the server does not know.
+    fn stranger(&self, seed: u8) -> Device {
+        Device {
+            id: DeviceId::new_random(),
+            ip: Ipv4Addr::new(10, 240, 255, seed),
+            addr: SocketAddr::from(([198, 51, 100, seed], 5000)),
+            tunn: Tunn::new(
+                StaticSecret::from([seed; 32]),
+                self.public,
+                None,
+                None,
+                u32::from(seed),
+                None,
+            ),
+            buf: vec![0; MAX_DATAGRAM],
+        }
+    }
+
     /// Feeds one datagram from `from`; returns what the server sent back to it.
     fn receive(&mut self, from: SocketAddr, datagram: &[u8]) -> Vec<Vec<u8>> {
         let before = self.out.datagrams.len();
@@ -262,13 +280,7 @@ fn unknown_keys_malformed_and_unknown_indices_are_dropped_quietly() {
     let mut s = Server::new();
     let mut d = s.enroll(1);
     // A device whose key the server does not know.
-    let stranger_key = StaticSecret::from([77u8; 32]);
-    let mut stranger = Tunn::new(stranger_key, s.public, None, None, 9, None);
-    let mut buf = vec![0u8; 2048];
-    let init = match stranger.format_handshake_initiation(&mut buf, false) {
-        TunnResult::WriteToNetwork(p) => p.to_vec(),
-        _ => unreachable!(),
-    };
+    let init = s.stranger(77).initiation();
     let from: SocketAddr = "198.51.100.7:5555".parse().unwrap();
     assert!(s.receive(from, &init).is_empty());
     assert_eq!(s.dropped(DropReason::UnknownPeer), 1);
@@ -455,15 +467,10 @@ fn an_initiation_flood_gets_cookies_and_established_devices_keep_flowing() {
     let mut d = s.enroll(1);
     d.connect(&mut s);
     // Initiations from one unknown key, many sources: valid MAC1, so they count.
-    let stranger_key = StaticSecret::from([78u8; 32]);
-    let mut stranger = Tunn::new(stranger_key, s.public, None, None, 10, None);
-    let mut buf = vec![0u8; 2048];
+    let mut stranger = s.stranger(78);
     let mut cookies = 0;
     for i in 0..(RATE + 200) {
-        let init = match stranger.format_handshake_initiation(&mut buf, true) {
-            TunnResult::WriteToNetwork(p) => p.to_vec(),
-            _ => unreachable!(),
-        };
+        let init = stranger.initiation();
         let from = SocketAddr::from(([198, 51, 100, (i % 250) as u8], 1000 + (i % 5000) as u16));
         let replies = s.receive(from, &init);
         cookies += replies.iter().filter(|r| r[0] == 3).count();
@@ -506,15 +513,10 @@ fn an_initiation_flood_gets_cookies_and_established_devices_keep_flowing() {
 #[test]
 fn failed_initiations_put_the_server_under_load_until_the_next_second() {
     let mut s = Server::new();
-    let stranger_key = StaticSecret::from([79u8; 32]);
-    let mut stranger = Tunn::new(stranger_key, s.public, None, None, 11, None);
-    let mut buf = vec![0u8; 2048];
+    let mut stranger = s.stranger(79);
     // Far below the rate limit, but every one costs a Diffie-Hellman and leads nowhere.
     for i in 0..STRANGER_LIMIT {
-        let init = match stranger.format_handshake_initiation(&mut buf, true) {
-            TunnResult::WriteToNetwork(p) => p.to_vec(),
-            _ => unreachable!(),
-        };
+        let init = stranger.initiation();
         let from = SocketAddr::from(([198, 51, 100, (i % 250) as u8], 2000 + i as u16));
         assert!(
             s.receive(from, &init).is_empty(),
@@ -534,6 +536,33 @@ fn failed_initiations_put_the_server_under_load_until_the_next_second() {
     let mut fresh = s.enroll(2);
     fresh.connect(&mut s);
     assert!(s.table.status(&fresh.id).unwrap().online);
+}
+
+#[test]
+fn replayed_initiations_of_a_known_key_count_as_failures_and_lose_nothing() {
+    let mut s = Server::new();
+    let mut d = s.enroll(1);
+    let init = d.initiation();
+    let replies = s.receive(d.addr, &init);
+    for k in d.receive(&replies[0]) {
+        s.receive(d.addr, &k);
+    }
+    // A captured initiation replayed from many addresses: each costs a Diffie-Hellman
+    // and is rejected (stale timestamp).
+    for i in 0..STRANGER_LIMIT {
+        let from = SocketAddr::from(([203, 0, 113, (i % 250) as u8], 3000 + i as u16));
+        assert!(s.receive(from, &init).is_empty());
+    }
+    assert_eq!(s.dropped(DropReason::Rejected), STRANGER_LIMIT);
+    // The server is now under load: a new device is asked for a cookie...
+    let mut other = s.enroll(2);
+    let replies = s.receive(other.addr, &other.initiation());
+    assert_eq!(replies.iter().map(|r| r[0]).collect::<Vec<_>>(), vec![3]);
+    // ...while the established session still carries data, from its own endpoint.
+    let data = d.encrypt(&ipv4(d.ip, SERVER_IP, b"still here"));
+    s.receive(d.addr, &data);
+    assert_eq!(s.out.host.len(), 1);
+    assert_eq!(s.table.status(&d.id).unwrap().endpoint, Some(d.addr));
 }
 
 #[test]
