@@ -4,12 +4,16 @@
 //! (QUIC to the broker) -> the server's userspace TCP stack -> WireGuard (boringtun) -> the
 //! device; the server has no TUN interface. The reference is a wireguard-go server with a
 //! kernel TUN interface, reached by the host's own TCP stack.
+//!
+//! A third device runs the product's own agent (`floto-tunnel run`, TUN mode) in its own
+//! namespace, reached through the same server and operator path: what a FLOTO device gets.
 
 use std::process::Command;
 use std::time::Duration;
 
 use serde::Serialize;
 
+use floto_e2e::agent::{Agent, AgentOptions};
 use floto_e2e::device::{WgGoDevice, WgGoHost};
 use floto_e2e::net::Netns;
 use floto_e2e::server::Server;
@@ -26,6 +30,7 @@ pub struct Args {
 #[derive(Debug, Serialize)]
 struct Run {
     server: &'static str,
+    device: &'static str,
     direction: &'static str,
     run: usize,
     mbit_per_s: f64,
@@ -41,6 +46,33 @@ struct Results {
     seconds: u32,
     runs: Vec<Run>,
     medians: Vec<(String, String, f64)>,
+}
+
+const OURS: &str = "floto-vpn-server";
+const WG_GO: &str = "wireguard-go";
+const AGENT: &str = "floto-tunnel";
+
+/// `floto tunnel <uuid> 127.0.0.1:0:5201`; returns the process and its local port.
+fn operator_tunnel(
+    cfg: &std::path::Path,
+    uuid: &str,
+    name: &str,
+    logs: &std::path::Path,
+) -> (Child, u16) {
+    let mut tunnel = floto(cfg);
+    tunnel.args(["tunnel", uuid, "127.0.0.1:0:5201"]);
+    let tunnel = Child::spawn(&format!("floto-tunnel-cmd-{name}"), tunnel, logs);
+    let port: u16 = wait_for(Duration::from_secs(15), "floto tunnel to listen", || {
+        tunnel
+            .log()
+            .lines()
+            .find_map(|l| l.strip_prefix("forwarding 127.0.0.1:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    });
+    (tunnel, port)
 }
 
 /// Runs iperf3 against `host:port`; returns received Mbit/s.
@@ -99,7 +131,16 @@ pub fn main(args: Args, command: String) -> anyhow::Result<()> {
 
     // floto-vpn-server, a wireguard-go device, `floto tunnel` to its iperf3.
     let ns = Netns::new();
-    let server = Server::start_logging(&["--tls-name", &ns.host_ip().to_string()], "warn");
+    let agent_ns = Netns::new();
+    let server = Server::start_logging(
+        &[
+            "--tls-name",
+            &ns.host_ip().to_string(),
+            "--tls-name",
+            &agent_ns.host_ip().to_string(),
+        ],
+        "warn",
+    );
     let key = server.create_key("bench", None);
     let mut device = WgGoDevice::enroll(ns, &server, &key);
     device.up();
@@ -107,19 +148,24 @@ pub fn main(args: Args, command: String) -> anyhow::Result<()> {
     let cfg = logs.path().join("operator");
     server.login_operator("bench", "admin", &[], &cfg);
     server.wait_online(&device.uuid, true, Duration::from_secs(30));
-    let mut tunnel = floto(&cfg);
-    tunnel.args(["tunnel", &device.uuid, "127.0.0.1:0:5201"]);
-    let tunnel = Child::spawn("floto-tunnel-cmd", tunnel, logs.path());
-    let port: u16 = wait_for(Duration::from_secs(15), "floto tunnel to listen", || {
-        tunnel
-            .log()
-            .lines()
-            .find_map(|l| l.strip_prefix("forwarding 127.0.0.1:"))?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
-    });
+    let (_tunnel, port) = operator_tunnel(&cfg, &device.uuid, "wg-go", logs.path());
+
+    // The product's agent as a device, through the same server.
+    let mut agent = Agent::new(
+        &agent_ns,
+        &server,
+        &key,
+        AgentOptions {
+            args: Vec::new(),
+            user: None,
+        },
+    );
+    agent.start();
+    agent.wait_connected(Duration::from_secs(30));
+    let agent_uuid = agent.uuid();
+    let _iperf_agent = iperf_server(&agent_ns, logs.path());
+    server.wait_online(&agent_uuid, true, Duration::from_secs(30));
+    let (_agent_tunnel, agent_port) = operator_tunnel(&cfg, &agent_uuid, "agent", logs.path());
 
     // The reference: wireguard-go server and device.
     let tag = std::process::id() % 250;
@@ -142,20 +188,24 @@ pub fn main(args: Args, command: String) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     for run in 1..=args.runs {
         for (direction, reverse) in [("to device", false), ("from device", true)] {
-            let cpu = report::cpu_seconds(server.child.pid());
-            let mbit = iperf("127.0.0.1", port, args.seconds, reverse)?;
-            runs.push(Run {
-                server: "floto-vpn-server",
-                direction,
-                run,
-                mbit_per_s: mbit,
-                server_cpu_s: report::cpu_seconds(server.child.pid()) - cpu,
-            });
+            for (device, port) in [(WG_GO, port), (AGENT, agent_port)] {
+                let cpu = report::cpu_seconds(server.child.pid());
+                let mbit = iperf("127.0.0.1", port, args.seconds, reverse)?;
+                runs.push(Run {
+                    server: OURS,
+                    device,
+                    direction,
+                    run,
+                    mbit_per_s: mbit,
+                    server_cpu_s: report::cpu_seconds(server.child.pid()) - cpu,
+                });
+            }
             let pid = host.pid().unwrap_or(0);
             let cpu = report::cpu_seconds(pid);
             let mbit = iperf(&device_ip.to_string(), 5201, args.seconds, reverse)?;
             runs.push(Run {
-                server: "wireguard-go",
+                server: WG_GO,
+                device: WG_GO,
                 direction,
                 run,
                 mbit_per_s: mbit,
@@ -169,6 +219,7 @@ pub fn main(args: Args, command: String) -> anyhow::Result<()> {
         .map(|r| {
             vec![
                 r.server.to_owned(),
+                r.device.to_owned(),
                 r.direction.to_owned(),
                 r.run.to_string(),
                 format!("{:.0}", r.mbit_per_s),
@@ -177,26 +228,40 @@ pub fn main(args: Args, command: String) -> anyhow::Result<()> {
         })
         .collect();
     report::print_table(
-        &["server", "direction", "run", "Mbit/s", "server cpu s"],
+        &[
+            "server",
+            "device",
+            "direction",
+            "run",
+            "Mbit/s",
+            "server cpu s",
+        ],
         &rows,
     );
     let mut medians = Vec::new();
     for direction in ["to device", "from device"] {
-        let mut m = [0.0f64; 2];
-        for (i, server) in ["floto-vpn-server", "wireguard-go"].iter().enumerate() {
+        let mut m = [0.0f64; 3];
+        for (i, (server, device)) in [(OURS, WG_GO), (OURS, AGENT), (WG_GO, WG_GO)]
+            .into_iter()
+            .enumerate()
+        {
             let mut v: Vec<f64> = runs
                 .iter()
-                .filter(|r| r.server == *server && r.direction == direction)
+                .filter(|r| r.server == server && r.device == device && r.direction == direction)
                 .map(|r| r.mbit_per_s)
                 .collect();
             m[i] = report::median(&mut v);
-            medians.push((server.to_string(), direction.to_string(), m[i]));
+            medians.push((format!("{server} / {device}"), direction.to_string(), m[i]));
         }
+        let reference = m[2].max(1e-9);
         println!(
-            "median {direction}: floto-vpn-server {:.0} Mbit/s, wireguard-go {:.0} Mbit/s, ratio {:.2}",
+            "median {direction}: floto-vpn-server {:.0} Mbit/s (wireguard-go device, ratio {:.2}), \
+             {:.0} Mbit/s (floto-tunnel device, ratio {:.2}); wireguard-go {:.0} Mbit/s",
             m[0],
+            m[0] / reference,
             m[1],
-            m[0] / m[1].max(1e-9)
+            m[1] / reference,
+            m[2]
         );
     }
     let results = Results {

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, trace, warn};
 
 use crate::device::VirtualDevice;
+use crate::flight::Flight;
 use crate::packet::{classify, Inbound, Tuple};
 use crate::ports::EphemeralPorts;
 use crate::stream::{self, End, Shutdown, StreamShared};
@@ -25,6 +26,10 @@ use crate::{
     TcpStream,
 };
 
+/// The flight cap of a connection never goes below this (bytes): on a fast path nearby, whose
+/// bandwidth-delay product is smaller, this much in flight keeps it busy without overflowing
+/// a WireGuard device's socket. See `flight.rs`.
+const FLIGHT_FLOOR: usize = 64 * 1024;
 /// Sockets kept in LISTEN per listener. They are replenished after every SYN, so this only
 /// needs to cover SYNs arriving within one packet of each other.
 const LISTEN_SLOTS: usize = 4;
@@ -224,20 +229,27 @@ enum Phase {
     Dialing {
         reply: oneshot::Sender<Result<TcpStream, ConnectError>>,
         deadline: Instant,
+        /// When the dial began (the SYN left in the same round).
+        since: Instant,
     },
     /// A listening slot received a SYN; waiting for the final ACK.
     Handshaking { listener: u16, listener_id: u64 },
     /// Established and owned by a [`TcpStream`] (possibly dropped and closing).
-    Open {
-        shared: Arc<StreamShared>,
-        fin_queued: bool,
-        /// When a dropped stream's connection is reset if it has not closed by then.
-        linger: Option<Instant>,
-        /// When the connection leaves TIME-WAIT.
-        time_wait: Option<Instant>,
-    },
+    Open(Box<Open>),
     /// Aborted; removed once smoltcp has sent its RST.
     Closing,
+}
+
+/// An established connection's state on the driver's side.
+struct Open {
+    shared: Arc<StreamShared>,
+    fin_queued: bool,
+    /// When a dropped stream's connection is reset if it has not closed by then.
+    linger: Option<Instant>,
+    /// When the connection leaves TIME-WAIT.
+    time_wait: Option<Instant>,
+    /// How much of the stream may be unacknowledged.
+    flight: Flight,
 }
 
 struct Listener {
@@ -344,7 +356,11 @@ impl Driver {
         match self.start_dial(remote, timeout, now) {
             Ok((id, deadline)) => {
                 if let Some(conn) = self.conns.get_mut(&id) {
-                    conn.phase = Phase::Dialing { reply, deadline };
+                    conn.phase = Phase::Dialing {
+                        reply,
+                        deadline,
+                        since: now,
+                    };
                 }
             }
             Err(e) => {
@@ -725,19 +741,16 @@ impl Driver {
         let tuple = conn.tuple;
         let phase = std::mem::replace(&mut conn.phase, Phase::Closing);
         let (phase, verdict) = match phase {
-            Phase::Dialing { reply, deadline } => {
-                self.service_dialing(id, handle, tuple, reply, deadline, now)
-            }
+            Phase::Dialing {
+                reply,
+                deadline,
+                since,
+            } => self.service_dialing(id, handle, tuple, reply, (deadline, since), now),
             Phase::Handshaking {
                 listener,
                 listener_id,
             } => self.service_handshaking(id, handle, tuple, listener, listener_id, now),
-            Phase::Open {
-                shared,
-                fin_queued,
-                linger,
-                time_wait,
-            } => self.service_open(handle, shared, fin_queued, linger, time_wait, now),
+            Phase::Open(open) => self.service_open(handle, open, now),
             Phase::Closing => (Phase::Closing, self.closing_verdict(handle)),
         };
         if let Some(conn) = self.conns.get_mut(&id) {
@@ -771,7 +784,7 @@ impl Driver {
         handle: SocketHandle,
         tuple: Tuple,
         reply: oneshot::Sender<Result<TcpStream, ConnectError>>,
-        deadline: Instant,
+        (deadline, since): (Instant, Instant),
         now: Instant,
     ) -> (Phase, Verdict) {
         let socket = self.sockets.get_mut::<tcp::Socket>(handle);
@@ -790,7 +803,12 @@ impl Driver {
                     (Phase::Closing, Verdict::Closing)
                 } else {
                     self.note_deadline(deadline);
-                    (Phase::Dialing { reply, deadline }, Verdict::Keep)
+                    let phase = Phase::Dialing {
+                        reply,
+                        deadline,
+                        since,
+                    };
+                    (phase, Verdict::Keep)
                 }
             }
             tcp::State::Closed | tcp::State::Listen => {
@@ -811,7 +829,14 @@ impl Driver {
                 Counters::add(&self.counters.connects_established, 1);
                 // If the caller gave up just now, dropping the stream closes it gracefully.
                 let _ = reply.send(Ok(stream));
-                self.service_open(handle, shared, false, None, None, now)
+                let mut open = self.new_open(shared);
+                // The handshake is a first round trip, unless the SYN had to be sent again
+                // (smoltcp waits at least 1 s for that).
+                let handshake = now.saturating_duration_since(since);
+                if handshake < Duration::from_secs(1) {
+                    open.flight.round_trip(handshake, now);
+                }
+                self.service_open(handle, open, now)
             }
         }
     }
@@ -870,7 +895,8 @@ impl Driver {
                         Counters::add(&self.counters.accepts_refused, 1);
                     }
                 }
-                self.service_open(handle, shared, false, None, None, now)
+                let open = self.new_open(shared);
+                self.service_open(handle, open, now)
             }
         }
     }
@@ -903,16 +929,35 @@ impl Driver {
         Some((shared, stream))
     }
 
+    fn new_open(&self, shared: Arc<StreamShared>) -> Box<Open> {
+        Box::new(Open {
+            shared,
+            fin_queued: false,
+            linger: None,
+            time_wait: None,
+            flight: Flight::new(
+                FLIGHT_FLOOR,
+                self.config.tcp_buffer,
+                self.config.mtu.saturating_sub(40),
+            ),
+        })
+    }
+
     fn service_open(
         &mut self,
         handle: SocketHandle,
-        shared: Arc<StreamShared>,
-        mut fin_queued: bool,
-        mut linger: Option<Instant>,
-        mut time_wait: Option<Instant>,
+        mut open: Box<Open>,
         now: Instant,
     ) -> (Phase, Verdict) {
+        let Open {
+            shared,
+            fin_queued,
+            linger,
+            time_wait,
+            flight,
+        } = &mut *open;
         let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        flight.acked(socket.send_queue(), now);
         let mut st = shared.state.lock();
         st.queued = false;
         let mut wake_read = false;
@@ -930,22 +975,27 @@ impl Driver {
             return (Phase::Closing, Verdict::Closing);
         }
 
-        // Application -> socket.
-        if !st.tx.is_empty() && socket.may_send() {
+        // Application -> socket, as far as the flight cap allows.
+        let queued = socket.send_queue();
+        let room = flight.room(queued);
+        if !st.tx.is_empty() && room > 0 && socket.may_send() {
             let (front, back) = st.tx.as_slices();
+            let front = &front[..front.len().min(room)];
             let mut moved = socket.send_slice(front).unwrap_or(0);
-            if moved == front.len() && !back.is_empty() {
+            if moved == front.len() && moved < room && !back.is_empty() {
+                let back = &back[..back.len().min(room - moved)];
                 moved += socket.send_slice(back).unwrap_or(0);
             }
             if moved > 0 {
                 st.tx.drain(..moved);
+                flight.wrote(moved, queued, now);
                 wake_write = true;
             }
         }
         let closing = st.dropped || st.shutdown == Shutdown::Requested;
-        if closing && st.tx.is_empty() && !fin_queued && socket.state() != tcp::State::Closed {
+        if closing && st.tx.is_empty() && !*fin_queued && socket.state() != tcp::State::Closed {
             socket.close();
-            fin_queued = true;
+            *fin_queued = true;
             if st.shutdown == Shutdown::Requested {
                 st.shutdown = Shutdown::Done;
                 wake_write = true;
@@ -1001,7 +1051,7 @@ impl Driver {
         }
 
         let state = socket.state();
-        if state == tcp::State::Closed && !fin_queued && st.tx_error.is_none() {
+        if state == tcp::State::Closed && !*fin_queued && st.tx_error.is_none() {
             st.tx_error = Some(End::Reset);
             st.tx.clear();
             wake_write = true;
@@ -1044,7 +1094,7 @@ impl Driver {
         drop(st);
         stream::wake(wakers);
         if let Verdict::Keep = verdict {
-            for deadline in [linger, time_wait].into_iter().flatten() {
+            for deadline in [*linger, *time_wait].into_iter().flatten() {
                 self.note_deadline(deadline);
             }
         }
@@ -1054,15 +1104,7 @@ impl Driver {
                 shared.detach(End::Reset);
                 (Phase::Closing, Verdict::Reap)
             }
-            Verdict::Keep => (
-                Phase::Open {
-                    shared,
-                    fin_queued,
-                    linger,
-                    time_wait,
-                },
-                Verdict::Keep,
-            ),
+            Verdict::Keep => (Phase::Open(open), Verdict::Keep),
         }
     }
 
@@ -1083,7 +1125,7 @@ impl Driver {
                 listener,
                 listener_id,
             } => self.left_handshake(listener, listener_id),
-            Phase::Open { shared, .. } => shared.detach(End::Reset),
+            Phase::Open(open) => open.shared.detach(End::Reset),
             Phase::Dialing { reply, .. } => {
                 let _ = reply.send(Err(ConnectError::Refused));
             }
@@ -1123,8 +1165,8 @@ impl Driver {
         for id in ids {
             if let Some(conn) = self.conns.remove(&id) {
                 self.sockets.remove(conn.handle);
-                if let Phase::Open { shared, .. } = conn.phase {
-                    shared.detach(End::StackClosed);
+                if let Phase::Open(open) = conn.phase {
+                    open.shared.detach(End::StackClosed);
                 }
             }
         }
@@ -1138,8 +1180,8 @@ impl Drop for Driver {
         // Streams of a driver that stops without `shut_down` (task aborted, runtime gone)
         // must not wait forever.
         for conn in self.conns.values() {
-            if let Phase::Open { shared, .. } = &conn.phase {
-                shared.detach(End::StackClosed);
+            if let Phase::Open(open) = &conn.phase {
+                open.shared.detach(End::StackClosed);
             }
         }
     }

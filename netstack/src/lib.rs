@@ -23,6 +23,11 @@
 //! # drop(stream); Ok(()) }
 //! ```
 //!
+//! Sending: smoltcp's congestion control only reacts to loss, so the driver also caps how much
+//! of each stream it hands to smoltcp: twice the connection's measured bandwidth-delay
+//! product, and at least 64 KiB (as BBR bounds its flight). A fast sender then does not
+//! overflow a slow WireGuard peer's socket with a whole window at once.
+//!
 //! Threading: one driver task owns the smoltcp interface and all sockets. Streams exchange
 //! bytes with it through small bounded queues (one per direction) and wake it when they add
 //! data or free space, so a slow reader applies backpressure all the way to the peer's window.
@@ -30,6 +35,7 @@
 
 mod device;
 mod driver;
+mod flight;
 mod packet;
 mod ports;
 mod stream;
@@ -56,7 +62,9 @@ pub struct Config {
     /// WireGuard's usual MTU.
     pub mtu: usize,
     /// Per-socket receive and transmit buffer in bytes (the receive buffer is the TCP window).
-    /// Default 256 KiB. Memory is touched only as data flows.
+    /// Default 256 KiB. Memory is touched only as data flows. A connection keeps at most this
+    /// much unacknowledged, and usually less: about twice its measured bandwidth-delay
+    /// product, at least 64 KiB (see the driver's flight cap).
     pub tcp_buffer: usize,
     /// Upper bound on smoltcp sockets: connections, half-open handshakes, listening slots and
     /// sockets still closing. Beyond it `connect` fails with [`ConnectError::TooManySockets`],

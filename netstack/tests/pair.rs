@@ -5,6 +5,7 @@ mod common;
 
 use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -79,6 +80,134 @@ async fn echo_of_10_mb_arrives_intact_both_ways() {
          (A: {:?}, lost to full channels: {})",
         pair.a.handle.stats(),
         pair.overflow.load(std::sync::atomic::Ordering::Relaxed)
+    );
+}
+
+/// Sequence numbers seen on the shaped link: how much A had unacknowledged.
+#[derive(Default)]
+struct InFlight {
+    /// End of the highest byte A sent, and the highest ACK from B (both from A's SYN on).
+    sent: Option<u32>,
+    acked: u32,
+    max: u32,
+}
+
+/// A sends to B through a 2 MB/s bottleneck with 50 ms of delay (a cellular device, seen from
+/// the server) and 1 MiB buffers on both sides. Without a cap of its own smoltcp keeps the
+/// whole window in flight (there is no loss to slow it down), here 1 MiB in the bottleneck's
+/// queue, which on a real path means a second of delay or a receiver's socket overflowing.
+/// The flight cap keeps about twice the path's BDP (100 KB) in flight, and the link busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_keeps_about_twice_the_paths_bdp_in_flight_and_fills_it() {
+    const RATE: f64 = 2_000_000.0;
+    const DELAY: Duration = Duration::from_millis(50);
+    const RUN: Duration = Duration::from_secs(6);
+    const WARM_UP: Duration = Duration::from_secs(2);
+    let bdp = RATE * DELAY.as_secs_f64();
+
+    let in_flight = Arc::new(Mutex::new(InFlight::default()));
+    let (link_tx, mut link_rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let a_to_b = {
+        let in_flight = in_flight.clone();
+        let mut free = Instant::now();
+        move |p: &[u8]| {
+            if let Some((seq, _, flags, len)) = tcp_fields(p) {
+                let mut f = in_flight.lock().unwrap();
+                if flags & SYN != 0 {
+                    f.sent = Some(seq.wrapping_add(1));
+                    f.acked = seq.wrapping_add(1);
+                } else if let Some(sent) = f.sent {
+                    let end = seq.wrapping_add(len as u32);
+                    if end.wrapping_sub(sent) as i32 > 0 {
+                        f.sent = Some(end);
+                    }
+                    let now = f.sent.unwrap().wrapping_sub(f.acked);
+                    f.max = f.max.max(now);
+                }
+            }
+            let now = Instant::now();
+            free = free.max(now) + Duration::from_secs_f64(p.len() as f64 / RATE);
+            let _ = link_tx.send((free + DELAY, p.to_vec()));
+            false
+        }
+    };
+    let b_to_a = {
+        let in_flight = in_flight.clone();
+        move |p: &[u8]| {
+            if let Some((_, ack, flags, _)) = tcp_fields(p) {
+                let mut f = in_flight.lock().unwrap();
+                if flags & ACK != 0 && f.sent.is_some() && ack.wrapping_sub(f.acked) as i32 > 0 {
+                    f.acked = ack;
+                }
+            }
+            true
+        }
+    };
+    let mut config_a = Config::new(A, 16);
+    config_a.tcp_buffer = 1 << 20;
+    let mut config_b = Config::new(B, 16);
+    config_b.tcp_buffer = 1 << 20;
+    let pair = pair_filtered(config_a, config_b, a_to_b, b_to_a);
+    let inject = pair.b.inject.clone();
+    tokio::spawn(async move {
+        while let Some((at, packet)) = link_rx.recv().await {
+            tokio::time::sleep_until(at).await;
+            if inject.send(packet).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let mut listener = pair.b.handle.listen(9).await.unwrap();
+    let reader = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let start = Instant::now();
+        let (mut total, mut at_warm_up) = (0usize, None);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            total += n;
+            if at_warm_up.is_none() && start.elapsed() >= WARM_UP {
+                at_warm_up = Some((Instant::now(), total));
+            }
+        }
+        let (since, base) = at_warm_up.expect("the transfer ended before the warm-up did");
+        (total - base) as f64 / since.elapsed().as_secs_f64()
+    });
+    let mut stream = timeout(
+        LIMIT,
+        pair.a.handle.connect(b_port(9), Duration::from_secs(5)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let chunk = pattern(7, 16 * 1024);
+    let end = Instant::now() + RUN;
+    while Instant::now() < end {
+        timeout(LIMIT, stream.write_all(&chunk))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    stream.shutdown().await.unwrap();
+    drop(stream);
+    // What A wrote but the link had not delivered by the deadline still arrives: the rate is
+    // taken until the reader's EOF, over everything after the warm-up.
+    let rate = timeout(LIMIT, reader).await.unwrap().unwrap();
+    let max = in_flight.lock().unwrap().max as f64;
+    println!(
+        "shaped link: {rate:.0} B/s of {RATE:.0}, at most {max:.0} bytes in flight (BDP {bdp:.0})"
+    );
+    assert!(
+        rate >= 0.7 * RATE,
+        "the link was not kept busy: {rate:.0} B/s of {RATE:.0}"
+    );
+    assert!(
+        max <= 3.0 * bdp,
+        "{max:.0} bytes were in flight on a path whose BDP is {bdp:.0}"
     );
 }
 
@@ -696,7 +825,7 @@ async fn a_writer_is_held_back_while_the_peer_does_not_read() {
 
     const LEN: usize = 8 * 1024 * 1024;
     let data = pattern(5, LEN);
-    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let written = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let writer = {
         let data = data.clone();
         let written = written.clone();
@@ -784,7 +913,7 @@ async fn a_repeated_syn_of_a_live_connection_changes_nothing() {
 
 #[tokio::test(start_paused = true)]
 async fn idle_connections_live_and_vanished_peers_are_detected() {
-    let link_up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let link_up = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let up = link_up.clone();
     let pair = pair_with(Config::new(A, 16), Config::new(B, 16), move |_| {
         up.load(std::sync::atomic::Ordering::Relaxed)

@@ -51,7 +51,17 @@ pub(crate) fn pair() -> Pair {
 pub(crate) fn pair_with(
     config_a: Config,
     config_b: Config,
+    a_to_b: impl FnMut(&[u8]) -> bool + Send + 'static,
+) -> Pair {
+    pair_filtered(config_a, config_b, a_to_b, |_| true)
+}
+
+/// A pair whose directions pass only the packets their filters let through.
+pub(crate) fn pair_filtered(
+    config_a: Config,
+    config_b: Config,
     mut a_to_b: impl FnMut(&[u8]) -> bool + Send + 'static,
+    mut b_to_a: impl FnMut(&[u8]) -> bool + Send + 'static,
 ) -> Pair {
     let stop_a = CancellationToken::new();
     let stop_b = CancellationToken::new();
@@ -71,7 +81,7 @@ pub(crate) fn pair_with(
         let to_a = to_a.clone();
         let overflow = overflow.clone();
         move |packet: &[u8]| {
-            if to_a.try_send(packet.to_vec()).is_err() {
+            if b_to_a(packet) && to_a.try_send(packet.to_vec()).is_err() {
                 overflow.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -138,6 +148,23 @@ where
     stream.write_all(&data).await?;
     stream.shutdown().await?;
     Ok(data.len())
+}
+
+/// The TCP header fields of an IPv4 packet: (seq, ack, flags, payload length).
+pub(crate) fn tcp_fields(p: &[u8]) -> Option<(u32, u32, u8, usize)> {
+    if p.len() < 20 || p[0] >> 4 != 4 || p[9] != 6 {
+        return None;
+    }
+    let ihl = usize::from(p[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([p[2], p[3]])).min(p.len());
+    let tcp = p.get(ihl..total)?;
+    if tcp.len() < 20 {
+        return None;
+    }
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
+    let offset = usize::from(tcp[12] >> 4) * 4;
+    Some((seq, ack, tcp[13], tcp.len().saturating_sub(offset)))
 }
 
 /// A minimal IPv4 + TCP segment (checksums left zero unless `fix_checksums`).

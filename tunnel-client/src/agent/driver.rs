@@ -159,9 +159,7 @@ impl Driver {
             token,
         )
         .await?;
-        let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
-            .await
-            .context("binding the WireGuard UDP socket")?;
+        let udp = super::socket::wireguard_socket().context("binding the WireGuard UDP socket")?;
         let keepalive = config.keepalive.unwrap_or(Duration::from_secs(u64::from(
             state.file.persistent_keepalive.max(1),
         )));

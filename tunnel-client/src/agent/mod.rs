@@ -11,6 +11,7 @@ pub mod link;
 mod local;
 pub mod probe;
 pub mod renewal;
+mod socket;
 pub mod status;
 
 pub use driver::run;
