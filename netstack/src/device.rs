@@ -29,6 +29,13 @@ impl VirtualDevice {
     }
 }
 
+impl VirtualDevice {
+    /// Lets the sink send what it held back this round.
+    pub(crate) fn flush(&mut self) {
+        self.sink.flush();
+    }
+}
+
 impl phy::Device for VirtualDevice {
     type RxToken<'a> = RxToken;
     type TxToken<'a> = TxToken<'a>;

@@ -625,6 +625,7 @@ impl Driver {
         for port in short {
             self.replenish(port);
         }
+        self.device.flush();
         self.publish();
     }
 
@@ -1157,6 +1158,7 @@ impl Driver {
         }
         Counters::add(&self.counters.aborted, aborted);
         self.egress(self.clock.smol(now));
+        self.device.flush();
         let ports: Vec<(u16, u64)> = self.listeners.iter().map(|(p, l)| (*p, l.id)).collect();
         for (port, id) in ports {
             self.unlisten(port, id, now);

@@ -102,6 +102,10 @@ impl Config {
 pub trait PacketSink: Send + 'static {
     /// Take one complete IPv4 packet.
     fn send(&mut self, packet: &[u8]);
+
+    /// The driver's round is over: send anything held back. A sink may keep the packets of a
+    /// round to send them together; the driver calls this before it sleeps.
+    fn flush(&mut self) {}
 }
 
 impl<F: FnMut(&[u8]) + Send + 'static> PacketSink for F {

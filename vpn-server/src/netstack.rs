@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use floto_netstack::{ConnectError, TcpStream};
 
-use crate::wg::{peers::MAX_DATAGRAM, Concentrator, HostPacket};
+use crate::wg::{peers::MAX_DATAGRAM, Concentrator, HostPacket, SendBatch};
 
 /// Dials devices.
 #[derive(Clone)]
@@ -39,6 +39,25 @@ impl NetstackHandle {
     }
 }
 
+/// Encrypts the stack's packets as they come and sends the datagrams of each driver round
+/// together (UDP segmentation offload for runs to one device).
+struct Sink {
+    concentrator: Arc<Concentrator>,
+    scratch: Vec<u8>,
+    batch: SendBatch,
+}
+
+impl floto_netstack::PacketSink for Sink {
+    fn send(&mut self, packet: &[u8]) {
+        self.concentrator
+            .send_to_device_batched(packet, &mut self.scratch, &mut self.batch);
+    }
+
+    fn flush(&mut self) {
+        self.concentrator.flush(&mut self.batch);
+    }
+}
+
 /// The stack's driver task.
 pub struct Netstack {
     driver: floto_netstack::NetstackDriver,
@@ -52,8 +71,11 @@ impl Netstack {
         concentrator: Arc<Concentrator>,
         from_devices: mpsc::Receiver<HostPacket>,
     ) -> (NetstackHandle, Netstack) {
-        let mut scratch = vec![0u8; MAX_DATAGRAM];
-        let sink = move |packet: &[u8]| concentrator.send_to_device(packet, &mut scratch);
+        let sink = Sink {
+            concentrator,
+            scratch: vec![0u8; MAX_DATAGRAM],
+            batch: SendBatch::new(),
+        };
         let (inner, driver) = floto_netstack::new(
             floto_netstack::Config::new(server_ip, overlay_prefix),
             from_devices,

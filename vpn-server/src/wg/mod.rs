@@ -2,6 +2,7 @@
 //! around it (one `SO_REUSEPORT` socket per worker, a timer task, no per-peer sockets or
 //! tasks).
 
+pub mod batch;
 pub mod handshake_queue;
 pub mod peers;
 #[cfg(test)]
@@ -19,6 +20,7 @@ use tracing::{debug, info, warn};
 
 use floto_proto::{DeviceId, WgKey};
 
+pub use batch::SendBatch;
 pub use handshake_queue::HandshakeQueue;
 pub use peers::{DropReason, Output, Peer, PeerConfig, PeerEvent, PeerStatus, PeerTable};
 
@@ -95,6 +97,26 @@ impl Output for SocketOutput<'_> {
 
     fn event(&mut self, event: PeerEvent) {
         self.events.publish_peer(event);
+    }
+}
+
+/// Like [`SocketOutput`], but datagrams wait in a [`SendBatch`] until it is flushed.
+struct BatchOutput<'a> {
+    inner: SocketOutput<'a>,
+    batch: &'a mut SendBatch,
+}
+
+impl Output for BatchOutput<'_> {
+    fn send_datagram(&mut self, to: SocketAddr, datagram: &[u8]) {
+        self.batch.push(self.inner.socket, to, datagram);
+    }
+
+    fn deliver_to_host(&mut self, from: &Peer, packet: &[u8]) {
+        self.inner.deliver_to_host(from, packet);
+    }
+
+    fn event(&mut self, event: PeerEvent) {
+        self.inner.event(event);
     }
 }
 
@@ -177,6 +199,21 @@ impl Concentrator {
     pub fn send_to_device(&self, packet: &[u8], scratch: &mut [u8]) {
         self.table
             .send_to_device(packet, Instant::now(), scratch, &mut self.output());
+    }
+
+    /// [`Self::send_to_device`], with the datagrams left in `batch` until [`Self::flush`].
+    pub fn send_to_device_batched(&self, packet: &[u8], scratch: &mut [u8], batch: &mut SendBatch) {
+        let mut out = BatchOutput {
+            inner: self.output(),
+            batch,
+        };
+        self.table
+            .send_to_device(packet, Instant::now(), scratch, &mut out);
+    }
+
+    /// Sends what `batch` holds.
+    pub fn flush(&self, batch: &mut SendBatch) {
+        batch.flush(&self.sockets[0]);
     }
 
     /// Starts handshakes to devices' last known endpoints, `per_second` at a time, so that
