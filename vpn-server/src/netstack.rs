@@ -50,7 +50,7 @@ struct Sink {
 impl floto_netstack::PacketSink for Sink {
     fn send(&mut self, packet: &[u8]) {
         self.concentrator
-            .send_to_device_batched(packet, &mut self.scratch, &mut self.batch);
+            .send_to_device(packet, &mut self.scratch, &mut self.batch);
     }
 
     fn flush(&mut self) {

@@ -195,14 +195,9 @@ impl Concentrator {
         self.table.remove(id, Instant::now(), &mut self.output())
     }
 
-    /// Sends an IP packet from the server's netstack to a device.
-    pub fn send_to_device(&self, packet: &[u8], scratch: &mut [u8]) {
-        self.table
-            .send_to_device(packet, Instant::now(), scratch, &mut self.output());
-    }
-
-    /// [`Self::send_to_device`], with the datagrams left in `batch` until [`Self::flush`].
-    pub fn send_to_device_batched(&self, packet: &[u8], scratch: &mut [u8], batch: &mut SendBatch) {
+    /// Encrypts an IP packet from the server's netstack for its device; the datagrams wait in
+    /// `batch` until [`Self::flush`].
+    pub fn send_to_device(&self, packet: &[u8], scratch: &mut [u8], batch: &mut SendBatch) {
         let mut out = BatchOutput {
             inner: self.output(),
             batch,
