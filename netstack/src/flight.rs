@@ -147,7 +147,7 @@ impl Flight {
                 break;
             }
             self.marks.pop_front();
-            self.rtt_sample(now.saturating_duration_since(mark.at), now);
+            self.round_trip(now.saturating_duration_since(mark.at), now);
         }
         self.rate_sample(now);
         self.check_probe(queued, now);
@@ -185,12 +185,9 @@ impl Flight {
         }
     }
 
-    /// A round trip measured elsewhere (the connection's handshake).
+    /// A round-trip sample: from an acknowledged mark, or measured elsewhere (the
+    /// connection's handshake).
     pub(crate) fn round_trip(&mut self, rtt: Duration, now: Instant) {
-        self.rtt_sample(rtt, now);
-    }
-
-    fn rtt_sample(&mut self, rtt: Duration, now: Instant) {
         if rtt.is_zero() {
             return;
         }

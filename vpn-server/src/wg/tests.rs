@@ -138,7 +138,8 @@ struct Device {
 
 impl Device {
     /// Handshake, then the initiator's confirming keepalive: the device is online after.
-    fn connect(&mut self, server: &mut Server) {
+    /// Completes a handshake with `server`; returns the initiation it sent (for replays).
+    fn connect(&mut self, server: &mut Server) -> Vec<u8> {
         let init = self.initiation();
         let replies = server.receive(self.addr, &init);
         assert_eq!(replies.len(), 1, "expected one handshake response");
@@ -149,6 +150,7 @@ impl Device {
             "initiator sends a keepalive after the response"
         );
         server.receive(self.addr, &keepalive[0]);
+        init
     }
 
     fn initiation(&mut self) -> Vec<u8> {
@@ -330,12 +332,7 @@ fn unknown_keys_malformed_and_unknown_indices_are_dropped_quietly() {
 fn replayed_initiations_are_rejected_and_do_not_move_the_endpoint() {
     let mut s = Server::new();
     let mut d = s.enroll(1);
-    let init = d.initiation();
-    let replies = s.receive(d.addr, &init);
-    assert_eq!(replies.len(), 1);
-    for k in d.receive(&replies[0]) {
-        s.receive(d.addr, &k);
-    }
+    let init = d.connect(&mut s);
     assert_eq!(s.table.status(&d.id).unwrap().endpoint, Some(d.addr));
     // An attacker replays the captured initiation from elsewhere.
     let attacker: SocketAddr = "203.0.113.9:666".parse().unwrap();
@@ -542,11 +539,7 @@ fn failed_initiations_put_the_server_under_load_until_the_next_second() {
 fn replayed_initiations_of_a_known_key_count_as_failures_and_lose_nothing() {
     let mut s = Server::new();
     let mut d = s.enroll(1);
-    let init = d.initiation();
-    let replies = s.receive(d.addr, &init);
-    for k in d.receive(&replies[0]) {
-        s.receive(d.addr, &k);
-    }
+    let init = d.connect(&mut s);
     // A captured initiation replayed from many addresses: each costs a Diffie-Hellman
     // and is rejected (stale timestamp).
     for i in 0..STRANGER_LIMIT {
