@@ -1,10 +1,12 @@
 //! floto-client: the client side of the floto-connect API over HTTPS (JSON routes, with or
 //! without a client certificate) and of the broker (QUIC streams and HTTPS CONNECT). Used by
 //! `floto`, `floto-tunnel`, the server's admin subcommands, the benches and the e2e tests.
-//! It trusts only the CA it is given, never the system roots.
+//! It trusts only the CA it is given, never the system roots. Also what the three
+//! command-line programs share: their start and end ([`cli`]) and their tables ([`table`]).
 
 pub mod broker;
-pub mod files;
+pub mod cli;
+pub mod table;
 pub mod tls;
 
 use std::time::Duration;
@@ -262,10 +264,10 @@ impl ApiClient {
             params.push(format!("operator={}", percent_encode(o)));
         }
         if let Some(s) = query.since {
-            let text = s
-                .format(&time::format_description::well_known::Rfc3339)
-                .map_err(|e| ClientError::Config(e.to_string()))?;
-            params.push(format!("since={}", percent_encode(&text)));
+            params.push(format!(
+                "since={}",
+                percent_encode(&floto_proto::rfc3339(s))
+            ));
         }
         if let Some(l) = query.limit {
             params.push(format!("limit={l}"));

@@ -33,9 +33,12 @@
 //! data or free space, so a slow reader applies backpressure all the way to the peer's window.
 #![forbid(unsafe_code)]
 
+mod clock;
+mod connection;
 mod device;
 mod driver;
 mod flight;
+mod listeners;
 mod packet;
 mod ports;
 mod stream;

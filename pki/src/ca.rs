@@ -625,42 +625,26 @@ fn check_client_usage(cert: &X509Certificate<'_>, info: &CertInfo) -> Result<(),
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
+    //! Unit tests of the certificate profiles and of checks that need the CA's internals.
+    //! What openssl makes of the CA and what it issues is tested in `tests/openssl_*.rs`.
+
     use std::time::Duration;
 
     use rcgen::CustomExtension;
-    use rustls_pki_types::{ServerName, UnixTime};
+    use rustls_pki_types::ServerName;
     use time::macros::datetime;
-    use webpki::{BorrowedCertRevocationList, CertRevocationList, RevocationOptionsBuilder};
     use x509_parser::extensions::GeneralName;
     use x509_parser::x509::X509Version;
 
     use super::*;
-    use crate::csr::parse_csr;
-    use crate::test_util::{openssl, openssl_status};
-    use crate::{generate_key, key_matches_cert, make_csr, parse_cert_der, parse_cert_pem};
+    use crate::test_util::{
+        csr_with, device_cert, plain_csr, test_ca, webpki_verify, DAY, TEN_YEARS,
+    };
+    use crate::{generate_key, key_matches_cert, parse_cert_der, parse_cert_pem};
 
     type ParamsEdit<'a> = &'a dyn Fn(&mut CertificateParams);
 
-    const DAY: Duration = Duration::from_secs(86_400);
     const NOW: OffsetDateTime = datetime!(2030-06-01 12:00:00 UTC);
-    const TEN_YEARS: Duration = Duration::from_secs(3650 * 86_400);
-
-    fn test_ca(now: OffsetDateTime) -> Ca {
-        Ca::generate("floto test CA", now, TEN_YEARS).unwrap()
-    }
-
-    fn csr_with(edit: impl FnOnce(&mut CertificateParams)) -> VerifiedCsr {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        edit(&mut params);
-        parse_csr(&params.serialize_request(&key).unwrap().pem().unwrap()).unwrap()
-    }
-
-    fn plain_csr() -> VerifiedCsr {
-        csr_with(|_| {})
-    }
 
     fn ext_oids(cert: &X509Certificate<'_>) -> Vec<String> {
         let mut oids: Vec<String> = cert
@@ -787,45 +771,6 @@ mod tests {
         assert_eq!(info.uri_sans, [uri]);
         assert!(info.dns_sans.is_empty() && info.ip_sans.is_empty());
         assert!(!info.is_ca);
-    }
-
-    /// Verifies `leaf` under `ca` with rustls-webpki, as a rustls server or client would.
-    fn webpki_verify(
-        ca_der: &[u8],
-        leaf_der: &[u8],
-        usage: webpki::KeyUsage,
-        at: OffsetDateTime,
-        crl_der: Option<&[u8]>,
-    ) -> Result<(), webpki::Error> {
-        let ca = CertificateDer::from(ca_der);
-        let anchors = [webpki::anchor_from_trusted_cert(&ca)?];
-        let leaf = CertificateDer::from(leaf_der);
-        let ee = webpki::EndEntityCert::try_from(&leaf)?;
-        let time = UnixTime::since_unix_epoch(Duration::from_secs(
-            u64::try_from(at.unix_timestamp()).unwrap(),
-        ));
-        let crls: Vec<CertRevocationList<'_>> = crl_der
-            .map(|der| BorrowedCertRevocationList::from_der(der).map(Into::into))
-            .transpose()?
-            .into_iter()
-            .collect();
-        let crl_refs: Vec<&CertRevocationList<'_>> = crls.iter().collect();
-        let revocation = (!crl_refs.is_empty())
-            .then(|| RevocationOptionsBuilder::new(&crl_refs).unwrap().build());
-        ee.verify_for_usage(
-            webpki::ALL_VERIFICATION_ALGS,
-            &anchors,
-            &[],
-            time,
-            usage,
-            revocation,
-            None,
-        )
-        .map(|_| ())
-    }
-
-    fn write(dir: &Path, name: &str, text: &str) {
-        std::fs::write(dir.join(name), text).unwrap();
     }
 
     #[test]
@@ -1096,12 +1041,8 @@ mod tests {
         assert_eq!(loaded.key_pem(), ca.key_pem());
         // Certificates from the loaded CA verify under the original one and vice versa.
         let device = DeviceId::new_random();
-        let a = loaded
-            .sign_device(&plain_csr(), &device, &Serial::random(), NOW, DAY)
-            .unwrap();
-        let b = ca
-            .sign_device(&plain_csr(), &device, &Serial::random(), NOW, DAY)
-            .unwrap();
+        let a = device_cert(&loaded, &device, NOW, DAY);
+        let b = device_cert(&ca, &device, NOW, DAY);
         assert!(ca.verify_client_cert(&a.der, NOW).is_ok());
         assert!(loaded.verify_client_cert(&b.der, NOW).is_ok());
         assert_eq!(
@@ -1188,138 +1129,6 @@ mod tests {
             Ca::from_pem(ca.cert_pem(), ""),
             Err(PkiError::Pem { .. })
         ));
-    }
-
-    #[test]
-    fn loaded_ca_issues_certificates_that_openssl_and_webpki_accept() {
-        let now = OffsetDateTime::now_utc();
-        let original = test_ca(now);
-        let ca = Ca::from_pem(original.cert_pem(), &original.key_pem()).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        write(d, "ca.pem", ca.cert_pem());
-        let device = DeviceId::new_random();
-        let issued = ca
-            .sign_device(&plain_csr(), &device, &Serial::random(), now, 30 * DAY)
-            .unwrap();
-        write(d, "device.pem", &issued.pem);
-        let out = openssl(d, "verify -CAfile ca.pem -purpose sslclient device.pem");
-        assert!(out.contains("device.pem: OK"), "{out}");
-        // openssl refuses it as a TLS server certificate: EKU is clientAuth only.
-        let (ok, out) = openssl_status(d, "verify -CAfile ca.pem -purpose sslserver device.pem");
-        assert!(!ok, "{out}");
-        assert_eq!(
-            ca.verify_client_cert(&issued.der, now).unwrap().device_id(),
-            Some(device)
-        );
-        webpki_verify(
-            ca.cert_der(),
-            &issued.der,
-            webpki::KeyUsage::client_auth(),
-            now,
-            None,
-        )
-        .unwrap();
-        assert!(matches!(
-            webpki_verify(
-                ca.cert_der(),
-                &issued.der,
-                webpki::KeyUsage::server_auth(),
-                now,
-                None
-            ),
-            Err(webpki::Error::RequiredEkuNotFoundContext(_))
-        ));
-    }
-
-    #[test]
-    fn imports_cas_made_by_openssl() {
-        let now = OffsetDateTime::now_utc();
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let subj = "/C=DE/O=Acme_Fleet/OU=Devices/CN=Acme_Device_CA";
-        // P-384 CA; key given back in SEC1 form.
-        openssl(d, &format!("req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-384 -nodes -keyout p384.key -out p384.pem -subj {subj} -days 30 -addext keyUsage=critical,keyCertSign,cRLSign"));
-        openssl(d, "ec -in p384.key -out p384-sec1.key");
-        // RSA CA, PKCS#1 key, no keyUsage extension at all.
-        openssl(d, &format!("req -x509 -newkey rsa:2048 -nodes -keyout rsa.key -out rsa.pem -subj {subj} -days 30"));
-        openssl(d, "rsa -in rsa.key -traditional -out rsa1.key");
-        // Ed25519 CA.
-        openssl(
-            d,
-            "req -x509 -newkey ed25519 -nodes -keyout ed.key -out ed.pem -subj /CN=Ed_CA -days 30",
-        );
-        let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap();
-        assert!(read("p384-sec1.key").contains("EC PRIVATE KEY"));
-        assert!(read("rsa1.key").contains("RSA PRIVATE KEY"));
-
-        for (cert, key) in [
-            ("p384.pem", "p384.key"),
-            ("p384.pem", "p384-sec1.key"),
-            ("rsa.pem", "rsa.key"),
-            ("rsa.pem", "rsa1.key"),
-            ("ed.pem", "ed.key"),
-        ] {
-            let ca =
-                Ca::from_pem(&read(cert), &read(key)).unwrap_or_else(|e| panic!("{cert}: {e}"));
-            assert!(ca.key_pem().starts_with("-----BEGIN PRIVATE KEY-----"));
-            // What key_pem gives back (PKCS#8) loads again.
-            let again = Ca::from_pem(ca.cert_pem(), &ca.key_pem()).unwrap();
-            assert_eq!(again.cert_der(), ca.cert_der());
-            let device = DeviceId::new_random();
-            let issued = ca
-                .sign_device(&plain_csr(), &device, &Serial::random(), now, DAY)
-                .unwrap();
-            write(d, "leaf.pem", &issued.pem);
-            let out = openssl(
-                d,
-                &format!("verify -CAfile {cert} -purpose sslclient leaf.pem"),
-            );
-            assert!(out.contains("leaf.pem: OK"), "{cert}: {out}");
-            assert!(ca.verify_client_cert(&issued.der, now).is_ok(), "{cert}");
-            webpki_verify(
-                ca.cert_der(),
-                &issued.der,
-                webpki::KeyUsage::client_auth(),
-                now,
-                None,
-            )
-            .unwrap_or_else(|e| panic!("{cert}: {e:?}"));
-            // Its CRL verifies too.
-            let revoked = [RevokedSerial {
-                serial: issued.serial,
-                revoked_at: now,
-            }];
-            write(d, "crl.pem", &ca.crl(&revoked, 1, now, DAY).unwrap());
-            let out = openssl(d, &format!("crl -in crl.pem -CAfile {cert} -noout"));
-            assert!(out.contains("verify OK"), "{cert}: {out}");
-        }
-        // The key of one CA does not fit the other.
-        assert_eq!(
-            Ca::from_pem(&read("rsa.pem"), &read("p384.key")).unwrap_err(),
-            PkiError::KeyMismatch
-        );
-    }
-
-    #[test]
-    fn refuses_ca_subjects_it_cannot_reproduce() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        for (i, subject) in [
-            // Repeated attribute type (DC twice): rcgen keeps one value per type.
-            "-subj /DC=com/DC=example/CN=LDAP_style_CA",
-            // A multi-valued RDN.
-            "-multivalue-rdn -subj /O=Acme+OU=Fleet/CN=Multi_CA",
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let (cert, key) = (format!("ca{i}.pem"), format!("ca{i}.key"));
-            openssl(d, &format!("req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {key} -out {cert} -days 30 {subject}"));
-            let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap();
-            let err = Ca::from_pem(&read(&cert), &read(&key)).unwrap_err();
-            assert!(matches!(err, PkiError::CaSubject { .. }), "{cert}: {err}");
-        }
     }
 
     #[test]
@@ -1647,88 +1456,5 @@ mod tests {
             ca.crl(&[], 1, NOW, Duration::ZERO),
             Err(PkiError::BadValidity(_))
         ));
-    }
-
-    #[test]
-    fn crl_is_accepted_by_openssl_and_webpki() {
-        let now = OffsetDateTime::now_utc();
-        let ca = test_ca(now);
-        let device = DeviceId::new_random();
-        let revoked_cert = ca
-            .sign_device(&plain_csr(), &device, &Serial::random(), now, DAY)
-            .unwrap();
-        let good_cert = ca
-            .sign_device(&plain_csr(), &device, &Serial::random(), now, DAY)
-            .unwrap();
-        let revoked = [RevokedSerial {
-            serial: revoked_cert.serial,
-            revoked_at: now,
-        }];
-        let crl_pem = ca.crl(&revoked, 7, now, DAY).unwrap();
-        let crl_der = ca.crl_der(&revoked, 7, now, DAY).unwrap();
-
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        write(d, "ca.pem", ca.cert_pem());
-        write(d, "crl.pem", &crl_pem);
-        write(d, "revoked.pem", &revoked_cert.pem);
-        write(d, "good.pem", &good_cert.pem);
-        let out = openssl(d, "crl -in crl.pem -CAfile ca.pem -noout");
-        assert!(out.contains("verify OK"), "{out}");
-        let out = openssl(
-            d,
-            "verify -crl_check -CAfile ca.pem -CRLfile crl.pem good.pem",
-        );
-        assert!(out.contains("good.pem: OK"), "{out}");
-        let (ok, out) = openssl_status(
-            d,
-            "verify -crl_check -CAfile ca.pem -CRLfile crl.pem revoked.pem",
-        );
-        assert!(!ok && out.contains("certificate revoked"), "{out}");
-        // Another CA's CRL is refused by openssl.
-        write(d, "other-ca.pem", test_ca(now).cert_pem());
-        let (ok, out) = openssl_status(d, "crl -in crl.pem -CAfile other-ca.pem -noout");
-        assert!(!ok || !out.contains("verify OK"), "{out}");
-
-        let usage = webpki::KeyUsage::client_auth();
-        webpki_verify(ca.cert_der(), &good_cert.der, usage, now, Some(&crl_der)).unwrap();
-        assert!(matches!(
-            webpki_verify(ca.cert_der(), &revoked_cert.der, usage, now, Some(&crl_der)),
-            Err(webpki::Error::CertRevoked)
-        ));
-    }
-
-    #[test]
-    fn openssl_csr_is_accepted_and_its_certificate_verifies() {
-        let now = OffsetDateTime::now_utc();
-        let ca = test_ca(now);
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        openssl(d, "req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=x -keyout device.key -out device.csr");
-        let csr = parse_csr(&std::fs::read_to_string(d.join("device.csr")).unwrap()).unwrap();
-        assert_eq!(csr.subject(), "CN=x");
-        let device = DeviceId::new_random();
-        let issued = ca
-            .sign_device(&csr, &device, &Serial::random(), now, 30 * DAY)
-            .unwrap();
-        assert_eq!(issued.ignored_requests, ["requested CN=x"]);
-        write(d, "ca.pem", ca.cert_pem());
-        write(d, "device.pem", &issued.pem);
-        let out = openssl(d, "verify -CAfile ca.pem -purpose sslclient device.pem");
-        assert!(out.contains("device.pem: OK"), "{out}");
-        let key = std::fs::read_to_string(d.join("device.key")).unwrap();
-        assert!(key_matches_cert(&key, &issued.pem).unwrap());
-        // openssl reads the same subject and SAN back.
-        let text = openssl(d, "x509 -in device.pem -noout -subject -ext subjectAltName");
-        assert!(text.contains(&format!("CN = {device}")), "{text}");
-        assert!(text.contains(&format!("URI:urn:uuid:{device}")), "{text}");
-        // The client helpers make CSRs this CA signs too.
-        let own_key = generate_key().unwrap();
-        let own_csr = parse_csr(&make_csr(&own_key, &device.to_string()).unwrap()).unwrap();
-        let own = ca
-            .sign_device(&own_csr, &device, &Serial::random(), now, DAY)
-            .unwrap();
-        assert!(own.ignored_requests.is_empty());
-        assert!(key_matches_cert(&own_key, &own.pem).unwrap());
     }
 }

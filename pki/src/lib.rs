@@ -23,7 +23,12 @@ mod describe;
 mod keys;
 mod pem;
 mod serial;
+// The test helpers live with the integration tests, which share them; they name this
+// crate `floto_pki`, as the integration tests do.
 #[cfg(test)]
+extern crate self as floto_pki;
+#[cfg(test)]
+#[path = "../tests/common/mod.rs"]
 mod test_util;
 
 use time::OffsetDateTime;

@@ -95,6 +95,15 @@ impl ApiError {
             message: message.into(),
         }
     }
+
+    /// A server fault. The client is pointed to the server's log, where the server has
+    /// written the detail (never in the answer).
+    pub fn internal() -> Self {
+        Self::new(
+            ErrorCode::Internal,
+            "internal server error; the server log has the details",
+        )
+    }
 }
 
 #[cfg(test)]

@@ -10,10 +10,13 @@ pub mod devices;
 pub mod enroll;
 pub mod error;
 pub mod ids;
+pub mod timestamp;
 pub mod wgconf;
+pub mod wireguard;
 
 pub use error::{ApiError, ErrorCode};
 pub use ids::{DeviceId, IdError, WgKey};
+pub use timestamp::rfc3339;
 
 /// Default ports and paths: the contract of DESIGN.md, in one place.
 pub mod defaults {

@@ -131,11 +131,12 @@ pub async fn enroll_devices(
                         Err(e) => panic!("enrollment failed: {e}"),
                     }
                 };
-                server_keys = Some((resp.server_public_key, resp.server_overlay_ip));
+                let a = resp.assignment;
+                server_keys = Some((a.server_public_key, a.server_overlay_ip));
                 done.push(Enrolled {
-                    uuid: resp.uuid,
+                    uuid: a.uuid,
                     secret: m.secret,
-                    overlay_ip: resp.overlay_ip,
+                    overlay_ip: a.overlay_ip,
                 });
             }
             (done, server_keys)

@@ -6,7 +6,6 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tracing::info;
 
-use floto_client::files;
 use floto_client::{ApiClient, ClientError};
 use floto_proto::enroll::EnrollRequest;
 use floto_proto::{DeviceId, WgKey};
@@ -65,17 +64,17 @@ pub async fn enroll(
     dir: &StateDir,
     opts: &EnrollOptions,
 ) -> Result<(DeviceState, bool), EnrollError> {
-    files::create_private_dir(dir.root()).map_err(StateError::from)?;
+    floto_files::create_private_dir(dir.root()).map_err(StateError::from)?;
     let uuid = identity_to_use(dir, opts)?;
     let device_key = dir.device_key();
     let wg_path = dir.wg_key();
     if !device_key.exists() {
         let key = floto_pki::generate_key().map_err(|e| EnrollError::Keys(e.to_string()))?;
-        files::write_secret(&device_key, key.as_bytes()).map_err(StateError::from)?;
+        floto_files::write_secret(&device_key, key.as_bytes()).map_err(StateError::from)?;
     }
     if !wg_path.exists() {
         let secret = x25519_dalek::StaticSecret::from(rand::random::<[u8; 32]>());
-        files::write_secret(
+        floto_files::write_secret(
             &wg_path,
             format!("{}\n", WgKey(secret.to_bytes())).as_bytes(),
         )
@@ -88,10 +87,10 @@ pub async fn enroll(
         };
         let json =
             serde_json::to_vec_pretty(&pending).map_err(|e| EnrollError::Usage(e.to_string()))?;
-        files::write_public(&dir.pending(), &json).map_err(StateError::from)?;
+        floto_files::write_public(&dir.pending(), &json).map_err(StateError::from)?;
     }
-    let key_pem = files::read_secret(&device_key).map_err(StateError::from)?;
-    let wg_text = files::read_secret(&wg_path).map_err(StateError::from)?;
+    let key_pem = floto_files::read_secret(&device_key).map_err(StateError::from)?;
+    let wg_text = floto_files::read_secret(&wg_path).map_err(StateError::from)?;
     let wg: WgKey = wg_text.trim().parse().map_err(|e| StateError::Damaged {
         dir: dir.root().to_owned(),
         file: "wg.key",
@@ -118,10 +117,10 @@ pub async fn enroll(
             },
         )
         .await?;
-    if resp.uuid != uuid {
+    if resp.assignment.uuid != uuid {
         return Err(EnrollError::Usage(format!(
             "the server enrolled {} instead of {uuid}",
-            resp.uuid
+            resp.assignment.uuid
         )));
     }
     dir.save_enrollment(
@@ -132,7 +131,7 @@ pub async fn enroll(
     )?;
     let _ = std::fs::remove_file(dir.pending());
     let state = dir.load()?;
-    info!(device = %uuid, ip = %resp.overlay_ip, status, "enrolled");
+    info!(device = %uuid, ip = %resp.assignment.overlay_ip, status, "enrolled");
     Ok((state, status == 201))
 }
 
@@ -140,9 +139,9 @@ pub async fn enroll(
 /// pending), else `--uuid`, else a new one. A conflicting `--uuid` is an error.
 fn identity_to_use(dir: &StateDir, opts: &EnrollOptions) -> Result<DeviceId, EnrollError> {
     let existing = if dir.is_enrolled() {
-        Some(dir.load()?.file.uuid)
+        Some(dir.load()?.file.assignment.uuid)
     } else if dir.pending().exists() {
-        let text = files::read_to_string(&dir.pending()).map_err(StateError::from)?;
+        let text = floto_files::read_to_string(&dir.pending()).map_err(StateError::from)?;
         let pending: Pending = serde_json::from_str(&text).map_err(|e| StateError::Damaged {
             dir: dir.root().to_owned(),
             file: "pending.json",

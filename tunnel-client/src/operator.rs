@@ -8,9 +8,10 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use floto_client::broker::BrokerTarget;
-use floto_client::files::{self, FileError};
 use floto_client::{ApiClient, ClientError, Identity};
+use floto_files::FileError;
 use floto_proto::admin::{LoginRequest, RenewLoginRequest, Role};
+use floto_proto::rfc3339;
 
 /// Why the operator config cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +64,7 @@ pub struct Operator {
 impl Operator {
     pub fn load(dir: &Path) -> Result<Self, OperatorError> {
         let path = dir.join("config.json");
-        let text = match files::read_to_string(&path) {
+        let text = match floto_files::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.is_not_found() => return Err(OperatorError::NotLoggedIn(dir.to_owned())),
             Err(e) => return Err(e.into()),
@@ -74,17 +75,12 @@ impl Operator {
                 reason: e.to_string(),
             })?;
         let identity = Identity {
-            cert_pem: files::read_to_string(&dir.join("operator.pem"))?,
-            key_pem: files::read_secret(&dir.join("operator.key"))?,
+            cert_pem: floto_files::read_to_string(&dir.join("operator.pem"))?,
+            key_pem: floto_files::read_secret(&dir.join("operator.key"))?,
         };
-        let server_ca_pem = files::read_to_string(&dir.join("server-ca.pem"))?;
+        let server_ca_pem = floto_files::read_to_string(&dir.join("server-ca.pem"))?;
         if config.expires_at <= OffsetDateTime::now_utc() {
-            return Err(OperatorError::Expired(
-                config
-                    .expires_at
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_default(),
-            ));
+            return Err(OperatorError::Expired(rfc3339(config.expires_at)));
         }
         Ok(Self {
             config,
@@ -256,13 +252,13 @@ fn save(
     cert_pem: &str,
     server_ca_pem: &str,
 ) -> Result<(), OperatorError> {
-    files::create_private_dir(dir)?;
-    files::write_secret(&dir.join("operator.key"), key_pem.as_bytes())?;
-    files::write_public(&dir.join("operator.pem"), cert_pem.as_bytes())?;
-    files::write_public(&dir.join("server-ca.pem"), server_ca_pem.as_bytes())?;
+    floto_files::create_private_dir(dir)?;
+    floto_files::write_secret(&dir.join("operator.key"), key_pem.as_bytes())?;
+    floto_files::write_public(&dir.join("operator.pem"), cert_pem.as_bytes())?;
+    floto_files::write_public(&dir.join("server-ca.pem"), server_ca_pem.as_bytes())?;
     let json =
         serde_json::to_vec_pretty(config).map_err(|e| OperatorError::Usage(e.to_string()))?;
-    files::write_public(&dir.join("config.json"), &json)?;
+    floto_files::write_public(&dir.join("config.json"), &json)?;
     Ok(())
 }
 

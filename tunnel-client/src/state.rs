@@ -2,18 +2,16 @@
 //! what the server told it at enrollment. Loaded strictly: a damaged state dir is an
 //! error that says what is wrong, never a reason to make a new identity.
 
-use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use floto_client::files::{self, FileError};
 use floto_client::{ApiClient, Identity};
-use floto_proto::enroll::EnrollResponse;
-use floto_proto::wgconf::WgQuickConfig;
-use floto_proto::{DeviceId, WgKey};
+use floto_files::FileError;
+use floto_proto::enroll::{Assignment, EnrollResponse};
+use floto_proto::WgKey;
 
 /// Version of `state.json` this code writes.
 const STATE_VERSION: u32 = 1;
@@ -36,24 +34,16 @@ pub enum StateError {
     File(#[from] FileError),
 }
 
-/// `state.json`.
+/// `state.json`: what the server assigned the device, and where the device enrolled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateFile {
     pub version: u32,
-    pub uuid: DeviceId,
     /// The API URL the device enrolled with.
     pub server: String,
-    pub overlay_ip: Ipv4Addr,
-    pub server_overlay_ip: Ipv4Addr,
-    pub overlay_network: String,
-    pub endpoint: String,
-    pub server_public_key: WgKey,
-    pub persistent_keepalive: u16,
-    #[serde(with = "time::serde::rfc3339")]
-    pub renew_after: OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339")]
-    pub expires_at: OffsetDateTime,
+    /// Its fields are at the top level of the JSON, as in the enrollment response.
+    #[serde(flatten)]
+    pub assignment: Assignment,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
 }
@@ -64,16 +54,8 @@ impl StateFile {
     fn from_response(resp: &EnrollResponse, server: String, now: OffsetDateTime) -> Self {
         Self {
             version: STATE_VERSION,
-            uuid: resp.uuid,
             server,
-            overlay_ip: resp.overlay_ip,
-            server_overlay_ip: resp.server_overlay_ip,
-            overlay_network: resp.overlay_network.clone(),
-            endpoint: resp.endpoint.clone(),
-            server_public_key: resp.server_public_key,
-            persistent_keepalive: resp.persistent_keepalive,
-            renew_after: resp.renew_after,
-            expires_at: resp.expires_at,
+            assignment: resp.assignment.clone(),
             updated_at: now,
         }
     }
@@ -106,14 +88,10 @@ impl DeviceState {
 
     /// The complete wg-quick config, private key included.
     pub fn wg_quick_config(&self) -> String {
-        WgQuickConfig {
-            address: self.file.overlay_ip,
-            allowed_ips: self.file.overlay_network.clone(),
-            server_public_key: self.file.server_public_key,
-            endpoint: self.file.endpoint.clone(),
-            persistent_keepalive: self.file.persistent_keepalive,
-        }
-        .render(Some(&WgKey(self.wg_private).to_base64()))
+        self.file
+            .assignment
+            .wg_quick_config()
+            .render(Some(&WgKey(self.wg_private).to_base64()))
     }
 
     pub fn identity(&self) -> Identity {
@@ -199,9 +177,9 @@ impl StateDir {
     fn read(&self, path: &Path, name: &'static str, secret: bool) -> Result<String, StateError> {
         let read = if secret {
             self.check_private(path, name)?;
-            files::read_secret(path)
+            floto_files::read_secret(path)
         } else {
-            files::read_to_string(path)
+            floto_files::read_to_string(path)
         };
         read.map_err(|e| {
             if e.is_not_found() {
@@ -291,20 +269,20 @@ impl StateDir {
         now: OffsetDateTime,
     ) -> Result<DeviceState, StateError> {
         let current = self.load()?;
-        if resp.uuid != current.file.uuid {
+        if resp.assignment.uuid != current.file.assignment.uuid {
             return Err(self.damaged(
                 "device.pem",
                 format!(
                     "the server returned a certificate for {} instead of {}",
-                    resp.uuid, current.file.uuid
+                    resp.assignment.uuid, current.file.assignment.uuid
                 ),
             ));
         }
         if with_next_key {
-            files::write_public(&self.device_cert_next(), resp.certificate_pem.as_bytes())?;
+            floto_files::write_public(&self.device_cert_next(), resp.certificate_pem.as_bytes())?;
             self.commit_next()?;
         } else {
-            files::write_public(&self.device_cert(), resp.certificate_pem.as_bytes())?;
+            floto_files::write_public(&self.device_cert(), resp.certificate_pem.as_bytes())?;
         }
         // Same UUID (checked above); the version and server it enrolled with stay.
         let file = StateFile {
@@ -340,10 +318,10 @@ impl StateDir {
             .map_err(|e| self.damaged("wg.key", e))?;
         let cert =
             floto_pki::parse_cert_pem(&cert_pem).map_err(|e| self.damaged("device.pem", e))?;
-        if cert.device_id() != Some(file.uuid) {
+        if cert.device_id() != Some(file.assignment.uuid) {
             return Err(self.damaged(
                 "device.pem",
-                format!("the certificate is not for device {}", file.uuid),
+                format!("the certificate is not for device {}", file.assignment.uuid),
             ));
         }
         match floto_pki::key_matches_cert(&device_key_pem, &cert_pem) {
@@ -355,12 +333,13 @@ impl StateDir {
         // that was interrupted after the certificate was in place. The server backdates
         // `not_before`, so the renewal point keeps its distance from expiry.
         let mut file = file;
-        if file.expires_at != cert.not_after {
-            let before_expiry = (file.expires_at - file.renew_after)
+        let a = &mut file.assignment;
+        if a.expires_at != cert.not_after {
+            let before_expiry = (a.expires_at - a.renew_after)
                 .max(time::Duration::ZERO)
                 .min(cert.not_after - cert.not_before);
-            file.expires_at = cert.not_after;
-            file.renew_after = cert.not_after - before_expiry;
+            a.expires_at = cert.not_after;
+            a.renew_after = cert.not_after - before_expiry;
         }
         Ok(DeviceState {
             file,
@@ -380,8 +359,8 @@ impl StateDir {
         now: OffsetDateTime,
     ) -> Result<StateFile, StateError> {
         let file = StateFile::from_response(resp, server.to_owned(), now);
-        files::write_public(&self.server_ca(), server_ca_pem.as_bytes())?;
-        files::write_public(&self.device_cert(), resp.certificate_pem.as_bytes())?;
+        floto_files::write_public(&self.server_ca(), server_ca_pem.as_bytes())?;
+        floto_files::write_public(&self.device_cert(), resp.certificate_pem.as_bytes())?;
         // state.json last: its presence means the rest is complete.
         self.write_state_json(&file)?;
         Ok(file)
@@ -389,7 +368,102 @@ impl StateDir {
 
     fn write_state_json(&self, file: &StateFile) -> Result<(), StateError> {
         let json = serde_json::to_string_pretty(file).map_err(|e| self.damaged("state.json", e))?;
-        files::write_public(&self.state_json(), json.as_bytes())?;
+        floto_files::write_public(&self.state_json(), json.as_bytes())?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+    use std::time::Duration;
+
+    use time::macros::datetime;
+
+    use super::*;
+
+    const UUID: &str = "3f2a6b1c-0d4e-4f5a-8b6c-7d8e9f0a1b2c";
+
+    /// `state.json` exactly as floto-tunnel wrote it before the state file held an
+    /// [`Assignment`] (values fake but valid). Devices in the field have such a file.
+    const STATE_JSON_V1: &str = r#"{
+  "version": 1,
+  "uuid": "3f2a6b1c-0d4e-4f5a-8b6c-7d8e9f0a1b2c",
+  "server": "https://vpn.example.org:8443",
+  "overlay_ip": "10.240.0.7",
+  "server_overlay_ip": "10.240.0.1",
+  "overlay_network": "10.240.0.0/16",
+  "endpoint": "vpn.example.org:51820",
+  "server_public_key": "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=",
+  "persistent_keepalive": 25,
+  "renew_after": "2025-06-21T10:00:00Z",
+  "expires_at": "2025-07-01T10:00:00Z",
+  "updated_at": "2025-06-01T10:00:00.123456789Z"
+}"#;
+
+    fn state_v1() -> StateFile {
+        StateFile {
+            version: 1,
+            server: "https://vpn.example.org:8443".into(),
+            assignment: Assignment {
+                uuid: UUID.parse().unwrap(),
+                overlay_ip: Ipv4Addr::new(10, 240, 0, 7),
+                server_overlay_ip: Ipv4Addr::new(10, 240, 0, 1),
+                overlay_network: "10.240.0.0/16".into(),
+                endpoint: "vpn.example.org:51820".into(),
+                server_public_key: WgKey([7; 32]),
+                persistent_keepalive: 25,
+                renew_after: datetime!(2025-06-21 10:00:00 UTC),
+                expires_at: datetime!(2025-07-01 10:00:00 UTC),
+            },
+            updated_at: datetime!(2025-06-01 10:00:00.123456789 UTC),
+        }
+    }
+
+    #[test]
+    fn state_json_of_the_first_version_parses_and_is_written_the_same() {
+        let file: StateFile = serde_json::from_str(STATE_JSON_V1).unwrap();
+        assert_eq!(file, state_v1());
+        let before: serde_json::Value = serde_json::from_str(STATE_JSON_V1).unwrap();
+        assert_eq!(serde_json::to_value(&file).unwrap(), before);
+    }
+
+    #[test]
+    fn state_json_with_unknown_or_missing_fields_is_refused() {
+        let extra = STATE_JSON_V1.replacen("\"version\": 1,", "\"version\": 1, \"extra\": 2,", 1);
+        let err = serde_json::from_str::<StateFile>(&extra).unwrap_err();
+        assert!(err.to_string().contains("extra"), "{err}");
+        let missing = STATE_JSON_V1.replacen("\"persistent_keepalive\": 25,", "", 1);
+        let err = serde_json::from_str::<StateFile>(&missing).unwrap_err();
+        assert!(err.to_string().contains("persistent_keepalive"), "{err}");
+    }
+
+    /// A whole state dir with that `state.json` and a certificate that expires when it says.
+    #[test]
+    fn a_state_dir_of_the_first_version_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let issued = datetime!(2025-06-01 10:00:00 UTC);
+        let day = Duration::from_secs(24 * 3600);
+        let ca = floto_pki::Ca::generate("floto test CA", issued, 3650 * day).unwrap();
+        let key = floto_pki::generate_key().unwrap();
+        let csr = floto_pki::parse_csr(&floto_pki::make_csr(&key, UUID).unwrap()).unwrap();
+        let uuid = UUID.parse().unwrap();
+        let serial = floto_pki::Serial::random();
+        let cert = ca
+            .sign_device(&csr, &uuid, &serial, issued, 30 * day)
+            .unwrap();
+        let state_dir = StateDir::new(dir.path());
+        floto_files::write_public(&state_dir.state_json(), STATE_JSON_V1.as_bytes()).unwrap();
+        floto_files::write_secret(&state_dir.device_key(), key.as_bytes()).unwrap();
+        floto_files::write_public(&state_dir.device_cert(), cert.pem.as_bytes()).unwrap();
+        floto_files::write_public(&state_dir.server_ca(), ca.cert_pem().as_bytes()).unwrap();
+        let wg = WgKey([9; 32]).to_base64();
+        floto_files::write_secret(&state_dir.wg_key(), wg.as_bytes()).unwrap();
+
+        let state = state_dir.load().unwrap();
+        assert_eq!(state.file, state_v1());
+        assert!(state
+            .wg_quick_config()
+            .contains("Address = 10.240.0.7/32\n"));
     }
 }

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::datadir::DataDir;
-use crate::store::sqlite;
+use floto_registry::sqlite;
 
 /// The archive format written by this build.
 pub const FORMAT: &str = "floto-backup/1";
@@ -301,7 +301,7 @@ fn unpack(archive: &Path, dir: &Path) -> anyhow::Result<Manifest> {
 /// The pid in `server.json` when that process is alive.
 fn running_server(data: &DataDir) -> Option<u32> {
     let text = fs::read_to_string(data.runtime()).ok()?;
-    let info: crate::RuntimeInfo = serde_json::from_str(&text).ok()?;
+    let info: crate::datadir::RuntimeInfo = serde_json::from_str(&text).ok()?;
     Path::new(&format!("/proc/{}", info.pid))
         .exists()
         .then_some(info.pid)

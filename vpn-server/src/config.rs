@@ -237,7 +237,7 @@ impl Config {
             tls_names: s.tls_names.clone(),
             handshake_rate_limit: s
                 .handshake_rate_limit
-                .unwrap_or(crate::wg::peers::DEFAULT_HANDSHAKE_RATE),
+                .unwrap_or(crate::wg::admission::DEFAULT_HANDSHAKE_RATE),
             max_concurrent_enrollments: s.max_concurrent_enrollments.unwrap_or(256),
             log_format: s.log_format.unwrap_or_default(),
         };

@@ -1,20 +1,42 @@
 //! The server's data directory: where each file lives, how secrets are written (0600,
 //! atomically), and `init`, which creates what is missing and never replaces a CA.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-pub use floto_client::files::{
-    read_secret, read_to_string, write_atomic, write_public, write_secret,
-};
+pub use floto_files::{read_secret, read_to_string, write_atomic, write_public, write_secret};
 use floto_pki::Ca;
 use floto_proto::WgKey;
 
 use crate::config::{self, Config, ServerSettings};
+
+/// Name of the built-in admin operator whose certificate (`admin.pem`, `admin.key` here)
+/// the admin subcommands use.
+pub const LOCAL_ADMIN: &str = "admin";
+
+/// The addresses a running server actually bound (ports may have been 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bound {
+    pub wg: SocketAddr,
+    pub api: SocketAddr,
+    pub quic: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+/// What a running server writes to `server.json` in its data dir, for the admin CLI.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RuntimeInfo {
+    pub pid: u32,
+    pub bound: Bound,
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+}
 
 /// Lifetime of a CA the server generates.
 const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -97,7 +119,7 @@ impl DataDir {
     /// for a different one is an error rather than a silent replacement.
     pub fn init(&self, opts: &InitOptions, now: OffsetDateTime) -> anyhow::Result<InitReport> {
         let mut report = InitReport::default();
-        floto_client::files::create_private_dir(&self.root)?;
+        floto_files::create_private_dir(&self.root)?;
 
         // CA
         match (&opts.import_ca, self.ca_cert().exists()) {

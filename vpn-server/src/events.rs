@@ -11,7 +11,7 @@ use tracing::debug;
 
 use floto_proto::devices::{DeviceEvent, DeviceEventKind};
 
-use crate::wg::PeerEvent;
+use crate::wg::{PeerEvent, PeerEventSink};
 
 /// Events kept for late readers.
 pub const BUFFER: usize = 16_384;
@@ -160,6 +160,12 @@ impl EventHub {
             .cloned()
             .collect();
         (backlog, rx)
+    }
+}
+
+impl PeerEventSink for EventHub {
+    fn peer_event(&self, event: PeerEvent) {
+        self.publish_peer(event);
     }
 }
 

@@ -4,19 +4,47 @@
 //!
 //! [`start`] binds every port and returns a handle; [`run`] is `start` plus waiting for a
 //! shutdown future and draining. Signals are handled only by the binary.
+//!
+//! Who owns what (imports run down this list, never back up):
+//!
+//! - [`api`]: the HTTP handlers (enrollment, REST, admin, events, CONNECT) and the state
+//!   they share; turns refusals into HTTP answers.
+//! - [`broker`]: operator sessions into devices (authorize, dial, splice, audit) and its
+//!   QUIC front end; refusals of its own.
+//! - [`changes`]: the one applier of committed registry changes to the running parts.
+//! - [`enroll`]: enrollment and renewal checks and responses, without HTTP.
+//! - [`identify`]: credentials (client certificate, API token) to a device or an operator.
+//! - [`audit`], [`metrics`], [`events`]: the audit writer, Prometheus, online/offline events.
+//! - [`netstack`]: the server's TCP stack on its overlay address, for the broker's dials.
+//! - [`wg`]: the concentrator; it knows nothing of the registry, the API or events.
+//! - [`tls`], [`config`], [`datadir`], [`backup`], [`secret`], [`authz`]: leaves.
+//! - The registry (records, refusals, rules, SQLite) is its own crate, `floto-registry`.
+//!
+//! A datagram: `wg` (driver) reads it from a UDP socket, the core (`wg::peers`) admits,
+//! routes and decrypts it, and the driver carries out the effects: an IP packet for the
+//! server goes to [`netstack`] (a broker session's TCP), an online transition to
+//! [`events`] (SSE, presence).
+//!
+//! An enrollment: `api::enroll` checks the key and the body with [`enroll`], has the CA
+//! sign, commits through the registry (whose `rules` decide inside the transaction), hands
+//! the returned change to [`changes`] (the concentrator learns the peer), and answers with
+//! [`enroll::enroll_response`].
 
 pub mod api;
+pub mod audit;
 pub mod authz;
 pub mod backup;
 pub mod broker;
+pub mod changes;
 pub mod config;
 pub mod datadir;
 pub mod enroll;
 pub mod events;
+pub mod identify;
 pub mod metrics;
 pub mod netstack;
 pub mod secret;
-pub mod store;
+pub mod tls;
 pub mod wg;
 
 use std::future::Future;
@@ -25,8 +53,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use dashmap::DashSet;
-use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Semaphore;
@@ -36,82 +62,25 @@ use tracing::{info, warn};
 
 use floto_pki::{Ca, Serial};
 use floto_proto::admin::Role;
-use floto_proto::{DeviceId, WgKey};
+use floto_proto::DeviceId;
+use floto_registry::sqlite::SqliteRegistry;
+use floto_registry::{CertKind, Change, DeviceRevocation, IssuedCertRecord, NewOperator, Registry};
 
+use crate::api::AppState;
+use crate::audit::Auditor;
+use crate::broker::{Broker, BrokerDeps};
+use crate::changes::Applier;
 use crate::config::Config;
-use crate::datadir::{DataDir, InitOptions};
+use crate::datadir::{DataDir, InitOptions, LOCAL_ADMIN};
 use crate::events::{EventHub, WallClock};
+use crate::identify::{Identifier, RevokedSerials};
 use crate::metrics::Metrics;
-use crate::store::sqlite::SqliteRegistry;
-use crate::store::{AuditRecord, CertKind, IssuedCertRecord, NewOperator, Registry};
 use crate::wg::{Concentrator, PeerTable};
 
-/// Name of the built-in admin operator whose certificate the admin subcommands use.
-pub const LOCAL_ADMIN: &str = "admin";
+pub use crate::datadir::{Bound, RuntimeInfo};
+
 /// Lifetime of the local admin's certificate; renewed at start when under a third remains.
 const LOCAL_ADMIN_CERT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
-
-/// Everything the request handlers share.
-pub struct AppState {
-    pub config: Config,
-    pub data: DataDir,
-    pub store: Arc<dyn Registry>,
-    pub ca: Arc<Ca>,
-    pub wg: Arc<Concentrator>,
-    pub server_wg_public: WgKey,
-    /// Serials (hex) of revoked certificates that have not expired.
-    pub revoked: DashSet<String>,
-    pub metrics: Arc<Metrics>,
-    pub enroll_slots: Arc<Semaphore>,
-    pub bound: Bound,
-    pub events: Arc<EventHub>,
-    pub netstack: netstack::NetstackHandle,
-    pub broker: broker::Broker,
-}
-
-impl std::fmt::Debug for AppState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppState")
-            .field("bound", &self.bound)
-            .finish_non_exhaustive()
-    }
-}
-
-impl AppState {
-    /// Appends an audit record and logs it; a failure to write is logged, not fatal to the
-    /// request that already happened.
-    pub async fn audit(&self, record: AuditRecord) {
-        info!(
-            target: "floto::audit",
-            actor = %record.actor,
-            action = %record.action,
-            device = ?record.device.map(|d| d.to_string()),
-            detail = %record.detail,
-            "audit"
-        );
-        if let Err(e) = self.store.append_audit(record).await {
-            warn!(error = %e, "could not write the audit record");
-        }
-    }
-}
-
-/// The addresses a running server actually bound (ports may have been 0).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Bound {
-    pub wg: SocketAddr,
-    pub api: SocketAddr,
-    pub quic: SocketAddr,
-    pub metrics: SocketAddr,
-}
-
-/// What a running server writes to `server.json` in its data dir, for the admin CLI.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RuntimeInfo {
-    pub pid: u32,
-    pub bound: Bound,
-    #[serde(with = "time::serde::rfc3339")]
-    pub started_at: OffsetDateTime,
-}
 
 /// A started server.
 pub struct RunningServer {
@@ -209,12 +178,6 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let store: Arc<dyn Registry> = Arc::new(registry);
     ensure_local_admin(&data, &ca, store.as_ref()).await?;
 
-    let now = OffsetDateTime::now_utc();
-    let revoked = DashSet::new();
-    for cert in store.revoked_certificates(now).await? {
-        revoked.insert(cert.serial);
-    }
-
     // The concentrator, with every enrolled device as a peer.
     let clock = WallClock::new();
     let events = Arc::new(EventHub::new(clock));
@@ -224,19 +187,25 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         config.server_overlay_ip(),
         config.online_window,
         config.handshake_rate_limit,
+        rand::random(),
     ));
-    let devices = store.devices().await?;
+    let server_cert = tls::ServerCert::load(&config, &data, &ca)?;
+    let metrics = Arc::new(Metrics::with_certificates(
+        table.clone(),
+        Some(metrics::CertWatch {
+            tls: server_cert.clone(),
+            ca_not_after: ca.not_after(),
+        }),
+    ));
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let (concentrator, from_devices) =
-        Concentrator::bind(config.wg_listen, workers, table.clone(), events.clone())?;
+    let (concentrator, from_devices) = Concentrator::bind(
+        config.wg_listen,
+        workers,
+        table.clone(),
+        events.clone(),
+        metrics.handshake_histogram(),
+    )?;
     let concentrator = Arc::new(concentrator);
-    let mut call_back = Vec::new();
-    for device in devices.iter().filter(|d| !d.is_revoked()) {
-        concentrator.upsert_peer(device, None);
-        if let Some(endpoint) = device.last_endpoint {
-            call_back.push((device.id, endpoint));
-        }
-    }
 
     // Sockets, all bound before anything is served.
     let api_listener = TcpListener::bind(config.api_listen)
@@ -255,10 +224,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         quic: quic_socket.local_addr()?,
         metrics: metrics_listener.local_addr()?,
     };
-
-    let server_cert = api::tls::ServerCert::load(&config, &data, &ca)?;
-    let https = api::tls::https_config(server_cert.clone())?;
-    let quic = api::tls::quic_config(server_cert.clone())?;
+    let https = tls::https_config(server_cert.clone())?;
+    let quic = tls::quic_config(server_cert.clone())?;
 
     let shutdown = CancellationToken::new();
     let (netstack, netstack_task) = netstack::Netstack::new(
@@ -267,27 +234,65 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         concentrator.clone(),
         from_devices,
     );
-    let metrics = Arc::new(Metrics::with_certificates(
-        table.clone(),
-        Some(metrics::CertWatch {
-            tls: server_cert.clone(),
-            ca_not_after: ca.not_after(),
-        }),
+    let audit = Auditor::new(store.clone());
+    let broker = Arc::new(Broker::new(BrokerDeps {
+        registry: store.clone(),
+        table: table.clone(),
+        clock,
+        netstack,
+        metrics: metrics.clone(),
+        audit: audit.clone(),
+    }));
+    let revoked = Arc::new(RevokedSerials::default());
+    let changes = Arc::new(Applier::new(
+        concentrator.clone(),
+        broker.clone(),
+        revoked.clone(),
     ));
+
+    // What the registry holds, through the same applier as every later change.
+    let now = OffsetDateTime::now_utc();
+    let serials: Vec<String> = store
+        .revoked_certificates(now)
+        .await?
+        .into_iter()
+        .map(|c| c.serial)
+        .collect();
+    changes.revoke_serials(&serials);
+    let mut call_back = Vec::new();
+    for device in store.devices().await? {
+        if let (false, Some(endpoint)) = (device.is_revoked(), device.last_endpoint) {
+            call_back.push((device.id, endpoint));
+        }
+        let change = if device.is_revoked() {
+            Change::DeviceRevoked(DeviceRevocation {
+                device,
+                serials: Vec::new(),
+            })
+        } else {
+            Change::DeviceUpdated {
+                device,
+                previous_wg_key: None,
+            }
+        };
+        changes.apply(&change);
+    }
+
     let state = Arc::new(AppState {
         enroll_slots: Arc::new(Semaphore::new(config.max_concurrent_enrollments)),
         server_wg_public: concentrator.public_key(),
-        broker: broker::Broker::new(),
+        identify: Arc::new(Identifier::new(store.clone(), revoked)),
+        changes,
+        audit,
+        broker: broker.clone(),
         config,
         data,
         store,
-        ca,
+        ca: ca.clone(),
         wg: concentrator.clone(),
-        revoked,
         metrics,
         bound,
         events,
-        netstack,
     });
 
     let mut tasks = JoinSet::new();
@@ -307,7 +312,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let quic_endpoint = broker::quic::endpoint(quic_socket, quic)?;
     tasks.spawn(broker::quic::serve(
         quic_endpoint,
-        state.clone(),
+        broker::quic::QuicFrontEnd {
+            ca,
+            identify: state.identify.clone(),
+            broker,
+        },
         shutdown.clone(),
     ));
     tasks.spawn(presence_loop(state.clone(), shutdown.clone()));
@@ -364,7 +373,7 @@ const TLS_REFRESH_EVERY: Duration = Duration::from_secs(5);
 
 async fn tls_refresh_loop(
     state: Arc<AppState>,
-    cert: Arc<api::tls::ServerCert>,
+    cert: Arc<tls::ServerCert>,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(TLS_REFRESH_EVERY);
@@ -421,9 +430,9 @@ async fn persist_presence(
     if let Some(written) = &written {
         live.retain(|(device, endpoint, _)| written.get(device) != Some(endpoint));
     }
-    let presence: Vec<store::Presence> = live
+    let presence: Vec<floto_registry::Presence> = live
         .iter()
-        .map(|(device, endpoint, seen)| store::Presence {
+        .map(|(device, endpoint, seen)| floto_registry::Presence {
             device: *device,
             endpoint: *endpoint,
             last_seen: clock.wall(*seen),
@@ -460,6 +469,7 @@ async fn ensure_local_admin(data: &DataDir, ca: &Ca, store: &dyn Registry) -> an
     let current = std::fs::read_to_string(data.admin_cert())
         .ok()
         .and_then(|pem| {
+            use rustls_pki_types::pem::PemObject as _;
             let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
             ca.verify_client_cert(&der, now).ok()
         });
@@ -488,5 +498,3 @@ async fn ensure_local_admin(data: &DataDir, ca: &Ca, store: &dyn Registry) -> an
     info!("issued the local admin certificate");
     Ok(())
 }
-
-use rustls_pki_types::pem::PemObject as _;

@@ -91,8 +91,10 @@ impl Metrics {
         self.enrollment_seconds.observe(elapsed.as_secs_f64());
     }
 
-    pub fn handshake(&self, elapsed: Duration) {
-        self.handshake_seconds.observe(elapsed.as_secs_f64());
+    /// The `floto_handshake_duration_seconds` histogram, for the concentrator to observe
+    /// each handshake it answers.
+    pub fn handshake_histogram(&self) -> Histogram {
+        self.handshake_seconds.clone()
     }
 
     pub fn broker_session_started(&self) {
@@ -130,7 +132,7 @@ impl Metrics {
 /// of the CA, read at scrape time.
 #[derive(Debug)]
 pub struct CertWatch {
-    pub tls: Arc<crate::api::tls::ServerCert>,
+    pub tls: Arc<crate::tls::ServerCert>,
     pub ca_not_after: time::OffsetDateTime,
 }
 
@@ -238,7 +240,7 @@ impl Collector for LiveCollector {
                 None,
                 prometheus_client::metrics::MetricType::Counter,
             )?;
-            for why in DropReason::ALL {
+            for &why in DropReason::ALL {
                 ConstCounter::new(c.dropped(why)).encode(family.encode_family(&Reason {
                     reason: why.label(),
                 })?)?;
@@ -337,6 +339,7 @@ mod tests {
             std::net::Ipv4Addr::new(10, 240, 0, 1),
             Duration::from_secs(85),
             100,
+            1,
         ));
         let m = Metrics::new(table);
         m.enrollment("created", Duration::from_millis(3));

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use floto_netstack::{ConnectError, TcpStream};
 
-use crate::wg::{peers::MAX_DATAGRAM, Concentrator, HostPacket, SendBatch};
+use crate::wg::{peers::MAX_DATAGRAM, Concentrator, Effects, HostPacket, SendBatch};
 
 /// Dials devices.
 #[derive(Clone)]
@@ -44,13 +44,18 @@ impl NetstackHandle {
 struct Sink {
     concentrator: Arc<Concentrator>,
     scratch: Vec<u8>,
+    effects: Effects,
     batch: SendBatch,
 }
 
 impl floto_netstack::PacketSink for Sink {
     fn send(&mut self, packet: &[u8]) {
-        self.concentrator
-            .send_to_device(packet, &mut self.scratch, &mut self.batch);
+        self.concentrator.send_to_device(
+            packet,
+            &mut self.scratch,
+            &mut self.effects,
+            &mut self.batch,
+        );
     }
 
     fn flush(&mut self) {
@@ -74,6 +79,7 @@ impl Netstack {
         let sink = Sink {
             concentrator,
             scratch: vec![0u8; MAX_DATAGRAM],
+            effects: Effects::new(),
             batch: SendBatch::new(),
         };
         let (inner, driver) = floto_netstack::new(

@@ -5,7 +5,7 @@
 
 use time::OffsetDateTime;
 
-use floto_client::{files, ApiClient, ClientError};
+use floto_client::{ApiClient, ClientError};
 use floto_proto::enroll::{EnrollRequest, RenewRequest};
 use floto_proto::ErrorCode;
 
@@ -87,19 +87,19 @@ pub async fn perform(
 fn next_key(dir: &StateDir) -> Result<String, Failed> {
     let path = dir.device_key_next();
     if path.exists() {
-        return files::read_secret(&path)
+        return floto_files::read_secret(&path)
             .map_err(|e| Failed::new(CertFailure::Transient, e.to_string()));
     }
     let key = floto_pki::generate_key()
         .map_err(|e| Failed::new(CertFailure::Transient, format!("making a key: {e}")))?;
-    files::write_secret(&path, key.as_bytes())
+    floto_files::write_secret(&path, key.as_bytes())
         .map_err(|e| Failed::new(CertFailure::Transient, e.to_string()))?;
     Ok(key)
 }
 
 async fn renew(dir: &StateDir, state: &DeviceState) -> Result<DeviceState, Failed> {
     let key = next_key(dir)?;
-    let csr = floto_pki::make_csr(&key, &state.file.uuid.to_string())
+    let csr = floto_pki::make_csr(&key, &state.file.assignment.uuid.to_string())
         .map_err(|e| Failed::new(CertFailure::Refused, format!("making the CSR: {e}")))?;
     let api = state
         .api()
@@ -124,17 +124,17 @@ async fn reenroll(
     // A renewal cut short may have reached the server: then its key is the current one.
     let mut keys = Vec::new();
     if dir.has_pending_key() {
-        let pending = files::read_secret(&dir.device_key_next())
+        let pending = floto_files::read_secret(&dir.device_key_next())
             .map_err(|e| Failed::new(CertFailure::Transient, e.to_string()))?;
         keys.push((pending, true));
     }
     keys.push((state.device_key_pem.clone(), false));
     let mut last = None;
     for (key, is_next) in keys {
-        let csr = floto_pki::make_csr(&key, &state.file.uuid.to_string())
+        let csr = floto_pki::make_csr(&key, &state.file.assignment.uuid.to_string())
             .map_err(|e| Failed::new(CertFailure::Refused, format!("making the CSR: {e}")))?;
         let req = EnrollRequest {
-            uuid: Some(state.file.uuid.to_string()),
+            uuid: Some(state.file.assignment.uuid.to_string()),
             csr_pem: csr,
             wg_public_key: state.wg_public().to_base64(),
             device_type: settings.device_type.clone(),

@@ -17,6 +17,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, trace, warn};
 
+use floto_proto::wireguard::is_initiation;
+
 use super::backoff::{jittered, Backoff};
 use super::certs::{self, Failed};
 use super::config::AgentConfig;
@@ -148,12 +150,12 @@ impl Driver {
         mut rng: StdRng,
         token: &CancellationToken,
     ) -> anyhow::Result<Self> {
-        let (net, prefix) = overlay_network(&state.file.overlay_network)?;
+        let (net, prefix) = overlay_network(&state.file.assignment.overlay_network)?;
         let _ = net;
         let local = local::open(
             config.mode,
             &config.tun_name,
-            state.file.overlay_ip,
+            state.file.assignment.overlay_ip,
             prefix,
             &config.forwards,
             token,
@@ -161,12 +163,12 @@ impl Driver {
         .await?;
         let udp = super::socket::wireguard_socket().context("binding the WireGuard UDP socket")?;
         let keepalive = config.keepalive.unwrap_or(Duration::from_secs(u64::from(
-            state.file.persistent_keepalive.max(1),
+            state.file.assignment.persistent_keepalive.max(1),
         )));
         let link = LinkSupervisor::new(LinkParams::new(keepalive, config.backoff_cap));
         let planner = RenewalPlanner::new(
-            state.file.expires_at,
-            state.file.renew_after,
+            state.file.assignment.expires_at,
+            state.file.assignment.renew_after,
             config.enroll.is_some(),
             config.backoff_cap,
             dir.has_pending_key(),
@@ -177,12 +179,12 @@ impl Driver {
         let status = AgentStatus {
             pid: std::process::id(),
             mode: config.mode,
-            uuid: state.file.uuid,
-            overlay_ip: state.file.overlay_ip,
+            uuid: state.file.assignment.uuid,
+            overlay_ip: state.file.assignment.overlay_ip,
             connected: false,
             since: Some(now_utc),
             endpoint: None,
-            cert_expires_at: state.file.expires_at,
+            cert_expires_at: state.file.assignment.expires_at,
             last_error: None,
             last_error_at: None,
             revoked: false,
@@ -193,12 +195,12 @@ impl Driver {
             updated_at: now_utc,
         };
         info!(
-            device = %state.file.uuid,
-            ip = %state.file.overlay_ip,
+            device = %state.file.assignment.uuid,
+            ip = %state.file.assignment.overlay_ip,
             mode = %config.mode,
             ?keepalive,
             backoff_cap = ?config.backoff_cap,
-            cert_expires_at = %state.file.expires_at,
+            cert_expires_at = %state.file.assignment.expires_at,
             renew_at = %planner.renew_at(),
             "agent started"
         );
@@ -290,7 +292,11 @@ impl Driver {
                 matches!(kind, Kind::Response | Kind::Data)
             }
             TunnResult::WriteToTunnelV4(p, _src) => {
-                if probe::is_echo_reply(p, self.state.file.server_overlay_ip, self.probe_ident) {
+                if probe::is_echo_reply(
+                    p,
+                    self.state.file.assignment.server_overlay_ip,
+                    self.probe_ident,
+                ) {
                     trace!("probe answered");
                 } else if to_local.try_send(p.to_vec()).is_err() {
                     trace!("local side full; packet dropped");
@@ -371,8 +377,8 @@ impl Driver {
                 LinkAction::Probe => {
                     self.probe_seq = self.probe_seq.wrapping_add(1);
                     let p = probe::echo_request(
-                        self.state.file.overlay_ip,
-                        self.state.file.server_overlay_ip,
+                        self.state.file.assignment.overlay_ip,
+                        self.state.file.assignment.server_overlay_ip,
                         self.probe_ident,
                         self.probe_seq,
                     );
@@ -395,7 +401,7 @@ impl Driver {
 
     /// Resolves the server's endpoint again and sends a fresh handshake initiation.
     async fn connect(&mut self, now: Instant) {
-        let name = self.state.file.endpoint.clone();
+        let name = self.state.file.assignment.endpoint.clone();
         let resolved =
             tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(&name)).await;
         let addr = match resolved {
@@ -526,7 +532,7 @@ impl Driver {
         tx: &mpsc::Sender<(CertAction, Result<DeviceState, Failed>)>,
     ) {
         self.cert_busy = true;
-        info!(?action, expires_at = %self.state.file.expires_at, "renewing the certificate");
+        info!(?action, expires_at = %self.state.file.assignment.expires_at, "renewing the certificate");
         let dir = self.dir.clone();
         let state = self.state.clone();
         let settings = self.config.enroll.clone();
@@ -544,20 +550,22 @@ impl Driver {
             Ok(state) => {
                 let was_revoked = self.planner.is_revoked();
                 self.planner.handle_success(
-                    state.file.expires_at,
-                    state.file.renew_after,
+                    state.file.assignment.expires_at,
+                    state.file.assignment.renew_after,
                     &mut self.rng,
                 );
                 info!(
                     ?action,
-                    expires_at = %state.file.expires_at,
+                    expires_at = %state.file.assignment.expires_at,
                     next_renewal = %self.planner.renew_at(),
                     "new certificate"
                 );
-                if state.file.overlay_ip != self.state.file.overlay_ip {
-                    warn!(old = %self.state.file.overlay_ip, new = %state.file.overlay_ip, "the server moved the device to another overlay address; restart the agent to use it");
+                if state.file.assignment.overlay_ip != self.state.file.assignment.overlay_ip {
+                    warn!(old = %self.state.file.assignment.overlay_ip, new = %state.file.assignment.overlay_ip, "the server moved the device to another overlay address; restart the agent to use it");
                 }
-                if state.file.server_public_key != self.state.file.server_public_key {
+                if state.file.assignment.server_public_key
+                    != self.state.file.assignment.server_public_key
+                {
                     warn!("the server's WireGuard key changed; handshaking with the new one");
                     self.state = state;
                     self.tunn = new_tunn(&self.state, &mut self.rng);
@@ -570,7 +578,7 @@ impl Driver {
                     self.status.revoked = false;
                     self.link.reconnect(Instant::now());
                 }
-                self.status.cert_expires_at = self.state.file.expires_at;
+                self.status.cert_expires_at = self.state.file.assignment.expires_at;
                 self.status.renewals += 1;
             }
             Err(Failed { failure, message }) => {
@@ -578,7 +586,7 @@ impl Driver {
                 let next = self.planner.poll_timeout();
                 if newly_revoked {
                     error!(
-                        device = %self.state.file.uuid,
+                        device = %self.state.file.assignment.uuid,
                         reason = %message,
                         "this device was REVOKED by the server: it stops reconnecting and asks again only about every 30 minutes; an admin must enroll it under a new UUID"
                     );
@@ -616,7 +624,7 @@ impl Driver {
 /// A `Tunn` for the device's key and the server's, with a random session index.
 fn new_tunn(state: &DeviceState, rng: &mut StdRng) -> Tunn {
     let secret = x25519_dalek::StaticSecret::from(state.wg_private);
-    let server = x25519_dalek::PublicKey::from(state.file.server_public_key.0);
+    let server = x25519_dalek::PublicKey::from(state.file.assignment.server_public_key.0);
     // Keepalives are the link supervisor's job (its probes), not boringtun's.
     Tunn::new(secret, server, None, None, rng.random::<u32>() >> 8, None)
 }
@@ -627,11 +635,6 @@ fn transmit(udp: &UdpSocket, link: &mut LinkSupervisor, p: &[u8], to: SocketAddr
         Ok(_) => link.handle_sent(now),
         Err(e) => debug!(%to, error = %e, "UDP send failed"),
     }
-}
-
-/// Whether a WireGuard message is a handshake initiation (type 1).
-fn is_initiation(p: &[u8]) -> bool {
-    p.len() >= 4 && p[..4] == [1, 0, 0, 0]
 }
 
 /// `10.240.0.0/16` as (network, prefix length).

@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use floto_client::files::{self, FileError};
+use floto_files::FileError;
 use floto_proto::DeviceId;
 
 use super::config::Mode;
@@ -56,12 +56,12 @@ impl AgentStatus {
             path: path.to_owned(),
             source: std::io::Error::other(e),
         })?;
-        files::write_public(path, &json)
+        floto_files::write_public(path, &json)
     }
 
     /// Reads a status file; `Ok(None)` when there is none.
     pub fn read(path: &Path) -> Result<Option<Self>, FileError> {
-        match files::read_to_string(path) {
+        match floto_files::read_to_string(path) {
             Ok(text) => serde_json::from_str(&text)
                 .map(Some)
                 .map_err(|e| FileError {

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use floto_client::files;
-use floto_proto::DeviceId;
+use floto_client::cli::Program;
+use floto_proto::{rfc3339, DeviceId};
 use floto_tunnel_client::agent::config::{
     AgentConfig, ConfigError, FileConfig, Forward, Mode, Overrides,
 };
@@ -118,34 +118,24 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    floto_client::tls::install_default_provider();
     floto_tunnel_client::init_logging("info");
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("floto-tunnel: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(dispatch(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("floto-tunnel: {e:#}");
-            if e.downcast_ref::<ConfigError>().is_some() {
-                ExitCode::from(EXIT_CONFIG)
-            } else if matches!(
-                e.downcast_ref::<StateError>(),
-                Some(StateError::Damaged { .. })
-            ) {
-                ExitCode::from(EXIT_DAMAGED)
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+    Program::new("floto-tunnel")
+        .exit_code(exit_code)
+        .run(async { dispatch(cli).await.map(|()| ExitCode::SUCCESS) })
+}
+
+/// EX_USAGE for an invalid configuration, EX_DATAERR for a damaged state dir, 1 otherwise.
+fn exit_code(e: &anyhow::Error) -> ExitCode {
+    if e.downcast_ref::<ConfigError>().is_some() {
+        ExitCode::from(EXIT_CONFIG)
+    } else if matches!(
+        e.downcast_ref::<StateError>(),
+        Some(StateError::Damaged { .. })
+    ) {
+        ExitCode::from(EXIT_DAMAGED)
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -160,7 +150,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             device_type,
             hostname,
         } => {
-            let server_ca_pem = files::read_to_string(&ca)?;
+            let server_ca_pem = floto_files::read_to_string(&ca)?;
             let state_dir = StateDir::new(dir.state_dir);
             let (state, created) = enroll(
                 &state_dir,
@@ -177,11 +167,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             eprintln!(
                 "{} device {} with overlay address {}; certificate valid until {}",
                 if created { "enrolled" } else { "re-enrolled" },
-                state.file.uuid,
-                state.file.overlay_ip,
-                rfc3339(state.file.expires_at)
+                state.file.assignment.uuid,
+                state.file.assignment.overlay_ip,
+                rfc3339(state.file.assignment.expires_at)
             );
-            println!("{}", state.file.uuid);
+            println!("{}", state.file.assignment.uuid);
         }
         Command::Run(args) => run(*args).await?,
         Command::Status { dir, json } => status(dir.state_dir, json)?,
@@ -247,16 +237,17 @@ fn status(state_dir: PathBuf, json: bool) -> anyhow::Result<()> {
     let running = agent.as_ref().is_some_and(AgentStatus::agent_running);
     let live = agent.as_ref().filter(|_| running);
     let f = &state.file;
+    let assigned = &f.assignment;
     if json {
         let v = serde_json::json!({
-            "uuid": f.uuid,
+            "uuid": assigned.uuid,
             "server": f.server,
-            "overlay_ip": f.overlay_ip,
-            "server_overlay_ip": f.server_overlay_ip,
-            "configured_endpoint": f.endpoint,
+            "overlay_ip": assigned.overlay_ip,
+            "server_overlay_ip": assigned.server_overlay_ip,
+            "configured_endpoint": assigned.endpoint,
             "wg_public_key": state.wg_public().to_base64(),
-            "cert_expires_at": rfc3339(f.expires_at),
-            "renew_after": rfc3339(f.renew_after),
+            "cert_expires_at": rfc3339(assigned.expires_at),
+            "renew_after": rfc3339(assigned.renew_after),
             "running": running,
             "pid": live.map(|a| a.pid),
             "mode": live.map(|a| a.mode),
@@ -274,15 +265,15 @@ fn status(state_dir: PathBuf, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("device       {}", f.uuid);
+    println!("device       {}", assigned.uuid);
     println!("server       {}", f.server);
-    println!("overlay ip   {}", f.overlay_ip);
+    println!("overlay ip   {}", assigned.overlay_ip);
     println!("wg key       {}", state.wg_public());
-    println!("cert expires {}", rfc3339(f.expires_at));
+    println!("cert expires {}", rfc3339(assigned.expires_at));
     match live {
         None => {
             println!("agent        not running");
-            println!("endpoint     {}", f.endpoint);
+            println!("endpoint     {}", assigned.endpoint);
         }
         Some(a) => {
             let since = a.since.map(rfc3339).unwrap_or_default();
@@ -297,7 +288,7 @@ fn status(state_dir: PathBuf, json: bool) -> anyhow::Result<()> {
             println!("state        {what} since {since}");
             println!(
                 "endpoint     {}",
-                a.endpoint.as_deref().unwrap_or(f.endpoint.as_str())
+                a.endpoint.as_deref().unwrap_or(assigned.endpoint.as_str())
             );
             if a.failed_attempts > 0 {
                 println!("failed tries {}", a.failed_attempts);
@@ -310,9 +301,4 @@ fn status(state_dir: PathBuf, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn rfc3339(t: time::OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| t.to_string())
 }

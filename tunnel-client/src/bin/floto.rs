@@ -8,9 +8,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use floto_client::broker::Transport;
-use floto_client::files;
-use floto_proto::devices::DeviceInfo;
-use floto_proto::DeviceId;
+use floto_client::cli::Program;
+use floto_proto::{rfc3339, DeviceId};
 use floto_tunnel_client::forward::{self, ForwardSpec};
 use floto_tunnel_client::operator::{self, default_config_dir, Operator};
 
@@ -101,30 +100,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    floto_client::tls::install_default_provider();
     floto_tunnel_client::init_logging("warn");
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("floto: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = rt.block_on(dispatch(cli));
     // `floto proxy` reads stdin on a blocking thread that cannot be cancelled; waiting for it
     // would keep ssh's ProxyCommand alive after the device side has ended.
-    rt.shutdown_background();
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("floto: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    Program::new("floto")
+        .abandon_blocking_tasks()
+        .run(dispatch(cli))
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -133,7 +115,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Login { server, token, ca } => {
             let ca_pem = match ca {
-                Some(path) => files::read_to_string(&path)?,
+                Some(path) => floto_files::read_to_string(&path)?,
                 None => system_roots()?,
             };
             let config = operator::login(&dir, &server, &token, &ca_pem).await?;
@@ -142,10 +124,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 config.server,
                 config.name,
                 config.role,
-                config
-                    .expires_at
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_default()
+                rfc3339(config.expires_at)
             );
         }
         Command::Devices { online, json } => {
@@ -154,7 +133,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&devices)?);
             } else {
-                print_devices(&devices);
+                print!("{}", floto_client::table::devices(&devices));
             }
         }
         Command::Ssh {
@@ -229,32 +208,6 @@ fn ssh_config(exe: &Path, config_dir: Option<&Path>) -> String {
          User root\n",
         shell_quote(&exe.to_string_lossy())
     )
-}
-
-fn print_devices(devices: &[DeviceInfo]) {
-    let time = |t: Option<time::OffsetDateTime>| {
-        t.and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| "-".into())
-    };
-    println!(
-        "{:<38} {:<16} {:<15} {:<7} {:<22} {:<22} {:<22}",
-        "UUID", "FLEET", "OVERLAY IP", "ONLINE", "LAST SEEN", "ENDPOINT", "CERT EXPIRES"
-    );
-    for d in devices {
-        println!(
-            "{:<38} {:<16} {:<15} {:<7} {:<22} {:<22} {:<22}",
-            d.uuid,
-            d.fleet,
-            d.overlay_ip,
-            d.online_word(),
-            time(d.last_seen),
-            d.endpoint.as_deref().unwrap_or("-"),
-            time(Some(d.cert_expires_at)),
-        );
-    }
 }
 
 /// The system's CA bundle, for servers whose certificate is publicly trusted.

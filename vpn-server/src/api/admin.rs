@@ -18,15 +18,18 @@ use floto_proto::admin::{
 };
 use floto_proto::devices::DeviceInfo;
 use floto_proto::ErrorCode;
-
-use super::devices::{parse_uuid, unknown};
-use super::{parse_json, Caller, ConnInfo, Failure, LimitedBody, PeerCert};
-use crate::authz::Action;
-use crate::secret::{hash_secret, new_secret, secret_id};
-use crate::store::{
-    AuditRecord, CertKind, IssuedCertRecord, NewKey, NewOperator, Operator, TokenRefusal,
+use floto_registry::{
+    AuditRecord, CertKind, Change, IssuedCertRecord, NewKey, NewOperator, TokenRefusal,
 };
-use crate::AppState;
+
+use super::{
+    parse_json, parse_uuid, unknown_device, AppState, Caller, ConnInfo, Failure, LimitedBody,
+};
+use crate::authz::Action;
+use crate::datadir::LOCAL_ADMIN;
+use crate::enroll::parse_csr_field;
+use crate::identify::PeerCert;
+use crate::secret::{hash_secret, new_secret, secret_id};
 
 /// Longest provisioning-key lifetime accepted.
 const MAX_KEY_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -73,7 +76,8 @@ pub async fn create_key(
         })
         .await?;
     state
-        .audit(AuditRecord {
+        .audit
+        .record(AuditRecord {
             at: now,
             actor: op.name.clone(),
             action: "key.created".into(),
@@ -99,19 +103,7 @@ pub async fn list_keys(
     caller: Caller,
 ) -> Result<Json<Vec<KeyInfo>>, Failure> {
     caller.require(Action::Administer, None)?;
-    let keys = state.store.list_keys().await?;
-    Ok(Json(
-        keys.into_iter()
-            .map(|k| KeyInfo {
-                id: k.id,
-                fleet: k.fleet,
-                uses_left: k.uses_left,
-                expires_at: k.expires_at,
-                created_at: k.created_at,
-                revoked_at: k.revoked_at,
-            })
-            .collect(),
-    ))
+    Ok(Json(state.store.list_keys().await?))
 }
 
 /// `POST /v1/operators` (admin): a new operator and its one-time login token.
@@ -179,7 +171,8 @@ pub async fn add_operator(
         ));
     }
     state
-        .audit(AuditRecord {
+        .audit
+        .record(AuditRecord {
             at: now,
             actor: admin.name.clone(),
             action: "operator.added".into(),
@@ -207,18 +200,7 @@ pub async fn list_operators(
     caller: Caller,
 ) -> Result<Json<Vec<OperatorInfo>>, Failure> {
     caller.require(Action::Administer, None)?;
-    let ops = state.store.operators().await?;
-    Ok(Json(
-        ops.into_iter()
-            .map(|o| OperatorInfo {
-                name: o.name,
-                role: o.role,
-                fleets: o.fleets,
-                created_at: o.created_at,
-                revoked_at: o.revoked_at,
-            })
-            .collect(),
-    ))
+    Ok(Json(state.store.operators().await?))
 }
 
 /// `POST /v1/login`: a one-time token and a CSR for an operator certificate.
@@ -228,7 +210,7 @@ pub async fn login(
 ) -> Result<Json<LoginResponse>, Failure> {
     let req: LoginRequest = parse_json(&body)?;
     // Check the CSR before taking the token, so a bad CSR does not burn it.
-    let csr = floto_pki::parse_csr(&req.csr_pem).map_err(|e| bad(format!("csr_pem: {e}")))?;
+    let csr = parse_csr_field(&req.csr_pem)?;
     let now = OffsetDateTime::now_utc();
     let op = state
         .store
@@ -264,9 +246,12 @@ pub async fn renew_login(
             "renewal needs the current operator certificate (mTLS); run `floto login` with a new token",
         ));
     }
-    let op = conn.caller(&state, None).await?;
+    let op = state
+        .identify
+        .operator(&conn.peer_cert, None, OffsetDateTime::now_utc())
+        .await?;
     let req: RenewLoginRequest = parse_json(&body)?;
-    let csr = floto_pki::parse_csr(&req.csr_pem).map_err(|e| bad(format!("csr_pem: {e}")))?;
+    let csr = parse_csr_field(&req.csr_pem)?;
     let now = OffsetDateTime::now_utc();
     Ok(Json(
         issue_operator_certificate(&state, &op, &csr, now, "operator.renewed").await?,
@@ -276,7 +261,7 @@ pub async fn renew_login(
 /// Signs, records and audits an operator certificate.
 async fn issue_operator_certificate(
     state: &AppState,
-    op: &Operator,
+    op: &OperatorInfo,
     csr: &floto_pki::VerifiedCsr,
     now: OffsetDateTime,
     action: &str,
@@ -304,7 +289,8 @@ async fn issue_operator_certificate(
         })
         .await?;
     state
-        .audit(AuditRecord {
+        .audit
+        .record(AuditRecord {
             at: now,
             actor: op.name.clone(),
             action: action.into(),
@@ -332,23 +318,25 @@ pub async fn revoke_operator(
     Path(name): Path<String>,
 ) -> Result<Json<OperatorInfo>, Failure> {
     caller.require(Action::Administer, None)?;
-    if name == crate::LOCAL_ADMIN {
+    if name == LOCAL_ADMIN {
         return Err(bad(
             "the local admin cannot be revoked; its certificate lives in the data dir",
         ));
     }
     let now = OffsetDateTime::now_utc();
-    let op = state
+    let revocation = state
         .store
         .revoke_operator(&name, now)
         .await?
         .ok_or_else(|| Failure::new(ErrorCode::NotFound, format!("no operator {name:?}")))?;
-    for cert in state.store.revoked_certificates(now).await? {
-        state.revoked.insert(cert.serial);
-    }
-    let closed = state.broker.close_operator(&name);
+    let op = revocation.operator.clone();
+    let closed = state
+        .changes
+        .apply(&Change::OperatorRevoked(revocation))
+        .sessions_closed;
     state
-        .audit(AuditRecord {
+        .audit
+        .record(AuditRecord {
             at: now,
             actor: caller.0.name.clone(),
             action: "operator.revoked".into(),
@@ -357,13 +345,7 @@ pub async fn revoke_operator(
         })
         .await;
     info!(operator = %name, by = %caller.0.name, closed, "operator revoked");
-    Ok(Json(OperatorInfo {
-        name: op.name,
-        role: op.role,
-        fleets: op.fleets,
-        created_at: op.created_at,
-        revoked_at: op.revoked_at,
-    }))
+    Ok(Json(op))
 }
 
 /// Query of `GET /v1/audit`.
@@ -426,18 +408,16 @@ pub async fn revoke_device(
     let admin = caller.0;
     let id = parse_uuid(&uuid)?;
     let now = OffsetDateTime::now_utc();
-    let device = state
+    let revocation = state
         .store
         .revoke_device(&id, now)
         .await?
-        .ok_or_else(|| unknown(&id))?;
-    state.wg.remove_peer(&id);
-    state.broker.close_device(&id);
-    for cert in state.store.revoked_certificates(now).await? {
-        state.revoked.insert(cert.serial);
-    }
+        .ok_or_else(|| unknown_device(&id))?;
+    let device = revocation.device.clone();
+    state.changes.apply(&Change::DeviceRevoked(revocation));
     state
-        .audit(AuditRecord {
+        .audit
+        .record(AuditRecord {
             at: now,
             actor: admin.name.clone(),
             action: "device.revoked".into(),

@@ -8,14 +8,12 @@ use axum::Json;
 use serde::Deserialize;
 
 use floto_proto::devices::DeviceInfo;
-use floto_proto::{DeviceId, ErrorCode};
+use floto_registry::{Device, OperatorInfo};
 
-use super::{Caller, Failure};
+use super::{parse_uuid, unknown_device, AppState, Caller, Failure};
 use crate::authz::Action;
 use crate::events::WallClock;
-use crate::store::{Device, Operator};
 use crate::wg::PeerStatus;
-use crate::AppState;
 
 /// Joins a registry row with its live status (absent when the server is not running or
 /// the device is revoked).
@@ -54,7 +52,7 @@ pub fn device_info(d: &Device, live: Option<&PeerStatus>, clock: &WallClock) -> 
 }
 
 /// May this operator see devices of `fleet`?
-pub fn may_see(op: &Operator, fleet: &str) -> bool {
+pub fn may_see(op: &OperatorInfo, fleet: &str) -> bool {
     crate::authz::allowed(op.role, &op.fleets, Action::ViewDevice, Some(fleet))
 }
 
@@ -64,12 +62,6 @@ pub struct ListQuery {
     pub online: Option<bool>,
     #[serde(default)]
     pub fleet: Option<String>,
-}
-
-impl AppState {
-    pub fn live_info(&self, d: &Device) -> DeviceInfo {
-        device_info(d, self.wg.table.status(&d.id).as_ref(), self.events.clock())
-    }
 }
 
 /// `GET /v1/devices[?online=true][&fleet=F]`
@@ -96,15 +88,11 @@ pub async fn show(
     Path(uuid): Path<String>,
 ) -> Result<Json<DeviceInfo>, Failure> {
     let id = parse_uuid(&uuid)?;
-    let device = state.store.device(&id).await?.ok_or_else(|| unknown(&id))?;
+    let device = state
+        .store
+        .device(&id)
+        .await?
+        .ok_or_else(|| unknown_device(&id))?;
     caller.require(Action::ViewDevice, Some(&device.fleet))?;
     Ok(Json(state.live_info(&device)))
-}
-
-pub fn parse_uuid(s: &str) -> Result<DeviceId, Failure> {
-    DeviceId::from_host(s).map_err(|e| Failure::new(ErrorCode::BadRequest, e.to_string()))
-}
-
-pub fn unknown(id: &DeviceId) -> Failure {
-    Failure::new(ErrorCode::NotFound, format!("no device {id} is enrolled"))
 }

@@ -15,9 +15,8 @@ use tokio::sync::broadcast;
 
 use floto_proto::devices::DeviceEvent;
 
-use super::{Caller, Failure};
+use super::{AppState, Caller, Failure};
 use crate::authz::{allowed, Action};
-use crate::AppState;
 
 /// `GET /v1/events`
 pub async fn stream(

@@ -7,16 +7,20 @@
 //! certificate, like enrollment, still works).
 
 pub mod admin;
+pub mod connect;
 pub mod devices;
+pub mod enroll;
 pub mod events;
 pub mod server;
-pub mod tls;
+pub mod state;
+
+pub use state::AppState;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -24,12 +28,12 @@ use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
 use tracing::error;
 
-use floto_pki::{CertInfo, VerifyError};
 use floto_proto::{paths, ApiError, DeviceId, ErrorCode};
+use floto_registry::{OperatorInfo, StoreError};
 
 use crate::authz::{allowed, Action};
-use crate::store::{Operator, StoreError, TokenRefusal};
-use crate::AppState;
+use crate::broker::Refusal;
+use crate::identify::{IdentifyError, PeerCert};
 
 /// Largest request body any route accepts.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -52,17 +56,14 @@ impl Failure {
     /// 500: logged here with the detail; the client gets a pointer to the log.
     pub fn internal(detail: impl std::fmt::Display) -> Self {
         error!(error = %detail, "request failed");
-        Self::new(
-            ErrorCode::Internal,
-            "internal server error; the server log has the details",
-        )
+        Self::from(ApiError::internal())
     }
 
     /// 429 with a randomised `Retry-After`.
     pub fn shed(message: impl Into<String>) -> Self {
         Self {
             error: ApiError::new(ErrorCode::TooManyRequests, message),
-            retry_after: Some(crate::enroll::retry_after_jitter()),
+            retry_after: Some(retry_after_jitter()),
         }
     }
 
@@ -96,6 +97,50 @@ impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Self {
         Failure::internal(e)
     }
+}
+
+impl From<IdentifyError> for Failure {
+    fn from(e: IdentifyError) -> Self {
+        match e {
+            IdentifyError::Refused(error) => Self::from(error),
+            IdentifyError::Store(e) => Self::internal(e),
+        }
+    }
+}
+
+impl From<Refusal> for Failure {
+    fn from(r: Refusal) -> Self {
+        Self {
+            retry_after: r.is_shed().then(retry_after_jitter),
+            error: r.error,
+        }
+    }
+}
+
+/// Time before a shed request should be retried, randomised so that shed clients do not
+/// come back together.
+pub fn retry_after_jitter() -> Duration {
+    Duration::from_secs(rand::random_range(1..=5))
+}
+
+/// Reads `Authorization: Bearer <secret>`.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// A device UUID from a path or query (also `UUID.floto`, `UUID.balena`, 32 hex digits).
+pub fn parse_uuid(s: &str) -> Result<DeviceId, Failure> {
+    DeviceId::from_host(s).map_err(|e| Failure::new(ErrorCode::BadRequest, e.to_string()))
+}
+
+/// The 404 for a device the registry does not have.
+pub fn unknown_device(id: &DeviceId) -> Failure {
+    Failure::new(ErrorCode::NotFound, format!("no device {id} is enrolled"))
 }
 
 impl IntoResponse for Failure {
@@ -133,131 +178,10 @@ pub struct ConnInfo {
     pub peer_cert: PeerCert,
 }
 
-/// A client certificate, checked once per connection.
-#[derive(Clone, Debug)]
-pub enum PeerCert {
-    None,
-    Valid(Arc<CertInfo>),
-    Invalid(Arc<VerifyError>),
-}
-
-impl ConnInfo {
-    /// The verified, unrevoked certificate, or the 401 that says why not.
-    pub fn certificate(
-        &self,
-        state: &AppState,
-        now: OffsetDateTime,
-    ) -> Result<Arc<CertInfo>, Failure> {
-        let info = match &self.peer_cert {
-            PeerCert::None => {
-                return Err(Failure::new(
-                    ErrorCode::Unauthorized,
-                    "this route needs a client certificate (mTLS); none was presented",
-                ))
-            }
-            PeerCert::Invalid(e) => {
-                return Err(Failure::new(
-                    ErrorCode::Unauthorized,
-                    certificate_message(e),
-                ))
-            }
-            PeerCert::Valid(info) => info.clone(),
-        };
-        // Checked again per request: a long connection may outlive its certificate.
-        if info.not_after <= now {
-            return Err(Failure::new(
-                ErrorCode::Unauthorized,
-                certificate_message(&VerifyError::Expired {
-                    not_after: info.not_after,
-                }),
-            ));
-        }
-        if state.revoked.contains(&info.serial.to_hex()) {
-            return Err(Failure::new(
-                ErrorCode::Revoked,
-                format!("client certificate {} was revoked", info.serial),
-            ));
-        }
-        Ok(info)
-    }
-
-    /// The device this connection's certificate names.
-    pub fn device_identity(
-        &self,
-        state: &AppState,
-        now: OffsetDateTime,
-    ) -> Result<(DeviceId, Arc<CertInfo>), Failure> {
-        let info = self.certificate(state, now)?;
-        let device = info.device_id().ok_or_else(|| {
-            Failure::new(
-                ErrorCode::Forbidden,
-                "this route is for devices; the client certificate is not a device certificate",
-            )
-        })?;
-        Ok((device, info))
-    }
-
-    /// The operator making a request: named by the connection's client certificate, or
-    /// (for viewers, which are machine clients) by an API bearer token.
-    pub async fn caller(
-        &self,
-        state: &AppState,
-        bearer: Option<&str>,
-    ) -> Result<Operator, Failure> {
-        let now = OffsetDateTime::now_utc();
-        let op = match (&self.peer_cert, bearer) {
-            (PeerCert::None, Some(token)) => {
-                let hash = crate::secret::hash_secret(token);
-                state
-                    .store
-                    .operator_by_api_token(&hash, now)
-                    .await?
-                    .map_err(|r| {
-                        let (code, message) = match r {
-                            TokenRefusal::Unknown => (ErrorCode::Unauthorized, "unknown API token"),
-                            TokenRefusal::Expired => (
-                                ErrorCode::Unauthorized,
-                                "this API token expired; ask an admin for a new one",
-                            ),
-                            TokenRefusal::OperatorRevoked => (
-                                ErrorCode::Revoked,
-                                "the operator of this API token was revoked",
-                            ),
-                            TokenRefusal::Used => (ErrorCode::Unauthorized, "unknown API token"),
-                        };
-                        Failure::new(code, message)
-                    })?
-            }
-            _ => {
-                let info = self.certificate(state, now)?;
-                let name = info.operator_name().ok_or_else(|| {
-                    Failure::new(
-                        ErrorCode::Forbidden,
-                        "this route is for operators; the client certificate is not an operator certificate",
-                    )
-                })?;
-                state.store.operator(name).await?.ok_or_else(|| {
-                    Failure::new(
-                        ErrorCode::Unauthorized,
-                        format!("operator {name:?} is not known here"),
-                    )
-                })?
-            }
-        };
-        if op.revoked_at.is_some() {
-            return Err(Failure::new(
-                ErrorCode::Revoked,
-                format!("operator {:?} was revoked", op.name),
-            ));
-        }
-        Ok(op)
-    }
-}
-
 /// The operator behind a request, resolved once per request (client certificate or
 /// API bearer token). Routes then ask [`Caller::require`] for what they do.
 #[derive(Debug, Clone)]
-pub struct Caller(pub Operator);
+pub struct Caller(pub OperatorInfo);
 
 impl Caller {
     /// Allowed, or the 403 that says who may not do what.
@@ -290,28 +214,23 @@ impl axum::extract::FromRequestParts<Arc<AppState>> for Caller {
             .extensions
             .get::<ConnInfo>()
             .ok_or_else(|| Failure::internal("request without connection info"))?;
-        let bearer = crate::enroll::bearer(&parts.headers);
-        Ok(Caller(conn.caller(state, bearer).await?))
-    }
-}
-
-fn certificate_message(e: &VerifyError) -> String {
-    match e {
-        VerifyError::Expired { not_after } => format!(
-            "client certificate expired at {}; a device re-enrolls with its provisioning key, an operator runs `floto login` again",
-            not_after
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default()
-        ),
-        other => format!("client certificate refused: {other}"),
+        let op = state
+            .identify
+            .operator(
+                &conn.peer_cert,
+                bearer(&parts.headers),
+                OffsetDateTime::now_utc(),
+            )
+            .await?;
+        Ok(Caller(op))
     }
 }
 
 /// The API routes (the CONNECT broker is dispatched before these; see [`server`]).
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route(paths::ENROLL, post(crate::enroll::enroll_handler))
-        .route(paths::RENEW, post(crate::enroll::renew_handler))
+        .route(paths::ENROLL, post(enroll::enroll_handler))
+        .route(paths::RENEW, post(enroll::renew_handler))
         .route(paths::DEVICES, get(devices::list))
         .route("/v1/devices/{uuid}", get(devices::show))
         .route("/v1/devices/{uuid}/revoke", post(admin::revoke_device))
@@ -417,4 +336,23 @@ async fn drain(mut body: axum::body::Body, declared: u64) {
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_parsing() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, "bearer  abc ".parse().unwrap());
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
+        assert_eq!(bearer(&h), None);
+        h.insert(header::AUTHORIZATION, "Bearer ".parse().unwrap());
+        assert_eq!(bearer(&h), None);
+    }
 }

@@ -25,8 +25,8 @@ use tracing::{debug, info, warn};
 
 use floto_proto::paths;
 
-use super::{ConnInfo, PeerCert};
-use crate::AppState;
+use super::{AppState, ConnInfo};
+use crate::identify::PeerCert;
 
 /// TLS connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 16_384;
@@ -86,13 +86,11 @@ pub async fn serve_https(
                 }
             };
             let (_, session) = tls.get_ref();
-            let peer_cert = match session.peer_certificates().and_then(|c| c.first()) {
-                None => PeerCert::None,
-                Some(der) => match state.ca.verify_client_cert(der, OffsetDateTime::now_utc()) {
-                    Ok(info) => PeerCert::Valid(Arc::new(info)),
-                    Err(e) => PeerCert::Invalid(Arc::new(e)),
-                },
-            };
+            let peer_cert = PeerCert::verify(
+                &state.ca,
+                session.peer_certificates().and_then(|c| c.first()),
+                OffsetDateTime::now_utc(),
+            );
             let info = ConnInfo {
                 remote,
                 local,
@@ -109,7 +107,7 @@ pub async fn serve_https(
                 async move {
                     if req.method() == Method::CONNECT {
                         return Ok::<_, Infallible>(
-                            crate::broker::http_connect(state, info, req).await,
+                            super::connect::http_connect(state, info, req).await,
                         );
                     }
                     let mut req = req.map(Body::new);

@@ -1,12 +1,10 @@
 //! The broker: puts an operator into one port of one device, through the device's tunnel.
-//! Two front ends, QUIC ([`quic`]) and HTTPS CONNECT ([`connect`]), share what is here:
-//! resolve the device, authorize, dial it through the netstack, splice, and write an audit
-//! record of every session and every refusal.
+//! Two front ends, QUIC ([`quic`]) and HTTPS CONNECT (in the API, `crate::api::connect`),
+//! share what is here: resolve the device, authorize, dial it through the netstack, splice,
+//! and write an audit record of every session and every refusal. Its refusals are its own
+//! ([`Refusal`]); each front end tells the operator in its own way.
 
-pub mod connect;
 pub mod quic;
-
-pub use connect::http_connect;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,21 +17,64 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use floto_proto::{DeviceId, ErrorCode};
+use floto_proto::{ApiError, DeviceId, ErrorCode};
+use floto_registry::{AuditRecord, Device, OperatorInfo, Registry, StoreError};
 
-use crate::api::Failure;
+use crate::audit::Auditor;
 use crate::authz::{allowed, allowed_anywhere, Action};
-use crate::netstack::{ConnectError, TcpStream};
-use crate::store::{AuditRecord, Device, Operator};
-use crate::AppState;
+use crate::events::WallClock;
+use crate::metrics::Metrics;
+use crate::netstack::{ConnectError, NetstackHandle, TcpStream};
+use crate::wg::PeerTable;
 
 /// Broker sessions open at once; more are refused with 429.
 pub const MAX_SESSIONS: usize = 4096;
 /// Time a device has to accept the TCP connection.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why the broker would not open a session.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// The `result` label of `floto_broker_sessions_total` and of the audit record.
+    pub result: &'static str,
+    /// What the operator is told.
+    pub error: ApiError,
+}
+
+impl Refusal {
+    fn new(result: &'static str, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            result,
+            error: ApiError::new(code, message),
+        }
+    }
+
+    /// The broker is full: the operator should retry later.
+    pub fn is_shed(&self) -> bool {
+        self.error.error == ErrorCode::TooManyRequests
+    }
+
+    /// A registry fault: logged here with the detail, the operator gets a pointer to the log.
+    fn internal(e: &StoreError) -> Self {
+        tracing::error!(error = %e, "broker request failed");
+        Self {
+            result: "error",
+            error: ApiError::internal(),
+        }
+    }
+}
+
+/// What the broker needs from the rest of the server.
+pub struct BrokerDeps {
+    pub registry: Arc<dyn Registry>,
+    pub table: Arc<PeerTable>,
+    pub clock: WallClock,
+    pub netstack: NetstackHandle,
+    pub metrics: Arc<Metrics>,
+    pub audit: Auditor,
+}
+
 /// Open sessions, so that revocations can close them.
-#[derive(Debug)]
 pub struct Broker {
     sessions: DashMap<u64, SessionHandle>,
     next_id: AtomicU64,
@@ -42,6 +83,15 @@ pub struct Broker {
     draining: AtomicBool,
     /// Woken whenever a session ends, for the drain.
     ended: tokio::sync::Notify,
+    deps: BrokerDeps,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("sessions", &self.sessions.len())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -51,12 +101,6 @@ struct SessionHandle {
     cancel: CancellationToken,
 }
 
-impl Default for Broker {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// A dialled device connection, ready to splice.
 #[derive(Debug)]
 pub struct OpenSession {
@@ -64,6 +108,8 @@ pub struct OpenSession {
     pub device: Device,
     pub port: u16,
     pub operator: String,
+    /// Carries the device and operator through the session's logs.
+    span: tracing::Span,
     pub via: &'static str,
     stream: TcpStream,
     started: OffsetDateTime,
@@ -73,7 +119,7 @@ pub struct OpenSession {
 /// Unregisters a session however it ends (also when it is dropped before splicing).
 struct SessionGuard {
     id: u64,
-    state: Arc<AppState>,
+    broker: Arc<Broker>,
     result: &'static str,
     _slot: OwnedSemaphorePermit,
 }
@@ -88,20 +134,21 @@ impl std::fmt::Debug for SessionGuard {
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        self.state.broker.sessions.remove(&self.id);
-        self.state.broker.ended.notify_waiters();
-        self.state.metrics.broker_session_ended(self.result);
+        self.broker.sessions.remove(&self.id);
+        self.broker.ended.notify_waiters();
+        self.broker.deps.metrics.broker_session_ended(self.result);
     }
 }
 
 impl Broker {
-    pub fn new() -> Self {
+    pub fn new(deps: BrokerDeps) -> Self {
         Self {
             sessions: DashMap::new(),
             next_id: AtomicU64::new(1),
             slots: Arc::new(Semaphore::new(MAX_SESSIONS)),
             draining: AtomicBool::new(false),
             ended: tokio::sync::Notify::new(),
+            deps,
         }
     }
 
@@ -155,231 +202,249 @@ impl Broker {
         }
         n
     }
-}
 
-/// Resolves, authorizes and dials. Every refusal is audited.
-pub async fn open(
-    state: &Arc<AppState>,
-    op: &Operator,
-    target: &str,
-    port: u16,
-    via: &'static str,
-) -> Result<OpenSession, Failure> {
-    let now = OffsetDateTime::now_utc();
-    let refuse = |f: Failure, device: Option<DeviceId>, result: &'static str| {
-        let state = state.clone();
-        let operator = op.name.clone();
-        let message = f.error.message.clone();
-        async move {
-            state.metrics.broker_refused(result);
-            state
-                .audit(AuditRecord {
-                    at: now,
-                    actor: operator,
-                    action: "broker.refused".into(),
-                    device,
-                    detail: serde_json::json!({"port": port, "via": via, "result": result, "message": message}).to_string(),
-                })
-                .await;
-            f
-        }
-    };
-    if state.broker.is_draining() {
-        let f = Failure::new(
-            ErrorCode::Unavailable,
-            "the server is shutting down and takes no new sessions; try again in a few seconds",
-        );
-        return Err(refuse(f, DeviceId::from_host(target).ok(), "shutting_down").await);
-    }
-    let id = match DeviceId::from_host(target) {
-        Ok(id) => id,
-        Err(e) => {
-            let f = Failure::new(
-                ErrorCode::BadRequest,
-                format!("{e}; use the device UUID, UUID.floto or UUID.balena"),
-            );
-            return Err(refuse(f, None, "bad_request").await);
-        }
-    };
-    if port == 0 {
-        let f = Failure::new(ErrorCode::BadRequest, "port 0 is not a port");
-        return Err(refuse(f, Some(id), "bad_request").await);
-    }
-    if !allowed_anywhere(op.role, &op.fleets, Action::Connect) {
-        let f = Failure::new(
-            ErrorCode::Forbidden,
-            format!(
-                "operator {:?} ({}) may not open broker sessions",
-                op.name, op.role
-            ),
-        );
-        return Err(refuse(f, Some(id), "forbidden").await);
-    }
-    let device = match state.store.device(&id).await? {
-        Some(d) if !d.is_revoked() => d,
-        Some(_) => {
-            let f = Failure::new(ErrorCode::NotFound, format!("device {id} was revoked"));
-            return Err(refuse(f, Some(id), "unknown_device").await);
-        }
-        None => {
-            let f = Failure::new(
-                ErrorCode::NotFound,
-                format!("unknown device {id}: no device with this UUID is enrolled"),
-            );
-            return Err(refuse(f, Some(id), "unknown_device").await);
-        }
-    };
-    if !allowed(op.role, &op.fleets, Action::Connect, Some(&device.fleet)) {
-        let f = Failure::new(
-            ErrorCode::Forbidden,
-            format!("operator {:?} ({}) may not connect to device {id}: it is not in the operator's fleets", op.name, op.role),
-        );
-        return Err(refuse(f, Some(id), "forbidden").await);
-    }
-    let status = state.wg.table.status(&id);
-    if !status.as_ref().is_some_and(|s| s.online) {
-        let seen = status
-            .and_then(|s| s.last_seen)
-            .map(|t| state.events.clock().wall(t))
-            .or(device.last_seen);
-        let when = match seen {
-            Some(t) => format!("last seen {} ago", humanize(now - t)),
-            None => "never seen by this server".to_owned(),
+    /// Resolves, authorizes and dials. Every refusal is audited.
+    pub async fn open(
+        self: &Arc<Self>,
+        op: &OperatorInfo,
+        target: &str,
+        port: u16,
+        via: &'static str,
+    ) -> Result<OpenSession, Refusal> {
+        let now = OffsetDateTime::now_utc();
+        let deps = &self.deps;
+        let refuse = |f: Refusal, device: Option<DeviceId>| {
+            let operator = op.name.clone();
+            async move {
+                deps.metrics.broker_refused(f.result);
+                deps.audit
+                    .record(AuditRecord {
+                        at: now,
+                        actor: operator,
+                        action: "broker.refused".into(),
+                        device,
+                        detail: serde_json::json!({"port": port, "via": via, "result": f.result, "message": f.error.message}).to_string(),
+                    })
+                    .await;
+                f
+            }
         };
-        let f = Failure::new(
-            ErrorCode::Unavailable,
-            format!("device {id} is offline ({when})"),
-        );
-        return Err(refuse(f, Some(id), "offline").await);
-    }
-    let Ok(slot) = state.broker.slots.clone().try_acquire_owned() else {
-        let f = Failure::shed(format!(
-            "the broker has {MAX_SESSIONS} sessions open; retry later"
-        ));
-        return Err(refuse(f, Some(id), "shed").await);
-    };
-    let stream = match state
-        .netstack
-        .connect(device.overlay_ip, port, DIAL_TIMEOUT)
-        .await
-    {
-        Ok(s) => s,
-        Err(ConnectError::Refused) => {
-            let f = Failure::new(
-                ErrorCode::BadGateway,
-                format!("port {port} on device {id} is unreachable: the device refused the connection (is the service running?)"),
+        if self.is_draining() {
+            let f = Refusal::new(
+                "shutting_down",
+                ErrorCode::Unavailable,
+                "the server is shutting down and takes no new sessions; try again in a few seconds",
             );
-            return Err(refuse(f, Some(id), "port_unreachable").await);
+            return Err(refuse(f, DeviceId::from_host(target).ok()).await);
         }
-        Err(ConnectError::TimedOut) => {
-            let f = Failure::new(
-                ErrorCode::GatewayTimeout,
+        let id = match DeviceId::from_host(target) {
+            Ok(id) => id,
+            Err(e) => {
+                let f = Refusal::new(
+                    "bad_request",
+                    ErrorCode::BadRequest,
+                    format!("{e}; use the device UUID, UUID.floto or UUID.balena"),
+                );
+                return Err(refuse(f, None).await);
+            }
+        };
+        if port == 0 {
+            let f = Refusal::new("bad_request", ErrorCode::BadRequest, "port 0 is not a port");
+            return Err(refuse(f, Some(id)).await);
+        }
+        if !allowed_anywhere(op.role, &op.fleets, Action::Connect) {
+            let f = Refusal::new(
+                "forbidden",
+                ErrorCode::Forbidden,
                 format!(
-                    "device {id} did not answer on port {port} within {}s",
-                    DIAL_TIMEOUT.as_secs()
+                    "operator {:?} ({}) may not open broker sessions",
+                    op.name, op.role
                 ),
             );
-            return Err(refuse(f, Some(id), "timeout").await);
+            return Err(refuse(f, Some(id)).await);
         }
-        Err(e) => {
-            let f = Failure::new(
-                ErrorCode::Unavailable,
-                format!("could not dial device {id}: {e}"),
+        let device = match deps.registry.device(&id).await {
+            Ok(d) => d,
+            Err(e) => return Err(Refusal::internal(&e)),
+        };
+        let device = match device {
+            Some(d) if !d.is_revoked() => d,
+            Some(_) => {
+                let f = Refusal::new(
+                    "unknown_device",
+                    ErrorCode::NotFound,
+                    format!("device {id} was revoked"),
+                );
+                return Err(refuse(f, Some(id)).await);
+            }
+            None => {
+                let f = Refusal::new(
+                    "unknown_device",
+                    ErrorCode::NotFound,
+                    format!("unknown device {id}: no device with this UUID is enrolled"),
+                );
+                return Err(refuse(f, Some(id)).await);
+            }
+        };
+        if !allowed(op.role, &op.fleets, Action::Connect, Some(&device.fleet)) {
+            let f = Refusal::new("forbidden", ErrorCode::Forbidden,
+                format!("operator {:?} ({}) may not connect to device {id}: it is not in the operator's fleets", op.name, op.role),
             );
-            return Err(refuse(f, Some(id), "error").await);
+            return Err(refuse(f, Some(id)).await);
         }
-    };
-    let session_id = state.broker.next_id.fetch_add(1, Ordering::Relaxed);
-    let cancel = CancellationToken::new();
-    state.broker.sessions.insert(
-        session_id,
-        SessionHandle {
-            device: id,
+        let status = deps.table.status(&id);
+        if !status.as_ref().is_some_and(|s| s.online) {
+            let seen = status
+                .and_then(|s| s.last_seen)
+                .map(|t| deps.clock.wall(t))
+                .or(device.last_seen);
+            let when = match seen {
+                Some(t) => format!("last seen {} ago", humanize(now - t)),
+                None => "never seen by this server".to_owned(),
+            };
+            let f = Refusal::new(
+                "offline",
+                ErrorCode::Unavailable,
+                format!("device {id} is offline ({when})"),
+            );
+            return Err(refuse(f, Some(id)).await);
+        }
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            let f = Refusal::new(
+                "shed",
+                ErrorCode::TooManyRequests,
+                format!("the broker has {MAX_SESSIONS} sessions open; retry later"),
+            );
+            return Err(refuse(f, Some(id)).await);
+        };
+        let stream = match deps
+            .netstack
+            .connect(device.overlay_ip, port, DIAL_TIMEOUT)
+            .await
+        {
+            Ok(s) => s,
+            Err(ConnectError::Refused) => {
+                let f = Refusal::new("port_unreachable", ErrorCode::BadGateway,
+                    format!("port {port} on device {id} is unreachable: the device refused the connection (is the service running?)"),
+                );
+                return Err(refuse(f, Some(id)).await);
+            }
+            Err(ConnectError::TimedOut) => {
+                let f = Refusal::new(
+                    "timeout",
+                    ErrorCode::GatewayTimeout,
+                    format!(
+                        "device {id} did not answer on port {port} within {}s",
+                        DIAL_TIMEOUT.as_secs()
+                    ),
+                );
+                return Err(refuse(f, Some(id)).await);
+            }
+            Err(e) => {
+                let f = Refusal::new(
+                    "error",
+                    ErrorCode::Unavailable,
+                    format!("could not dial device {id}: {e}"),
+                );
+                return Err(refuse(f, Some(id)).await);
+            }
+        };
+        let session_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let cancel = CancellationToken::new();
+        self.sessions.insert(
+            session_id,
+            SessionHandle {
+                device: id,
+                operator: op.name.clone(),
+                cancel: cancel.clone(),
+            },
+        );
+        deps.metrics.broker_session_started();
+        let span = tracing::info_span!("broker", device = %id, operator = %op.name, port, via);
+        span.in_scope(|| info!("broker session opened"));
+        Ok(OpenSession {
+            guard: SessionGuard {
+                id: session_id,
+                broker: self.clone(),
+                result: "aborted",
+                _slot: slot,
+            },
+            device,
+            port,
             operator: op.name.clone(),
-            cancel: cancel.clone(),
-        },
-    );
-    state.metrics.broker_session_started();
-    info!(operator = %op.name, device = %id, port, via, "broker session opened");
-    Ok(OpenSession {
-        guard: SessionGuard {
-            id: session_id,
-            state: state.clone(),
-            result: "aborted",
-            _slot: slot,
-        },
-        device,
-        port,
-        operator: op.name.clone(),
-        via,
-        stream,
-        started: now,
-        cancel,
-    })
-}
-
-/// Copies bytes both ways until both sides close, or the session is cancelled (a
-/// revocation or shutdown), then writes the session's audit record.
-pub async fn splice<C>(state: &Arc<AppState>, session: OpenSession, mut client: C, leftover: &[u8])
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
-    let OpenSession {
-        mut guard,
-        device,
-        port,
-        operator,
-        via,
-        mut stream,
-        started,
-        cancel,
-    } = session;
-    let mut client = Counted::new(&mut client);
-    let result = async {
-        if !leftover.is_empty() {
-            stream.write_all(leftover).await?;
-        }
-        tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut client, &mut stream) => r.map(|_| "closed"),
-            _ = cancel.cancelled() => Ok("cancelled"),
-        }
-    }
-    .await;
-    let result = match result {
-        Ok(r) => r,
-        // A client that exits without closing its stream (ssh kills its ProxyCommand) has
-        // still ended its session normally.
-        Err(e) if is_hangup(&e) => "closed",
-        Err(e) => {
-            warn!(device = %device.id, error = %e, "broker session failed");
-            "error"
-        }
-    };
-    // Bytes the client wrote went to the device (plus what came with the header).
-    let up = client.read + leftover.len() as u64;
-    let down = client.written;
-    guard.result = result;
-    drop(guard);
-    let ended = OffsetDateTime::now_utc();
-    info!(operator = %operator, device = %device.id, port, up, down, result, "broker session ended");
-    state
-        .audit(AuditRecord {
-            at: ended,
-            actor: operator,
-            action: "broker.session".into(),
-            device: Some(device.id),
-            detail: serde_json::json!({
-                "port": port,
-                "via": via,
-                "start": started.unix_timestamp(),
-                "end": ended.unix_timestamp(),
-                "bytes_to_device": up,
-                "bytes_from_device": down,
-                "result": result,
-            })
-            .to_string(),
+            span,
+            via,
+            stream,
+            started: now,
+            cancel,
         })
+    }
+
+    /// Copies bytes both ways until both sides close, or the session is cancelled (a
+    /// revocation or shutdown), then writes the session's audit record.
+    pub async fn splice<C>(&self, session: OpenSession, mut client: C, leftover: &[u8])
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        let OpenSession {
+            mut guard,
+            device,
+            port,
+            operator,
+            span,
+            via,
+            mut stream,
+            started,
+            cancel,
+        } = session;
+        let mut client = Counted::new(&mut client);
+        let result = async {
+            if !leftover.is_empty() {
+                stream.write_all(leftover).await?;
+            }
+            tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut client, &mut stream) => r.map(|_| "closed"),
+                _ = cancel.cancelled() => Ok("cancelled"),
+            }
+        }
         .await;
+        let result = match result {
+            Ok(r) => r,
+            // A client that exits without closing its stream (ssh kills its ProxyCommand) has
+            // still ended its session normally.
+            Err(e) if is_hangup(&e) => "closed",
+            Err(e) => {
+                span.in_scope(|| warn!(error = %e, "broker session failed"));
+                "error"
+            }
+        };
+        // Bytes the client wrote went to the device (plus what came with the header).
+        let up = client.read + leftover.len() as u64;
+        let down = client.written;
+        guard.result = result;
+        drop(guard);
+        let ended = OffsetDateTime::now_utc();
+        span.in_scope(|| info!(up, down, result, "broker session ended"));
+        self.deps
+            .audit
+            .record(AuditRecord {
+                at: ended,
+                actor: operator,
+                action: "broker.session".into(),
+                device: Some(device.id),
+                detail: serde_json::json!({
+                    "port": port,
+                    "via": via,
+                    "start": started.unix_timestamp(),
+                    "end": ended.unix_timestamp(),
+                    "bytes_to_device": up,
+                    "bytes_from_device": down,
+                    "result": result,
+                })
+                .to_string(),
+            })
+            .await;
+    }
 }
 
 fn is_hangup(e: &std::io::Error) -> bool {

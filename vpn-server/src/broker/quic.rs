@@ -17,8 +17,11 @@ use floto_proto::broker::{
 };
 use floto_proto::{ApiError, ErrorCode};
 
-use crate::api::{ConnInfo, Failure, PeerCert};
-use crate::AppState;
+use floto_pki::Ca;
+use floto_registry::OperatorInfo;
+
+use super::Broker;
+use crate::identify::{Identifier, IdentifyError, PeerCert};
 
 /// QUIC application close codes.
 pub mod close {
@@ -52,15 +55,23 @@ pub fn endpoint(
     .context("starting the QUIC endpoint")
 }
 
+/// What the QUIC front end needs: the CA to check client certificates, who they name, and
+/// the broker.
+#[derive(Debug, Clone)]
+pub struct QuicFrontEnd {
+    pub ca: Arc<Ca>,
+    pub identify: Arc<Identifier>,
+    pub broker: Arc<Broker>,
+}
+
 /// Accepts operator connections until `shutdown`.
-pub async fn serve(endpoint: quinn::Endpoint, state: Arc<AppState>, shutdown: CancellationToken) {
+pub async fn serve(endpoint: quinn::Endpoint, state: QuicFrontEnd, shutdown: CancellationToken) {
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
             i = endpoint.accept() => match i { Some(i) => i, None => break },
         };
         let state = state.clone();
-        let local = endpoint.local_addr().ok();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let conn = match incoming.await {
@@ -70,7 +81,7 @@ pub async fn serve(endpoint: quinn::Endpoint, state: Arc<AppState>, shutdown: Ca
                     return;
                 }
             };
-            serve_connection(conn, state, local, shutdown).await;
+            serve_connection(conn, state, shutdown).await;
         });
     }
     endpoint.close(close::SHUTDOWN.into(), b"server shutting down");
@@ -79,30 +90,26 @@ pub async fn serve(endpoint: quinn::Endpoint, state: Arc<AppState>, shutdown: Ca
 
 async fn serve_connection(
     conn: quinn::Connection,
-    state: Arc<AppState>,
-    local: Option<std::net::SocketAddr>,
+    state: QuicFrontEnd,
     shutdown: CancellationToken,
 ) {
-    let peer_cert = conn
+    let now = OffsetDateTime::now_utc();
+    let presented = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .and_then(|chain| chain.first().cloned())
-        .map_or(PeerCert::None, |der| {
-            match state.ca.verify_client_cert(&der, OffsetDateTime::now_utc()) {
-                Ok(info) => PeerCert::Valid(Arc::new(info)),
-                Err(e) => PeerCert::Invalid(Arc::new(e)),
-            }
-        });
-    let info = ConnInfo {
-        remote: conn.remote_address(),
-        local: local.unwrap_or_else(|| conn.remote_address()),
-        host: None,
-        peer_cert,
-    };
-    let op = match info.caller(&state, None).await {
+        .and_then(|chain| chain.first().cloned());
+    let peer_cert = PeerCert::verify(&state.ca, presented.as_ref(), now);
+    let op = match state.identify.operator(&peer_cert, None, now).await {
         Ok(op) => op,
-        Err(f) => {
-            let reason = serde_json::to_vec(&f.error).unwrap_or_default();
+        Err(e) => {
+            let error = match e {
+                IdentifyError::Refused(error) => error,
+                IdentifyError::Store(e) => {
+                    tracing::error!(error = %e, "identifying a QUIC operator failed");
+                    ApiError::internal()
+                }
+            };
+            let reason = serde_json::to_vec(&error).unwrap_or_default();
             conn.close(close::UNAUTHORIZED.into(), &reason);
             return;
         }
@@ -116,41 +123,46 @@ async fn serve_connection(
                 Err(_) => return,
             },
         };
-        let state = state.clone();
+        let broker = state.broker.clone();
         let op = op.clone();
-        tokio::spawn(async move { serve_stream(state, op, send, recv).await });
+        tokio::spawn(async move { serve_stream(broker, op, send, recv).await });
     }
 }
 
 async fn serve_stream(
-    state: Arc<AppState>,
-    op: crate::store::Operator,
+    broker: Arc<Broker>,
+    op: OperatorInfo,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
     let (request, leftover) = match read_request(&mut recv).await {
         Ok(r) => r,
-        Err(f) => {
-            let _ = respond(&mut send, Err(f.error)).await;
+        Err(e) => {
+            let _ = respond(&mut send, Err(e)).await;
             return;
         }
     };
-    let session = match super::open(&state, &op, &request.device, request.port, "quic").await {
+    let session = match broker
+        .open(&op, &request.device, request.port, "quic")
+        .await
+    {
         Ok(s) => s,
-        Err(f) => {
-            let _ = respond(&mut send, Err(f.error)).await;
+        Err(refusal) => {
+            let _ = respond(&mut send, Err(refusal.error)).await;
             return;
         }
     };
     if respond(&mut send, Ok(())).await.is_err() {
         return;
     }
-    super::splice(&state, session, tokio::io::join(recv, send), &leftover).await;
+    broker
+        .splice(session, tokio::io::join(recv, send), &leftover)
+        .await;
     info!(operator = %op.name, "QUIC stream done");
 }
 
 /// Reads the header line; returns it and whatever bytes followed it.
-async fn read_request(recv: &mut quinn::RecvStream) -> Result<(BrokerRequest, Vec<u8>), Failure> {
+async fn read_request(recv: &mut quinn::RecvStream) -> Result<(BrokerRequest, Vec<u8>), ApiError> {
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 1024];
     let read = async {
@@ -158,19 +170,19 @@ async fn read_request(recv: &mut quinn::RecvStream) -> Result<(BrokerRequest, Ve
             match decode_header::<BrokerRequest>(&buf) {
                 Ok(Some((req, used))) => return Ok((req, buf[used..].to_vec())),
                 Ok(None) => {}
-                Err(e) => return Err(Failure::new(ErrorCode::BadRequest, e.to_string())),
+                Err(e) => return Err(ApiError::new(ErrorCode::BadRequest, e.to_string())),
             }
             let want = (MAX_HEADER + 1 - buf.len()).min(chunk.len());
             match recv.read(&mut chunk[..want]).await {
                 Ok(Some(n)) => buf.extend_from_slice(&chunk[..n]),
                 Ok(None) => {
-                    return Err(Failure::new(
+                    return Err(ApiError::new(
                         ErrorCode::BadRequest,
                         "stream ended before the request header",
                     ))
                 }
                 Err(e) => {
-                    return Err(Failure::new(
+                    return Err(ApiError::new(
                         ErrorCode::BadRequest,
                         format!("reading the request header: {e}"),
                     ))
@@ -181,7 +193,7 @@ async fn read_request(recv: &mut quinn::RecvStream) -> Result<(BrokerRequest, Ve
     tokio::time::timeout(Duration::from_secs(10), read)
         .await
         .unwrap_or_else(|_| {
-            Err(Failure::new(
+            Err(ApiError::new(
                 ErrorCode::BadRequest,
                 "no request header within 10 s",
             ))

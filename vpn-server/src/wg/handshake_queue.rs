@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-/// Size of a WireGuard handshake initiation.
-pub const INITIATION_LEN: usize = 148;
+pub use floto_proto::wireguard::INITIATION_LEN;
 
 /// An initiation waiting for a worker.
 #[derive(Debug, Clone)]

@@ -1,31 +1,43 @@
 //! The WireGuard concentrator: the I/O-free [`peers::PeerTable`] and the UDP driver
 //! around it (one `SO_REUSEPORT` socket per worker, a timer task, no per-peer sockets or
-//! tasks).
+//! tasks). It knows nothing of the registry, the API or who listens to its events: it is
+//! told which peers to serve ([`PeerConfig`]) and reports what happened to a
+//! [`PeerEventSink`].
 
+pub mod admission;
 pub mod batch;
+pub mod counters;
+pub mod effects;
 pub mod handshake_queue;
 pub mod peers;
 #[cfg(test)]
 mod tests;
+pub mod timers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use floto_proto::wireguard::is_initiation;
 use floto_proto::{DeviceId, WgKey};
 
 pub use batch::SendBatch;
+pub use counters::{Counters, DropReason};
+pub use effects::Effects;
 pub use handshake_queue::HandshakeQueue;
-pub use peers::{DropReason, Output, Peer, PeerConfig, PeerEvent, PeerStatus, PeerTable};
+pub use peers::{Peer, PeerConfig, PeerEvent, PeerStatus, PeerTable};
 
-use crate::events::EventHub;
-use crate::store::Device;
+/// Who hears of the concentrator's online-state transitions and endpoint changes.
+pub trait PeerEventSink: Send + Sync {
+    fn peer_event(&self, event: PeerEvent);
+}
 
 /// An IP packet from a device to the server's overlay address, for the netstack.
 pub type HostPacket = Vec<u8>;
@@ -60,9 +72,11 @@ pub struct Concentrator {
     pub table: Arc<PeerTable>,
     sockets: Vec<Arc<UdpSocket>>,
     to_host: mpsc::Sender<HostPacket>,
-    events: Arc<EventHub>,
+    events: Arc<dyn PeerEventSink>,
     local_addr: SocketAddr,
     handshakes: HandshakeQueue,
+    /// Time to answer one handshake initiation (`floto_handshake_duration_seconds`).
+    handshake_seconds: Histogram,
 }
 
 impl std::fmt::Debug for Concentrator {
@@ -74,59 +88,14 @@ impl std::fmt::Debug for Concentrator {
     }
 }
 
-/// The socket side of [`Output`].
-struct SocketOutput<'a> {
-    socket: &'a UdpSocket,
-    to_host: &'a mpsc::Sender<HostPacket>,
-    events: &'a EventHub,
-}
-
-impl Output for SocketOutput<'_> {
-    fn send_datagram(&mut self, to: SocketAddr, datagram: &[u8]) {
-        if let Err(e) = self.socket.try_send_to(datagram, to) {
-            // UDP: a full send buffer drops, as the kernel would.
-            debug!(%to, error = %e, "datagram not sent");
-        }
-    }
-
-    fn deliver_to_host(&mut self, _from: &Peer, packet: &[u8]) {
-        if self.to_host.try_send(packet.to_vec()).is_err() {
-            debug!("netstack queue full; packet dropped");
-        }
-    }
-
-    fn event(&mut self, event: PeerEvent) {
-        self.events.publish_peer(event);
-    }
-}
-
-/// Like [`SocketOutput`], but datagrams wait in a [`SendBatch`] until it is flushed.
-struct BatchOutput<'a> {
-    inner: SocketOutput<'a>,
-    batch: &'a mut SendBatch,
-}
-
-impl Output for BatchOutput<'_> {
-    fn send_datagram(&mut self, to: SocketAddr, datagram: &[u8]) {
-        self.batch.push(self.inner.socket, to, datagram);
-    }
-
-    fn deliver_to_host(&mut self, from: &Peer, packet: &[u8]) {
-        self.inner.deliver_to_host(from, packet);
-    }
-
-    fn event(&mut self, event: PeerEvent) {
-        self.inner.event(event);
-    }
-}
-
 impl Concentrator {
     /// Binds `workers` sockets on `listen` (the first one picks the port when it is 0).
     pub fn bind(
         listen: SocketAddr,
         workers: usize,
         table: Arc<PeerTable>,
-        events: Arc<EventHub>,
+        events: Arc<dyn PeerEventSink>,
+        handshake_seconds: Histogram,
     ) -> anyhow::Result<(Self, mpsc::Receiver<HostPacket>)> {
         let mut sockets = Vec::with_capacity(workers.max(1));
         let first = reuseport_socket(listen)
@@ -145,6 +114,7 @@ impl Concentrator {
                 events,
                 local_addr,
                 handshakes: HandshakeQueue::new(HANDSHAKE_QUEUE),
+                handshake_seconds,
             },
             from_devices,
         ))
@@ -158,52 +128,72 @@ impl Concentrator {
         self.table.public_key()
     }
 
-    fn output(&self) -> SocketOutput<'_> {
-        SocketOutput {
-            socket: &self.sockets[0],
-            to_host: &self.to_host,
-            events: &self.events,
+    /// Carries out what the core decided: datagrams out of `socket`, packets to the
+    /// netstack, events to the sink.
+    fn carry_out(&self, socket: &UdpSocket, fx: &mut Effects) {
+        while let Some((to, datagram)) = fx.poll_transmit() {
+            if let Err(e) = socket.try_send_to(datagram, to) {
+                // UDP: a full send buffer drops, as the kernel would.
+                debug!(%to, error = %e, "datagram not sent");
+            }
+        }
+        self.deliver(fx);
+    }
+
+    /// Like [`Self::carry_out`], but datagrams wait in `batch` until [`Self::flush`].
+    fn carry_out_batched(&self, fx: &mut Effects, batch: &mut SendBatch) {
+        while let Some((to, datagram)) = fx.poll_transmit() {
+            batch.push(&self.sockets[0], to, datagram);
+        }
+        self.deliver(fx);
+    }
+
+    /// Host packets to the netstack, events to the sink.
+    fn deliver(&self, fx: &mut Effects) {
+        while let Some((_, packet)) = fx.poll_host_packet() {
+            if self.to_host.try_send(packet).is_err() {
+                debug!("netstack queue full; packet dropped");
+            }
+        }
+        while let Some(event) = fx.poll_event() {
+            self.events.peer_event(event);
         }
     }
 
-    /// Brings the live peer in line with the registry row: adds it, re-keys it, or removes
-    /// it when revoked.
-    pub fn upsert_peer(&self, device: &Device, previous_wg_key: Option<&WgKey>) {
+    /// Runs `step` on the core with a fresh [`Effects`] and carries out its effects on the
+    /// first socket (for calls outside the worker loops).
+    fn with_effects<T>(&self, step: impl FnOnce(&mut Effects) -> T) -> T {
+        let mut fx = Effects::new();
+        let result = step(&mut fx);
+        self.carry_out(&self.sockets[0], &mut fx);
+        result
+    }
+
+    /// Serves a peer as `config` says: adds it, or re-keys it (its session drops and the
+    /// device handshakes again with its new key).
+    pub fn upsert_peer(&self, config: PeerConfig) {
         let now = Instant::now();
-        let mut out = self.output();
-        if device.is_revoked() {
-            self.table.remove(&device.id, now, &mut out);
-            return;
-        }
-        if let Some(old) = previous_wg_key {
-            debug!(device = %device.id, old = %old, new = %device.wg_public_key, "WireGuard key rotated");
-        }
-        self.table.upsert(
-            PeerConfig {
-                id: device.id,
-                fleet: Arc::from(device.fleet.as_str()),
-                public_key: device.wg_public_key,
-                overlay_ip: device.overlay_ip,
-            },
-            now,
-            &mut out,
-        );
+        self.with_effects(|fx| self.table.upsert(config, now, fx));
     }
 
     /// Removes a device's peer and drops its session at once.
     pub fn remove_peer(&self, id: &DeviceId) -> bool {
-        self.table.remove(id, Instant::now(), &mut self.output())
+        let now = Instant::now();
+        self.with_effects(|fx| self.table.remove(id, now, fx))
     }
 
     /// Encrypts an IP packet from the server's netstack for its device; the datagrams wait in
     /// `batch` until [`Self::flush`].
-    pub fn send_to_device(&self, packet: &[u8], scratch: &mut [u8], batch: &mut SendBatch) {
-        let mut out = BatchOutput {
-            inner: self.output(),
-            batch,
-        };
+    pub fn send_to_device(
+        &self,
+        packet: &[u8],
+        scratch: &mut [u8],
+        fx: &mut Effects,
+        batch: &mut SendBatch,
+    ) {
         self.table
-            .send_to_device(packet, Instant::now(), scratch, &mut out);
+            .send_to_device(packet, Instant::now(), scratch, fx);
+        self.carry_out_batched(fx, batch);
     }
 
     /// Sends what `batch` holds.
@@ -226,19 +216,18 @@ impl Concentrator {
         let gap = Duration::from_secs(1) / per_second.max(1);
         let mut tick = tokio::time::interval(gap);
         let mut scratch = vec![0u8; peers::MAX_DATAGRAM];
+        let mut fx = Effects::new();
         let mut sent = 0usize;
         for (id, endpoint) in &targets {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if self.table.initiate(
-                id,
-                *endpoint,
-                Instant::now(),
-                &mut scratch,
-                &mut self.output(),
-            ) {
+            let called = self
+                .table
+                .initiate(id, *endpoint, Instant::now(), &mut scratch, &mut fx);
+            self.carry_out(&self.sockets[0], &mut fx);
+            if called {
                 sent += 1;
             }
         }
@@ -281,11 +270,7 @@ impl Concentrator {
     async fn receive_loop(&self, socket: &UdpSocket, shutdown: CancellationToken) {
         let mut buf = vec![0u8; peers::MAX_DATAGRAM];
         let mut scratch = vec![0u8; peers::MAX_DATAGRAM];
-        let mut out = SocketOutput {
-            socket,
-            to_host: &self.to_host,
-            events: &self.events,
-        };
+        let mut fx = Effects::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -307,15 +292,16 @@ impl Concentrator {
                             let backlogged = self.handshakes.backlogged(now, HANDSHAKE_BACKLOG);
                             if self
                                 .table
-                                .admit(from, datagram, backlogged, &mut scratch, &mut out)
+                                .admit(from, datagram, backlogged, &mut scratch, &mut fx)
                                 && !self.handshakes.push(from, datagram, now)
                             {
                                 self.table.count_drop(DropReason::Overloaded);
                             }
                         } else {
                             self.table
-                                .route_datagram(from, datagram, now, &mut scratch, &mut out);
+                                .route_datagram(from, datagram, now, &mut scratch, &mut fx);
                         }
+                        self.carry_out(socket, &mut fx);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) => {
@@ -331,11 +317,8 @@ impl Concentrator {
     /// Answers queued handshake initiations until `shutdown`.
     fn handshake_worker(&self, n: usize, shutdown: &CancellationToken) {
         let mut scratch = vec![0u8; peers::MAX_DATAGRAM];
-        let mut out = SocketOutput {
-            socket: &self.sockets[n % self.sockets.len()],
-            to_host: &self.to_host,
-            events: &self.events,
-        };
+        let mut fx = Effects::new();
+        let socket = &self.sockets[n % self.sockets.len()];
         while !shutdown.is_cancelled() {
             let Some(init) = self.handshakes.pop(Duration::from_millis(200)) else {
                 continue;
@@ -346,12 +329,15 @@ impl Concentrator {
                 continue;
             }
             self.table
-                .handle_initiation(init.from, &init.datagram, now, &mut scratch, &mut out);
+                .handle_initiation(init.from, &init.datagram, now, &mut scratch, &mut fx);
+            self.handshake_seconds.observe(now.elapsed().as_secs_f64());
+            self.carry_out(socket, &mut fx);
         }
     }
 
     async fn timer_loop(&self, shutdown: CancellationToken) {
         let mut scratch = vec![0u8; peers::MAX_DATAGRAM];
+        let mut fx = Effects::new();
         loop {
             let now = Instant::now();
             // At least once a second, for the rate limiter's reset.
@@ -365,14 +351,10 @@ impl Concentrator {
                 _ = tokio::time::sleep_until(next.into()) => {}
             }
             self.table
-                .handle_timeout(Instant::now(), &mut scratch, &mut self.output());
+                .handle_timeout(Instant::now(), &mut scratch, &mut fx);
+            self.carry_out(&self.sockets[0], &mut fx);
         }
     }
-}
-
-/// A WireGuard handshake initiation (type 1, 148 bytes).
-fn is_initiation(datagram: &[u8]) -> bool {
-    datagram.len() == handshake_queue::INITIATION_LEN && datagram[..4] == [1, 0, 0, 0]
 }
 
 /// A non-blocking UDP socket with `SO_REUSEPORT`, so several workers share one port.

@@ -1,6 +1,8 @@
 //! The concentrator core: every enrolled device's WireGuard peer, the routing of incoming
-//! datagrams to them, online tracking and timers. No sockets and no clock: callers pass
-//! datagrams and `now`, and get what to send through [`Output`].
+//! datagrams to them, and online tracking. No sockets, no clock and no randomness of its
+//! own: callers pass datagrams, `now` and a seed, and drain what to send and what happened
+//! from an [`Effects`]. Admission (cookies, under-load) is in [`super::admission`], timers in
+//! [`super::timers`], counters in [`super::counters`].
 //!
 //! Routing (as DESIGN.md): every handshake message's MAC1 is checked first and, under load,
 //! its MAC2 (without a valid cookie it is answered with a cookie reply); a handshake
@@ -11,53 +13,26 @@
 //! A `Tunn` (about 11 KB) exists only while a device is making or has a session; an idle
 //! enrolled device costs one [`Peer`] and four map entries.
 
-use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
-use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use dashmap::DashMap;
 use parking_lot::Mutex;
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
 
 use floto_proto::{DeviceId, WgKey};
 
-/// Default handshake messages per second (all peers together) admitted before the server
-/// answers with cookies, requiring initiators to prove their address (WireGuard's DoS
-/// defence). A ceiling above what a node answers (a 2-core node about 3,000 a second), so
-/// that a storm of real devices arriving at once is not sent through a 5 s cookie round by
-/// its arrival rate alone: the queue's backlog and the count of failed initiations
-/// ([`STRANGER_LIMIT`]) are what put the server under load first.
-pub const DEFAULT_HANDSHAKE_RATE: u64 = 20_000;
-
-/// Initiations per second that cost a Diffie-Hellman and led nowhere (an unknown or
-/// revoked key, an undecryptable or replayed initiation) before the server asks every
-/// initiator for a cookie, until the next second. Real devices rarely fail; a flood of
-/// made-up initiations fails every time, so it is held to about this many
-/// Diffie-Hellmans a second (a few percent of a core) whatever its rate.
-pub const STRANGER_LIMIT: u64 = 1000;
-
-/// How often `Tunn::update_timers` must have run before we hand a `Tunn` a packet, so the
-/// times boringtun stamps on events are fresh (it stamps them with the time of the last
-/// `update_timers`: DESIGN.md, timer bug A).
-const TIMER_REFRESH: Duration = Duration::from_millis(100);
-
-/// While a peer has traffic in flight, check its timers this often.
-const BUSY_CHECK: Duration = Duration::from_millis(500);
-
-/// A peer whose traffic stopped is "busy" this long: covers boringtun's 10 s passive
-/// keepalive and 15 s handshake-on-silence timers.
-const BUSY_FOR: Duration = Duration::from_secs(20);
-
-/// Drop a peer's `Tunn` after this long without an authenticated packet: all its session
-/// keys are past WireGuard's 180 s REJECT_AFTER_TIME by then.
-pub const TUNN_IDLE_DROP: Duration = Duration::from_secs(200);
+use super::admission::Admission;
+use super::counters::{bump, Counters, DropReason};
+use super::effects::Effects;
+use super::timers::TimerHeap;
 
 /// Largest message a peer can produce from one input, plus WireGuard's overhead.
 pub const MAX_DATAGRAM: usize = 65_535;
@@ -68,33 +43,33 @@ pub struct Peer {
     pub fleet: Arc<str>,
     pub public_key: WgKey,
     pub overlay_ip: Ipv4Addr,
-    state: Mutex<PeerState>,
+    pub(super) state: Mutex<PeerState>,
 }
 
 #[derive(Default)]
-struct PeerState {
-    tunn: Option<Box<Tunn>>,
+pub(super) struct PeerState {
+    pub(super) tunn: Option<Box<Tunn>>,
     /// 24-bit index of the current `Tunn`.
-    index: Option<u32>,
+    pub(super) index: Option<u32>,
     /// Where to send: the source of the last authenticated packet.
-    endpoint: Option<SocketAddr>,
+    pub(super) endpoint: Option<SocketAddr>,
     /// Last authenticated packet (data, keepalive or handshake response).
-    last_rx: Option<Instant>,
+    pub(super) last_rx: Option<Instant>,
     /// Last non-empty data packet in either direction.
-    last_traffic: Option<Instant>,
-    timers_refreshed: Option<Instant>,
+    pub(super) last_traffic: Option<Instant>,
+    pub(super) timers_refreshed: Option<Instant>,
     /// When the current `Tunn` was made: a session being made is kept as long as an idle
     /// one, not dropped before the device's confirmation can arrive.
-    tunn_since: Option<Instant>,
-    online: bool,
-    online_since: Option<Instant>,
-    generation: u64,
-    rx_bytes: u64,
-    tx_bytes: u64,
+    pub(super) tunn_since: Option<Instant>,
+    pub(super) online: bool,
+    pub(super) online_since: Option<Instant>,
+    pub(super) generation: u64,
+    pub(super) rx_bytes: u64,
+    pub(super) tx_bytes: u64,
     /// The deadline this peer is queued under in the timer heap (lazy deletion).
-    scheduled: Option<Instant>,
+    pub(super) scheduled: Option<Instant>,
     /// Set when the peer leaves the table; holders of an `Arc<Peer>` then drop packets.
-    removed: bool,
+    pub(super) removed: bool,
 }
 
 impl std::fmt::Debug for Peer {
@@ -153,142 +128,23 @@ pub enum PeerEvent {
     },
 }
 
-/// Where the core's results go. The UDP driver sends datagrams and feeds the netstack;
-/// tests collect them.
-pub trait Output {
-    /// Send a WireGuard datagram.
-    fn send_datagram(&mut self, to: SocketAddr, datagram: &[u8]);
-    /// An authenticated IP packet from `from` addressed to the server's overlay address.
-    fn deliver_to_host(&mut self, from: &Peer, packet: &[u8]);
-    /// An online/offline transition.
-    fn event(&mut self, event: PeerEvent);
-}
-
-/// Why a datagram or packet was dropped. Each has a counter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DropReason {
-    /// Not a WireGuard message, or the wrong length for its type.
-    Malformed,
-    /// A handshake message whose MAC1 is wrong (not for our key).
-    BadMac,
-    /// A handshake initiation that does not decrypt to a static key.
-    BadHandshake,
-    /// A valid initiation from a key that is not enrolled (or was revoked).
-    UnknownPeer,
-    /// A message for a receiver index no peer holds.
-    UnknownIndex,
-    /// Rejected by the peer's session: bad tag, replayed counter or timestamp, no session.
-    Rejected,
-    /// Decrypted, but its inner source address is not the device's own.
-    Spoofed,
-    /// Decrypted, addressed to another device; devices are isolated.
-    Isolated,
-    /// Decrypted, but not IPv4, or addressed outside the overlay.
-    NotRoutable,
-    /// An outgoing packet for a device that has no known endpoint.
-    NoEndpoint,
-    /// An outgoing packet for an address no device holds.
-    NoPeer,
-    /// A handshake initiation shed because the handshake queue was full, or it waited
-    /// there so long that the device has retried since.
-    Overloaded,
-}
-
-impl DropReason {
-    pub const ALL: [DropReason; 12] = [
-        DropReason::Malformed,
-        DropReason::BadMac,
-        DropReason::BadHandshake,
-        DropReason::UnknownPeer,
-        DropReason::UnknownIndex,
-        DropReason::Rejected,
-        DropReason::Spoofed,
-        DropReason::Isolated,
-        DropReason::NotRoutable,
-        DropReason::NoEndpoint,
-        DropReason::NoPeer,
-        DropReason::Overloaded,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            DropReason::Malformed => "malformed",
-            DropReason::BadMac => "bad_mac",
-            DropReason::BadHandshake => "bad_handshake",
-            DropReason::UnknownPeer => "unknown_peer",
-            DropReason::UnknownIndex => "unknown_index",
-            DropReason::Rejected => "rejected",
-            DropReason::Spoofed => "spoofed",
-            DropReason::Isolated => "isolated",
-            DropReason::NotRoutable => "not_routable",
-            DropReason::NoEndpoint => "no_endpoint",
-            DropReason::NoPeer => "no_peer",
-            DropReason::Overloaded => "overloaded",
-        }
-    }
-}
-
-/// Counters of the core, read by the metrics exporter.
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Initiations answered with a response.
-    pub handshakes_completed: AtomicU64,
-    /// Initiations this server sent (after a restart, or when boringtun's timers ask).
-    pub handshakes_initiated: AtomicU64,
-    /// Responses to our initiations that completed a session.
-    pub handshakes_responded: AtomicU64,
-    pub cookie_replies: AtomicU64,
-    /// Decapsulated payload bytes from devices.
-    pub rx_bytes: AtomicU64,
-    /// Payload bytes encapsulated to devices.
-    pub tx_bytes: AtomicU64,
-    pub tunns_created: AtomicU64,
-    pub tunns_dropped: AtomicU64,
-    drops: [AtomicU64; 12],
-}
-
-impl Counters {
-    fn drop(&self, why: DropReason) {
-        self.drops[why as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn dropped(&self, why: DropReason) -> u64 {
-        self.drops[why as usize].load(Ordering::Relaxed)
-    }
-}
-
-fn bump(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
-}
-
 /// The peer table.
 pub struct PeerTable {
     private: StaticSecret,
     public: PublicKey,
     server_ip: Ipv4Addr,
     overlay: ipnet::Ipv4Net,
-    online_window: Duration,
-    /// Checks MAC1 and always MAC2: answers a cookie reply unless the sender has a valid
-    /// cookie. Used under load (boringtun's limiter with a count limit of 0).
-    cookie_gate: Arc<RateLimiter>,
-    /// Checks MAC1 only (a count limit never reached). Also the `Tunn`s' own limiter, so a
-    /// handshake admitted here is never answered with a cookie after its Diffie-Hellmans.
-    mac1_gate: Arc<RateLimiter>,
-    /// Handshake messages per second admitted without a cookie when there is no backlog
-    /// (`--handshake-rate-limit`).
-    rate_limit: u64,
-    /// Handshake messages checked since `rate_reset`.
-    rate_count: AtomicU64,
-    /// Initiations that failed after their Diffie-Hellmans since `rate_reset`.
-    strangers: AtomicU64,
-    rate_reset: Mutex<Instant>,
+    pub(super) online_window: Duration,
+    pub(super) admission: Admission,
+    /// Draws the 24-bit session indices (seeded by the caller).
+    index_rng: Mutex<StdRng>,
     by_key: DashMap<[u8; 32], Arc<Peer>>,
     by_id: DashMap<DeviceId, Arc<Peer>>,
     by_ip: DashMap<Ipv4Addr, Arc<Peer>>,
     by_index: DashMap<u32, Arc<Peer>>,
-    timers: Mutex<TimerHeap>,
-    timer_seq: AtomicU64,
-    online: AtomicU64,
+    pub(super) timers: Mutex<TimerHeap>,
+    pub(super) timer_seq: AtomicU64,
+    pub(super) online: AtomicU64,
     pub counters: Counters,
 }
 
@@ -299,29 +155,6 @@ impl std::fmt::Debug for PeerTable {
             .field("sessions", &self.by_index.len())
             .field("online", &self.online_count())
             .finish_non_exhaustive()
-    }
-}
-
-/// Peers by the time they next need attention; entries are superseded, not removed.
-type TimerHeap = BinaryHeap<Reverse<(Instant, u64, PeerRef)>>;
-
-/// A heap entry's handle on a peer (wrapped so the heap does not need `Ord` on `Peer`).
-struct PeerRef(Arc<Peer>);
-
-impl PartialEq for PeerRef {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-}
-impl Eq for PeerRef {}
-impl PartialOrd for PeerRef {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for PeerRef {
-    fn cmp(&self, _: &Self) -> std::cmp::Ordering {
-        std::cmp::Ordering::Equal
     }
 }
 
@@ -336,22 +169,20 @@ pub struct PeerConfig {
 
 impl PeerTable {
     /// `rate_limit`: handshake messages per second admitted without a cookie even when
-    /// the caller does not report a backlog (see [`Self::admit`]).
+    /// the caller does not report a backlog (see [`Self::admit`]). `seed` seeds the
+    /// session indices the table draws.
     pub fn new(
         private: StaticSecret,
         overlay: ipnet::Ipv4Net,
         server_ip: Ipv4Addr,
         online_window: Duration,
         rate_limit: u64,
+        seed: u64,
     ) -> Self {
         let public = PublicKey::from(&private);
         Self {
-            cookie_gate: Arc::new(RateLimiter::new(&public, 0)),
-            mac1_gate: Arc::new(RateLimiter::new(&public, u64::MAX)),
-            rate_limit: rate_limit.max(1),
-            rate_count: AtomicU64::new(0),
-            strangers: AtomicU64::new(0),
-            rate_reset: Mutex::new(Instant::now()),
+            admission: Admission::new(&public, rate_limit),
+            index_rng: Mutex::new(StdRng::seed_from_u64(seed)),
             private,
             public,
             server_ip,
@@ -406,18 +237,18 @@ impl PeerTable {
     /// Adds a peer, or replaces one whose key or address changed. A replaced peer loses
     /// its session (the device handshakes again with its new key). Returns `true` if
     /// anything changed.
-    pub fn upsert(&self, config: PeerConfig, now: Instant, out: &mut dyn Output) -> bool {
+    pub fn upsert(&self, config: PeerConfig, now: Instant, fx: &mut Effects) -> bool {
         if let Some(existing) = self.by_id.get(&config.id).map(|p| p.clone()) {
             if existing.public_key == config.public_key && existing.overlay_ip == config.overlay_ip
             {
                 return false;
             }
-            self.remove(&config.id, now, out);
+            self.remove(&config.id, now, fx);
         }
         if let Some(holder) = self.by_key.get(config.public_key.as_bytes()).map(|p| p.id) {
             // The registry guarantees one key per device; a stale holder can only be a
             // peer replaced above. Never let two peers share a key.
-            self.remove(&holder, now, out);
+            self.remove(&holder, now, fx);
         }
         let peer = Arc::new(Peer {
             id: config.id,
@@ -434,7 +265,7 @@ impl PeerTable {
     }
 
     /// Removes a peer and drops its session at once. Returns `false` if it was not there.
-    pub fn remove(&self, id: &DeviceId, now: Instant, out: &mut dyn Output) -> bool {
+    pub fn remove(&self, id: &DeviceId, now: Instant, fx: &mut Effects) -> bool {
         let Some((_, peer)) = self.by_id.remove(id) else {
             return false;
         };
@@ -445,18 +276,41 @@ impl PeerTable {
         let mut st = peer.state.lock();
         st.removed = true;
         self.drop_tunn(&peer, &mut st);
-        if st.online {
-            st.online = false;
-            st.generation += 1;
-            self.online.fetch_sub(1, Ordering::Relaxed);
-            out.event(PeerEvent::Removed {
-                id: peer.id,
-                fleet: peer.fleet.clone(),
-                generation: st.generation,
-                at: now,
-            });
-        }
+        self.go_offline(&peer, &mut st, now, OfflineCause::Removed, fx);
         true
+    }
+
+    /// The one offline transition: a new generation, the online count, and the event (a
+    /// no-op for a peer that is not online).
+    pub(super) fn go_offline(
+        &self,
+        peer: &Peer,
+        st: &mut PeerState,
+        now: Instant,
+        cause: OfflineCause,
+        fx: &mut Effects,
+    ) {
+        if !st.online {
+            return;
+        }
+        st.online = false;
+        st.generation += 1;
+        self.online.fetch_sub(1, Ordering::Relaxed);
+        let (id, fleet, generation, at) = (peer.id, peer.fleet.clone(), st.generation, now);
+        fx.event(match cause {
+            OfflineCause::Silent => PeerEvent::Offline {
+                id,
+                fleet,
+                generation,
+                at,
+            },
+            OfflineCause::Removed => PeerEvent::Removed {
+                id,
+                fleet,
+                generation,
+                at,
+            },
+        });
     }
 
     pub fn status(&self, id: &DeviceId) -> Option<PeerStatus> {
@@ -496,10 +350,10 @@ impl PeerTable {
         datagram: &[u8],
         now: Instant,
         scratch: &mut [u8],
-        out: &mut dyn Output,
+        fx: &mut Effects,
     ) {
-        if self.admit(from, datagram, false, scratch, out) {
-            self.dispatch(from, datagram, now, scratch, out);
+        if self.admit(from, datagram, false, scratch, fx) {
+            self.dispatch(from, datagram, now, scratch, fx);
         }
     }
 
@@ -520,34 +374,10 @@ impl PeerTable {
         datagram: &[u8],
         backlogged: bool,
         scratch: &mut [u8],
-        out: &mut dyn Output,
+        fx: &mut Effects,
     ) -> bool {
-        let handshake = matches!(datagram.first(), Some(1 | 2));
-        let over_rate =
-            handshake && self.rate_count.fetch_add(1, Ordering::Relaxed) >= self.rate_limit;
-        let under_load =
-            backlogged || over_rate || self.strangers.load(Ordering::Relaxed) >= STRANGER_LIMIT;
-        let gate = if handshake && under_load {
-            &self.cookie_gate
-        } else {
-            &self.mac1_gate
-        };
-        match gate.verify_packet(Some(from.ip()), datagram, scratch) {
-            Ok(_) => true,
-            Err(TunnResult::WriteToNetwork(cookie)) => {
-                bump(&self.counters.cookie_replies, 1);
-                out.send_datagram(from, cookie);
-                false
-            }
-            Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
-                self.counters.drop(DropReason::BadMac);
-                false
-            }
-            Err(_) => {
-                self.counters.drop(DropReason::Malformed);
-                false
-            }
-        }
+        self.admission
+            .admit(from, datagram, backlogged, scratch, &self.counters, fx)
     }
 
     /// Handles a handshake initiation that passed [`Self::admit`] (the expensive part:
@@ -558,9 +388,9 @@ impl PeerTable {
         datagram: &[u8],
         now: Instant,
         scratch: &mut [u8],
-        out: &mut dyn Output,
+        fx: &mut Effects,
     ) {
-        self.dispatch(from, datagram, now, scratch, out);
+        self.dispatch(from, datagram, now, scratch, fx);
     }
 
     /// Counts a datagram the driver dropped before handling it.
@@ -575,7 +405,7 @@ impl PeerTable {
         datagram: &[u8],
         now: Instant,
         scratch: &mut [u8],
-        out: &mut dyn Output,
+        fx: &mut Effects,
     ) {
         let Ok(packet) = Tunn::parse_incoming_packet(datagram) else {
             return self.counters.drop(DropReason::Malformed);
@@ -586,7 +416,7 @@ impl PeerTable {
                     Ok(half) => half,
                     Err(_) => {
                         self.counters.drop(DropReason::BadHandshake);
-                        bump(&self.strangers, 1);
+                        self.admission.count_failure();
                         return;
                     }
                 };
@@ -594,7 +424,7 @@ impl PeerTable {
                     Some(p) => (p.clone(), Kind::Init),
                     None => {
                         self.counters.drop(DropReason::UnknownPeer);
-                        bump(&self.strangers, 1);
+                        self.admission.count_failure();
                         return;
                     }
                 }
@@ -612,7 +442,7 @@ impl PeerTable {
                 None => return self.counters.drop(DropReason::UnknownIndex),
             },
         };
-        self.deliver(&peer, kind, from, datagram, now, scratch, out);
+        self.deliver(&peer, kind, from, datagram, now, scratch, fx);
     }
 
     fn peer_by_index(&self, receiver_idx: u32) -> Option<Arc<Peer>> {
@@ -628,14 +458,18 @@ impl PeerTable {
         datagram: &[u8],
         now: Instant,
         scratch: &mut [u8],
-        out: &mut dyn Output,
+        fx: &mut Effects,
     ) {
         let mut st = peer.state.lock();
         if st.removed {
             self.counters.drop(DropReason::UnknownPeer);
             return;
         }
-        if st.tunn.is_none() {
+        // A `Tunn` made for this initiation is kept only if the handshake works: an
+        // initiation that names an enrolled key (public) but cannot prove it must not leave
+        // an 11 KB session state behind for 200 s.
+        let fresh = st.tunn.is_none();
+        if fresh {
             if kind != Kind::Init {
                 // An index can only lead here while the peer has a `Tunn`.
                 self.counters.drop(DropReason::UnknownIndex);
@@ -643,7 +477,7 @@ impl PeerTable {
             }
             self.create_tunn(peer, &mut st, now);
         }
-        self.refresh_timers(&mut st, now, scratch, out);
+        self.refresh_timers(&mut st, now, scratch, fx);
         let Some(tunn) = st.tunn.as_mut() else { return };
         let mut authenticated = false;
         let mut delivered: Option<usize> = None;
@@ -655,8 +489,12 @@ impl PeerTable {
             TunnResult::Err(_) => {
                 self.counters.drop(DropReason::Rejected);
                 if kind == Kind::Init {
-                    // A replayed or stale initiation of a known key.
-                    bump(&self.strangers, 1);
+                    // A replayed, stale or forged initiation of a known key.
+                    self.admission.count_failure();
+                    if fresh {
+                        self.drop_tunn(peer, &mut st);
+                        return;
+                    }
                 }
             }
             TunnResult::WriteToNetwork(reply) => {
@@ -672,8 +510,8 @@ impl PeerTable {
                 }
                 // Answer where the message came from; the endpoint itself moves only on
                 // authenticated packets (an initiation can be replayed by anyone).
-                out.send_datagram(from, reply);
-                self.flush_queue(peer, &mut st, from, scratch, out);
+                fx.send_datagram(from, reply);
+                self.flush_queue(peer, &mut st, from, scratch, fx);
             }
             TunnResult::WriteToTunnelV4(packet, src) => {
                 authenticated = true;
@@ -684,7 +522,7 @@ impl PeerTable {
                     let dst = Tunn::dst_address(packet);
                     match dst {
                         Some(IpAddr::V4(dst)) if dst == self.server_ip => {
-                            out.deliver_to_host(peer, packet);
+                            fx.deliver_to_host(peer.id, packet);
                         }
                         Some(IpAddr::V4(dst)) if self.overlay.contains(&dst) => {
                             self.counters.drop(DropReason::Isolated);
@@ -704,7 +542,7 @@ impl PeerTable {
             bump(&self.counters.rx_bytes, n as u64);
         }
         if authenticated {
-            self.mark_alive(peer, &mut st, from, now, out);
+            self.mark_alive(peer, &mut st, from, now, fx);
         }
         let deadline = self.next_deadline(&st, now);
         self.schedule(peer, &mut st, deadline);
@@ -717,12 +555,12 @@ impl PeerTable {
         st: &mut PeerState,
         to: SocketAddr,
         scratch: &mut [u8],
-        out: &mut dyn Output,
+        fx: &mut Effects,
     ) {
         let Some(tunn) = st.tunn.as_mut() else { return };
         let mut sent = 0u64;
         while let TunnResult::WriteToNetwork(pkt) = tunn.decapsulate(None, &[], scratch) {
-            out.send_datagram(to, pkt);
+            fx.send_datagram(to, pkt);
             sent += 1;
         }
         if sent > 0 {
@@ -736,7 +574,7 @@ impl PeerTable {
         st: &mut PeerState,
         from: SocketAddr,
         now: Instant,
-        out: &mut dyn Output,
+        fx: &mut Effects,
     ) {
         st.last_rx = Some(now);
         let moved = st.endpoint != Some(from);
@@ -746,7 +584,7 @@ impl PeerTable {
             st.online_since = Some(now);
             st.generation += 1;
             self.online.fetch_add(1, Ordering::Relaxed);
-            out.event(PeerEvent::Online {
+            fx.event(PeerEvent::Online {
                 id: peer.id,
                 fleet: peer.fleet.clone(),
                 generation: st.generation,
@@ -754,7 +592,7 @@ impl PeerTable {
                 at: now,
             });
         } else if moved {
-            out.event(PeerEvent::Roamed {
+            fx.event(PeerEvent::Roamed {
                 id: peer.id,
                 fleet: peer.fleet.clone(),
                 generation: st.generation,
@@ -766,7 +604,7 @@ impl PeerTable {
 
     fn create_tunn(&self, peer: &Arc<Peer>, st: &mut PeerState, now: Instant) {
         let index = loop {
-            let candidate = rand::random::<u32>() & 0x00ff_ffff;
+            let candidate = self.index_rng.lock().random::<u32>() & 0x00ff_ffff;
             if let dashmap::Entry::Vacant(v) = self.by_index.entry(candidate) {
                 v.insert(peer.clone());
                 break candidate;
@@ -778,7 +616,7 @@ impl PeerTable {
             None,
             None,
             index,
-            Some(self.mac1_gate.clone()),
+            Some(self.admission.tunn_limiter()),
         )));
         st.index = Some(index);
         st.tunn_since = Some(now);
@@ -786,46 +624,12 @@ impl PeerTable {
         bump(&self.counters.tunns_created, 1);
     }
 
-    fn drop_tunn(&self, peer: &Arc<Peer>, st: &mut PeerState) {
+    pub(super) fn drop_tunn(&self, peer: &Arc<Peer>, st: &mut PeerState) {
         if let Some(index) = st.index.take() {
             self.by_index.remove_if(&index, |_, p| Arc::ptr_eq(p, peer));
         }
         if st.tunn.take().is_some() {
             bump(&self.counters.tunns_dropped, 1);
-        }
-    }
-
-    /// Runs `update_timers` if it has not run lately, sending what it produces.
-    fn refresh_timers(
-        &self,
-        st: &mut PeerState,
-        now: Instant,
-        scratch: &mut [u8],
-        out: &mut dyn Output,
-    ) -> Option<WireGuardError> {
-        if st
-            .timers_refreshed
-            .is_some_and(|t| now.saturating_duration_since(t) < TIMER_REFRESH)
-        {
-            return None;
-        }
-        st.timers_refreshed = Some(now);
-        let endpoint = st.endpoint;
-        let tunn = st.tunn.as_mut()?;
-        match tunn.update_timers(scratch) {
-            TunnResult::WriteToNetwork(pkt) => {
-                if let Some(to) = endpoint {
-                    if is_initiation(pkt) {
-                        bump(&self.counters.handshakes_initiated, 1);
-                    }
-                    out.send_datagram(to, pkt);
-                } else {
-                    self.counters.drop(DropReason::NoEndpoint);
-                }
-                None
-            }
-            TunnResult::Err(e) => Some(e),
-            _ => None,
         }
     }
 
@@ -838,7 +642,7 @@ impl PeerTable {
         packet: &[u8],
         now: Instant,
         scratch: &mut [u8],
-        out: &mut dyn Output,
+        fx: &mut Effects,
     ) {
         let Some(IpAddr::V4(dst)) = Tunn::dst_address(packet) else {
             self.counters.drop(DropReason::NotRoutable);
@@ -860,18 +664,18 @@ impl PeerTable {
         if st.tunn.is_none() {
             self.create_tunn(&peer, &mut st, now);
         }
-        self.refresh_timers(&mut st, now, scratch, out);
+        self.refresh_timers(&mut st, now, scratch, fx);
         let Some(tunn) = st.tunn.as_mut() else { return };
         match tunn.encapsulate(packet, scratch) {
             TunnResult::WriteToNetwork(pkt) => {
-                if is_initiation(pkt) {
+                if floto_proto::wireguard::is_initiation(pkt) {
                     // No session: the packet waits in the `Tunn` while we handshake.
                     bump(&self.counters.handshakes_initiated, 1);
                 } else {
                     st.tx_bytes += packet.len() as u64;
                     bump(&self.counters.tx_bytes, packet.len() as u64);
                 }
-                out.send_datagram(to, pkt);
+                fx.send_datagram(to, pkt);
             }
             TunnResult::Done => {}
             _ => self.counters.drop(DropReason::Rejected),
@@ -889,7 +693,7 @@ impl PeerTable {
         endpoint: SocketAddr,
         now: Instant,
         scratch: &mut [u8],
-        out: &mut dyn Output,
+        fx: &mut Effects,
     ) -> bool {
         let Some(peer) = self.by_id.get(id).map(|p| p.clone()) else {
             return false;
@@ -900,149 +704,28 @@ impl PeerTable {
         }
         self.create_tunn(&peer, &mut st, now);
         st.endpoint = Some(endpoint);
-        self.refresh_timers(&mut st, now, scratch, out);
+        self.refresh_timers(&mut st, now, scratch, fx);
         let Some(tunn) = st.tunn.as_mut() else {
             return false;
         };
         if let TunnResult::WriteToNetwork(pkt) = tunn.format_handshake_initiation(scratch, false) {
             bump(&self.counters.handshakes_initiated, 1);
-            out.send_datagram(endpoint, pkt);
+            fx.send_datagram(endpoint, pkt);
         }
         st.last_traffic = Some(now);
         let deadline = self.next_deadline(&st, now);
         self.schedule(&peer, &mut st, deadline);
         true
     }
+}
 
-    // ---- timers -------------------------------------------------------------------
-
-    /// When [`handle_timeout`](Self::handle_timeout) wants to run next, and why.
-    pub fn poll_timeout(&self) -> Option<(Instant, &'static str)> {
-        self.timers
-            .lock()
-            .peek()
-            .map(|Reverse((at, _, _))| (*at, "peer timers"))
-    }
-
-    /// Runs every peer timer due at `now`: boringtun's timers (retransmits, keepalives,
-    /// rekeys), online-window expiry, and freeing idle `Tunn`s. Also starts a new second
-    /// for the handshake rate limit (and resets the gates' own counts, which boringtun
-    /// never does for a shared limiter): call this at least once a second.
-    pub fn handle_timeout(&self, now: Instant, scratch: &mut [u8], out: &mut dyn Output) {
-        {
-            let mut reset = self.rate_reset.lock();
-            if now.saturating_duration_since(*reset) >= Duration::from_secs(1) {
-                self.rate_count.store(0, Ordering::Relaxed);
-                self.strangers.store(0, Ordering::Relaxed);
-                *reset = now;
-            }
-        }
-        self.cookie_gate.reset_count();
-        self.mac1_gate.reset_count();
-        loop {
-            let due = {
-                let mut heap = self.timers.lock();
-                match heap.peek() {
-                    Some(Reverse((at, _, _))) if *at <= now => heap.pop(),
-                    _ => None,
-                }
-            };
-            let Some(Reverse((at, _, peer))) = due else {
-                break;
-            };
-            let peer = &peer.0;
-            let mut st = peer.state.lock();
-            if st.scheduled != Some(at) || st.removed {
-                continue; // superseded entry
-            }
-            st.scheduled = None;
-            self.service(peer, &mut st, now, scratch, out);
-        }
-    }
-
-    fn service(
-        &self,
-        peer: &Arc<Peer>,
-        st: &mut PeerState,
-        now: Instant,
-        scratch: &mut [u8],
-        out: &mut dyn Output,
-    ) {
-        let mut expired = false;
-        if st.tunn.is_some() {
-            st.timers_refreshed = None;
-            if let Some(WireGuardError::ConnectionExpired) =
-                self.refresh_timers(st, now, scratch, out)
-            {
-                expired = true;
-            }
-        }
-        let silent_for = st.last_rx.map(|t| now.saturating_duration_since(t));
-        if st.online && silent_for.is_none_or(|d| d >= self.online_window) {
-            st.online = false;
-            st.generation += 1;
-            self.online.fetch_sub(1, Ordering::Relaxed);
-            out.event(PeerEvent::Offline {
-                id: peer.id,
-                fleet: peer.fleet.clone(),
-                generation: st.generation,
-                at: now,
-            });
-        }
-        let idle = !st.online
-            && st
-                .last_traffic
-                .max(st.last_rx)
-                .max(st.tunn_since)
-                .is_none_or(|t| now.saturating_duration_since(t) >= TUNN_IDLE_DROP);
-        if st.tunn.is_some() && (idle || (expired && !st.online)) {
-            self.drop_tunn(peer, st);
-        }
-        let deadline = self.next_deadline(st, now);
-        self.schedule(peer, st, deadline);
-    }
-
-    /// The next time this peer needs attention, if any.
-    fn next_deadline(&self, st: &PeerState, now: Instant) -> Option<Instant> {
-        let busy = st
-            .last_traffic
-            .is_some_and(|t| now.saturating_duration_since(t) < BUSY_FOR)
-            || (st.tunn.is_some() && !st.online);
-        let mut deadline: Option<Instant> = None;
-        let mut consider = |t: Instant| {
-            deadline = Some(deadline.map_or(t, |d| d.min(t)));
-        };
-        if busy {
-            consider(now + BUSY_CHECK);
-        }
-        if st.online {
-            if let Some(last) = st.last_rx {
-                consider(last + self.online_window);
-            }
-        }
-        if st.tunn.is_some() {
-            let last = st
-                .last_traffic
-                .max(st.last_rx)
-                .max(st.tunn_since)
-                .unwrap_or(now);
-            consider(last + TUNN_IDLE_DROP);
-        }
-        deadline.map(|d| d.max(now))
-    }
-
-    fn schedule(&self, peer: &Arc<Peer>, st: &mut PeerState, deadline: Option<Instant>) {
-        let Some(at) = deadline else { return };
-        // An earlier entry already queued will reschedule when it fires.
-        if st.scheduled.is_some_and(|s| s <= at) {
-            return;
-        }
-        st.scheduled = Some(at);
-        let seq = self.timer_seq.fetch_add(1, Ordering::Relaxed);
-        self.timers
-            .lock()
-            .push(Reverse((at, seq, PeerRef(peer.clone()))));
-    }
+/// Why a peer goes offline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum OfflineCause {
+    /// No authenticated packet within the online window.
+    Silent,
+    /// Removed from the table (revoked or re-keyed).
+    Removed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1051,8 +734,4 @@ enum Kind {
     Response,
     Cookie,
     Data,
-}
-
-fn is_initiation(datagram: &[u8]) -> bool {
-    datagram.len() == 148 && datagram[..4] == [1, 0, 0, 0]
 }

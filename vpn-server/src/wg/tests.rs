@@ -9,30 +9,66 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 
 use floto_proto::{DeviceId, WgKey};
 
+use super::admission::STRANGER_LIMIT;
+use super::counters::DropReason;
+use super::effects::Effects;
 use super::peers::*;
+use super::timers::TUNN_IDLE_DROP;
 
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 1);
 const WINDOW: Duration = Duration::from_secs(85);
 /// `--handshake-rate-limit` in these tests.
 const RATE: u64 = 4000;
 
-/// Everything the table produced.
+/// Everything the table produced: its [`Effects`], drained into lists that tests read
+/// through the accessors.
 #[derive(Default)]
 struct Collected {
+    fx: Effects,
     datagrams: Vec<(SocketAddr, Vec<u8>)>,
     host: Vec<(DeviceId, Vec<u8>)>,
     events: Vec<PeerEvent>,
 }
 
-impl Output for Collected {
-    fn send_datagram(&mut self, to: SocketAddr, datagram: &[u8]) {
-        self.datagrams.push((to, datagram.to_vec()));
+impl Collected {
+    fn drain(&mut self) {
+        while let Some((to, d)) = self.fx.poll_transmit() {
+            self.datagrams.push((to, d.to_vec()));
+        }
+        while let Some(p) = self.fx.poll_host_packet() {
+            self.host.push(p);
+        }
+        while let Some(e) = self.fx.poll_event() {
+            self.events.push(e);
+        }
     }
-    fn deliver_to_host(&mut self, from: &Peer, packet: &[u8]) {
-        self.host.push((from.id, packet.to_vec()));
+
+    fn datagrams(&mut self) -> &mut Vec<(SocketAddr, Vec<u8>)> {
+        self.drain();
+        &mut self.datagrams
     }
-    fn event(&mut self, event: PeerEvent) {
-        self.events.push(event);
+
+    fn host(&mut self) -> &mut Vec<(DeviceId, Vec<u8>)> {
+        self.drain();
+        &mut self.host
+    }
+
+    fn events(&mut self) -> &mut Vec<PeerEvent> {
+        self.drain();
+        &mut self.events
+    }
+}
+
+impl std::ops::Deref for Collected {
+    type Target = Effects;
+    fn deref(&self) -> &Effects {
+        &self.fx
+    }
+}
+
+impl std::ops::DerefMut for Collected {
+    fn deref_mut(&mut self) -> &mut Effects {
+        &mut self.fx
     }
 }
 
@@ -55,6 +91,7 @@ impl Server {
                 SERVER_IP,
                 WINDOW,
                 RATE,
+                7,
             ),
             public,
             scratch: vec![0; MAX_DATAGRAM],
@@ -107,10 +144,10 @@ impl Server {
 
     /// Feeds one datagram from `from`; returns what the server sent back to it.
     fn receive(&mut self, from: SocketAddr, datagram: &[u8]) -> Vec<Vec<u8>> {
-        let before = self.out.datagrams.len();
+        let before = self.out.datagrams().len();
         self.table
             .route_datagram(from, datagram, self.now, &mut self.scratch, &mut self.out);
-        self.out.datagrams[before..]
+        self.out.datagrams()[before..]
             .iter()
             .filter(|(to, _)| *to == from)
             .map(|(_, d)| d.clone())
@@ -225,14 +262,14 @@ fn handshake_makes_the_device_online_and_data_reaches_the_host() {
     assert_eq!(status.endpoint, Some(d.addr));
     assert_eq!(s.table.online_count(), 1);
     assert!(matches!(
-        s.out.events[..],
+        s.out.events()[..],
         [PeerEvent::Online { generation: 1, .. }]
     ));
 
     let packet = ipv4(d.ip, SERVER_IP, b"hello");
     let datagram = d.encrypt(&packet);
     s.receive(d.addr, &datagram);
-    assert_eq!(s.out.host, vec![(d.id, packet)]);
+    assert_eq!(*s.out.host(), vec![(d.id, packet)]);
 }
 
 #[test]
@@ -241,10 +278,10 @@ fn the_server_reaches_the_device_and_rx_tx_are_counted() {
     let mut d = s.enroll(1);
     d.connect(&mut s);
     let packet = ipv4(SERVER_IP, d.ip, b"from the broker");
-    let before = s.out.datagrams.len();
+    let before = s.out.datagrams().len();
     s.table
         .send_to_device(&packet, s.now, &mut s.scratch, &mut s.out);
-    let (to, datagram) = s.out.datagrams[before].clone();
+    let (to, datagram) = s.out.datagrams()[before].clone();
     assert_eq!(to, d.addr);
     assert_eq!(d.decrypt(&datagram), Some(packet.clone()));
     let status = s.table.status(&d.id).unwrap();
@@ -270,11 +307,11 @@ fn spoofed_sources_and_device_to_device_traffic_are_dropped() {
     let out = a.encrypt(&ipv4(a.ip, Ipv4Addr::new(192, 0, 2, 1), b"out"));
     s.receive(a.addr, &out);
     assert_eq!(s.dropped(DropReason::NotRoutable), 1);
-    assert!(s.out.host.is_empty());
+    assert!(s.out.host().is_empty());
     // the session is unharmed
     let fine = a.encrypt(&ipv4(a.ip, SERVER_IP, b"fine"));
     s.receive(a.addr, &fine);
-    assert_eq!(s.out.host.len(), 1);
+    assert_eq!(s.out.host().len(), 1);
 }
 
 #[test]
@@ -343,7 +380,7 @@ fn replayed_initiations_are_rejected_and_do_not_move_the_endpoint() {
     let data = d.encrypt(&ipv4(d.ip, SERVER_IP, b"once"));
     s.receive(d.addr, &data);
     s.receive(attacker, &data);
-    assert_eq!(s.out.host.len(), 1);
+    assert_eq!(s.out.host().len(), 1);
     assert_eq!(s.dropped(DropReason::Rejected), 2);
     assert_eq!(s.table.status(&d.id).unwrap().endpoint, Some(d.addr));
 }
@@ -412,14 +449,14 @@ fn removing_a_peer_drops_its_session_at_once() {
     d.connect(&mut s);
     assert!(s.table.remove(&d.id, s.now, &mut s.out));
     assert!(matches!(
-        s.out.events.last(),
+        s.out.events().last(),
         Some(PeerEvent::Removed { generation: 2, .. })
     ));
     assert_eq!(s.table.online_count(), 0);
     assert_eq!(s.table.active_sessions(), 0);
     let data = d.encrypt(&ipv4(d.ip, SERVER_IP, b"after revoke"));
     s.receive(d.addr, &data);
-    assert!(s.out.host.is_empty());
+    assert!(s.out.host().is_empty());
     // and it cannot handshake again
     let init = d.initiation();
     assert!(s.receive(d.addr, &init).is_empty());
@@ -485,7 +522,7 @@ fn an_initiation_flood_gets_cookies_and_established_devices_keep_flowing() {
             .load(std::sync::atomic::Ordering::Relaxed)
             >= cookies as u64
     );
-    assert_eq!(s.out.host.len(), (RATE as usize + 200).div_ceil(500));
+    assert_eq!(s.out.host().len(), (RATE as usize + 200).div_ceil(500));
     // Still under load: a new legitimate device gets a cookie, proves its address with
     // it, and connects.
     let mut fresh = s.enroll(2);
@@ -554,7 +591,7 @@ fn replayed_initiations_of_a_known_key_count_as_failures_and_lose_nothing() {
     // ...while the established session still carries data, from its own endpoint.
     let data = d.encrypt(&ipv4(d.ip, SERVER_IP, b"still here"));
     s.receive(d.addr, &data);
-    assert_eq!(s.out.host.len(), 1);
+    assert_eq!(s.out.host().len(), 1);
     assert_eq!(s.table.status(&d.id).unwrap().endpoint, Some(d.addr));
 }
 
@@ -567,12 +604,12 @@ fn a_backlog_asks_for_cookies_below_the_rate_limit_and_a_cookie_gets_through() {
     // Without a backlog (and far below the rate limit) an initiation is admitted as is.
     let init = d.initiation();
     assert!(s.table.admit(d.addr, &init, false, &mut scratch, &mut out));
-    assert!(out.datagrams.is_empty());
+    assert!(out.datagrams().is_empty());
     // With one, it is answered with a cookie reply instead, and not admitted.
     let init = d.initiation();
     assert!(!s.table.admit(d.addr, &init, true, &mut scratch, &mut out));
-    assert_eq!(out.datagrams.len(), 1);
-    let (to, cookie) = out.datagrams.pop().unwrap();
+    assert_eq!(out.datagrams().len(), 1);
+    let (to, cookie) = out.datagrams().pop().unwrap();
     assert_eq!(
         (to, cookie[0]),
         (d.addr, 3),
@@ -589,17 +626,17 @@ fn a_backlog_asks_for_cookies_below_the_rate_limit_and_a_cookie_gets_through() {
     assert!(d.receive(&cookie).is_empty());
     let retry = d.initiation();
     assert!(s.table.admit(d.addr, &retry, true, &mut scratch, &mut out));
-    assert!(out.datagrams.is_empty());
+    assert!(out.datagrams().is_empty());
     // ...but the cookie is bound to the address: from elsewhere it is asked again.
     let elsewhere = SocketAddr::from(([198, 51, 100, 7], 4000));
     assert!(!s
         .table
         .admit(elsewhere, &retry, true, &mut scratch, &mut out));
-    assert_eq!(out.datagrams.pop().map(|(_, c)| c[0]), Some(3));
+    assert_eq!(out.datagrams().pop().map(|(_, c)| c[0]), Some(3));
     // A worker answers the admitted retry: the device comes online.
     s.table
         .handle_initiation(d.addr, &retry, s.now, &mut scratch, &mut out);
-    let (_, response) = out.datagrams.pop().expect("a handshake response");
+    let (_, response) = out.datagrams().pop().expect("a handshake response");
     assert_eq!(response[0], 2);
     for k in d.receive(&response) {
         s.receive(d.addr, &k);
@@ -688,4 +725,72 @@ fn a_session_being_made_survives_a_slow_confirmation() {
             "round {round}: freed when idle"
         );
     }
+}
+
+/// `msg` with its MAC1 recomputed for the server's key, as an attacker who knows only the
+/// server's public key can.
+fn with_valid_mac1(mut msg: Vec<u8>, server_public: &PublicKey) -> Vec<u8> {
+    use blake2::digest::consts::U16;
+    use blake2::digest::{Digest as _, KeyInit, Mac as _};
+    let key = blake2::Blake2s256::new()
+        .chain_update(b"mac1----")
+        .chain_update(server_public.as_bytes())
+        .finalize();
+    let mac1_at = msg.len() - 32;
+    let mut mac = <blake2::Blake2sMac<U16> as KeyInit>::new_from_slice(&key).unwrap();
+    mac.update(&msg[..mac1_at]);
+    msg[mac1_at..mac1_at + 16].copy_from_slice(&mac.finalize().into_bytes());
+    msg
+}
+
+#[test]
+fn junk_with_a_bad_mac1_does_not_put_the_server_under_load() {
+    let mut s = Server::new();
+    let mut d = s.enroll(1);
+    // More than the rate limit of made-up initiations in one second...
+    for i in 0..RATE + 50 {
+        let mut junk = vec![0u8; floto_proto::wireguard::INITIATION_LEN];
+        junk[0] = 1;
+        junk[4..12].copy_from_slice(&i.to_le_bytes());
+        let from = SocketAddr::from(([203, 0, 113, (i % 250) as u8], 1000));
+        assert!(s.receive(from, &junk).is_empty());
+    }
+    assert_eq!(s.dropped(DropReason::BadMac), RATE + 50);
+    // ...count for nothing: a real device is answered at once, not with a cookie.
+    let replies = s.receive(d.addr, &d.initiation());
+    assert_eq!(replies.len(), 1);
+    assert_eq!(
+        replies[0][0], 2,
+        "expected a handshake response, not a cookie"
+    );
+    assert_eq!(
+        s.table
+            .counters
+            .cookie_replies
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[test]
+fn a_forged_initiation_naming_an_enrolled_key_leaves_no_session_behind() {
+    let mut s = Server::new();
+    let mut d = s.enroll(1);
+    // The static key decrypts (it names the enrolled device), the timestamp does not: the
+    // sender does not hold the device's private key.
+    let mut forged = d.initiation();
+    forged[100] ^= 0xff;
+    let forged = with_valid_mac1(forged, &s.public);
+    assert!(s.receive(d.addr, &forged).is_empty());
+    assert_eq!(s.dropped(DropReason::Rejected), 1);
+    assert_eq!(
+        s.table.active_sessions(),
+        0,
+        "a Tunn was kept for a forgery"
+    );
+    assert!(!s.table.status(&d.id).unwrap().has_session);
+    // The device itself still connects.
+    d.connect(&mut s);
+    assert!(s.table.status(&d.id).unwrap().online);
+    assert_eq!(s.table.active_sessions(), 1);
 }

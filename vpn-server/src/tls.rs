@@ -35,7 +35,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// Asks for a client certificate without requiring one, and accepts any certificate
 /// whose holder proves its key; the chain, validity and revocation are checked by the
-/// application (see [`super::ConnInfo::certificate`]) so that refusals are HTTP answers
+/// application (see [`crate::identify::Identifier::certificate`]) so that refusals are HTTP answers
 /// with reasons, not TLS alerts.
 #[derive(Debug)]
 pub struct DeferredClientAuth {

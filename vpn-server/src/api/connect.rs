@@ -1,4 +1,4 @@
-//! The broker's HTTPS front end, for networks that block UDP: `CONNECT UUID:PORT` (also
+//! The broker's HTTPS front end (the broker itself is [`crate::broker`]), for networks that block UDP: `CONNECT UUID:PORT` (also
 //! `UUID.floto:PORT` and `UUID.balena:PORT`) on the API port, with the operator's client
 //! certificate.
 
@@ -11,10 +11,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
+use time::OffsetDateTime;
+
 use floto_proto::ErrorCode;
 
-use crate::api::{ConnInfo, Failure};
-use crate::AppState;
+use super::{bearer, AppState, ConnInfo, Failure};
 
 /// Answers a CONNECT: 200 and then a spliced byte stream, or a JSON error.
 pub async fn http_connect(
@@ -31,18 +32,26 @@ pub async fn http_connect(
     };
     // Who is asking (certificate or API token); what they may do is decided by `open`,
     // which audits refusals.
-    let bearer = crate::enroll::bearer(req.headers()).map(str::to_owned);
-    let op = match conn.caller(&state, bearer.as_deref()).await {
+    let op = match state
+        .identify
+        .operator(
+            &conn.peer_cert,
+            bearer(req.headers()),
+            OffsetDateTime::now_utc(),
+        )
+        .await
+    {
         Ok(op) => op,
-        Err(f) => return f.into_response(),
+        Err(e) => return Failure::from(e).into_response(),
     };
-    let session = match super::open(&state, &op, &target.0, target.1, "connect").await {
+    let broker = state.broker.clone();
+    let session = match broker.open(&op, &target.0, target.1, "connect").await {
         Ok(s) => s,
-        Err(f) => return f.into_response(),
+        Err(refusal) => return Failure::from(refusal).into_response(),
     };
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
-            Ok(upgraded) => super::splice(&state, session, TokioIo::new(upgraded), &[]).await,
+            Ok(upgraded) => broker.splice(session, TokioIo::new(upgraded), &[]).await,
             Err(e) => debug!(error = %e, "CONNECT upgrade failed"),
         }
     });

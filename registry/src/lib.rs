@@ -1,10 +1,12 @@
-//! The device registry: devices, provisioning keys, issued certificates, operators and
-//! the audit log, behind the [`Registry`] trait. SQLite ([`sqlite::SqliteRegistry`]) is the
-//! embedded default.
+//! floto-registry: what the floto-connect server knows and must not forget. Devices,
+//! provisioning keys (hashed), issued certificates, operators and the audit log, behind the
+//! [`Registry`] trait, with the refusals a write can meet and the [`rules`] a commit is
+//! checked against. SQLite ([`sqlite::SqliteRegistry`]) is the embedded default.
 //!
-//! The rules of enrollment and renewal are not here: a transaction reads the facts, hands
-//! them to the pure functions in [`crate::enroll`], and writes what they decide.
+//! No HTTP and no running server here: a write returns what it committed (a [`Change`]),
+//! and the server decides who hears of it.
 
+pub mod rules;
 pub mod sqlite;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -15,7 +17,8 @@ use time::OffsetDateTime;
 use floto_proto::admin::{Role, TokenKind};
 use floto_proto::{DeviceId, WgKey};
 
-use crate::enroll::{EnrollRefusal, RenewRefusal};
+pub use crate::rules::{EnrollRefusal, RenewRefusal};
+pub use floto_proto::admin::{KeyInfo, OperatorInfo};
 
 /// A storage fault (not a refusal): the database is unreachable, corrupt or full.
 #[derive(Debug, thiserror::Error)]
@@ -59,18 +62,6 @@ impl Device {
     pub fn is_revoked(&self) -> bool {
         self.revoked_at.is_some()
     }
-}
-
-/// A provisioning key (the secret itself is never stored; only its SHA-256).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProvisioningKey {
-    pub id: String,
-    pub fleet: String,
-    /// `None` is unlimited.
-    pub uses_left: Option<u32>,
-    pub expires_at: Option<OffsetDateTime>,
-    pub created_at: OffsetDateTime,
-    pub revoked_at: Option<OffsetDateTime>,
 }
 
 /// A key to insert.
@@ -158,30 +149,20 @@ pub enum CertKind {
 }
 
 impl CertKind {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Device => "device",
             Self::Operator => "operator",
         }
     }
 
-    fn parse(s: &str) -> Result<Self, StoreError> {
+    pub(crate) fn parse(s: &str) -> Result<Self, StoreError> {
         match s {
             "device" => Ok(Self::Device),
             "operator" => Ok(Self::Operator),
             other => Err(StoreError::Corrupt(format!("certificate kind {other:?}"))),
         }
     }
-}
-
-/// An operator (a person or machine client).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Operator {
-    pub name: String,
-    pub role: Role,
-    pub fleets: Vec<String>,
-    pub created_at: OffsetDateTime,
-    pub revoked_at: Option<OffsetDateTime>,
 }
 
 /// A new operator with its token (hashed): a one-time login token, or a viewer's API
@@ -218,6 +199,65 @@ pub struct AuditRecord {
     pub detail: String,
 }
 
+/// A device revocation as committed: the device row and every certificate serial of it
+/// that is now revoked (for the running server's revoked set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRevocation {
+    pub device: Device,
+    pub serials: Vec<String>,
+}
+
+/// An operator revocation as committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorRevocation {
+    pub operator: OperatorInfo,
+    pub serials: Vec<String>,
+}
+
+/// A committed registry change that the running parts of a server (the concentrator, the
+/// broker, the set of revoked certificates) must follow. Every write that changes what a
+/// running server does returns one; the server hands it to its one applier. (A cluster of
+/// servers will carry the same changes between nodes.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A device was enrolled, re-enrolled or renewed: its row as committed, and its
+    /// WireGuard key before when the write replaced it.
+    DeviceUpdated {
+        device: Device,
+        previous_wg_key: Option<WgKey>,
+    },
+    /// A device was revoked.
+    DeviceRevoked(DeviceRevocation),
+    /// An operator was revoked.
+    OperatorRevoked(OperatorRevocation),
+}
+
+impl EnrollOutcome {
+    /// What this enrollment changed for the running server.
+    pub fn change(&self) -> Change {
+        let previous_wg_key = match self {
+            Self::Created(_) => None,
+            Self::Reenrolled {
+                previous_wg_key, ..
+            } => *previous_wg_key,
+        };
+        Change::DeviceUpdated {
+            device: self.device().clone(),
+            previous_wg_key,
+        }
+    }
+}
+
+impl Renewed {
+    /// What this renewal changed for the running server.
+    pub fn change(&self) -> Change {
+        Change::DeviceUpdated {
+            device: self.device.clone(),
+            previous_wg_key: self.previous_wg_key,
+        }
+    }
+}
+
 /// Persisted presence of one device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Presence {
@@ -232,9 +272,9 @@ pub struct Presence {
 #[async_trait]
 pub trait Registry: Send + Sync + 'static {
     // provisioning keys
-    async fn create_key(&self, key: NewKey) -> Result<ProvisioningKey, StoreError>;
-    async fn find_key(&self, hash: &[u8; 32]) -> Result<Option<ProvisioningKey>, StoreError>;
-    async fn list_keys(&self) -> Result<Vec<ProvisioningKey>, StoreError>;
+    async fn create_key(&self, key: NewKey) -> Result<KeyInfo, StoreError>;
+    async fn find_key(&self, hash: &[u8; 32]) -> Result<Option<KeyInfo>, StoreError>;
+    async fn list_keys(&self) -> Result<Vec<KeyInfo>, StoreError>;
 
     // devices
     async fn enroll(
@@ -250,7 +290,7 @@ pub trait Registry: Send + Sync + 'static {
         &self,
         id: &DeviceId,
         now: OffsetDateTime,
-    ) -> Result<Option<Device>, StoreError>;
+    ) -> Result<Option<DeviceRevocation>, StoreError>;
     async fn save_presence(&self, presence: &[Presence]) -> Result<(), StoreError>;
     async fn count_devices(&self) -> Result<u64, StoreError>;
 
@@ -265,27 +305,27 @@ pub trait Registry: Send + Sync + 'static {
     async fn next_crl_number(&self) -> Result<u64, StoreError>;
 
     // operators
-    async fn add_operator(&self, op: NewOperator) -> Result<Option<Operator>, StoreError>;
-    async fn operator(&self, name: &str) -> Result<Option<Operator>, StoreError>;
-    async fn operators(&self) -> Result<Vec<Operator>, StoreError>;
+    async fn add_operator(&self, op: NewOperator) -> Result<Option<OperatorInfo>, StoreError>;
+    async fn operator(&self, name: &str) -> Result<Option<OperatorInfo>, StoreError>;
+    async fn operators(&self) -> Result<Vec<OperatorInfo>, StoreError>;
     /// Takes a one-time token: afterwards it can never be used again.
     async fn consume_login_token(
         &self,
         hash: &[u8; 32],
         now: OffsetDateTime,
-    ) -> Result<Result<Operator, TokenRefusal>, StoreError>;
+    ) -> Result<Result<OperatorInfo, TokenRefusal>, StoreError>;
     /// The operator holding this API token, if it is valid at `now`.
     async fn operator_by_api_token(
         &self,
         hash: &[u8; 32],
         now: OffsetDateTime,
-    ) -> Result<Result<Operator, TokenRefusal>, StoreError>;
-    /// Marks the operator and its certificates revoked.
+    ) -> Result<Result<OperatorInfo, TokenRefusal>, StoreError>;
+    /// Marks the operator and its certificates revoked. `None` if unknown.
     async fn revoke_operator(
         &self,
         name: &str,
         now: OffsetDateTime,
-    ) -> Result<Option<Operator>, StoreError>;
+    ) -> Result<Option<OperatorRevocation>, StoreError>;
 
     // audit
     async fn append_audit(&self, record: AuditRecord) -> Result<(), StoreError>;

@@ -1,6 +1,8 @@
-//! Local files the server and the clients keep: written atomically (a crash leaves the old
-//! file or the new one, never a torn one), secrets with mode 0600 from their first byte,
-//! and reads that warn when a secret is readable by others.
+//! floto-files: the local files the server and the clients keep, written atomically (a crash
+//! leaves the old file or the new one, never a torn one), secrets with mode 0600 from their
+//! first byte, private directories with mode 0700, and reads that warn when a secret is
+//! readable by others. Unix only. It knows no file formats and takes no locks: what goes
+//! into a file, and who else may write it, is the caller's business.
 
 use std::fs;
 use std::io::Write as _;

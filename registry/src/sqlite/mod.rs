@@ -1,0 +1,449 @@
+//! The SQLite registry: WAL journal, `synchronous=FULL` (a commit is on disk before the
+//! API answers), one writer connection (transactions start `IMMEDIATE`, so writers queue
+//! instead of failing busy) and a small pool of readers.
+
+mod rows;
+mod schema;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ipnet::Ipv4Net;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Row as _, Sqlite, Transaction};
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
+
+use floto_proto::admin::{KeyInfo, OperatorInfo, TokenKind};
+use floto_proto::DeviceId;
+
+pub use schema::{inspect, snapshot, SnapshotInfo, SCHEMA_VERSION};
+
+use crate::*;
+use rows::*;
+use schema::migrate;
+use writer::{group_commit, EnrollResult, Job, RenewResult, MAX_BATCH};
+
+/// The SQLite registry.
+#[derive(Debug, Clone)]
+pub struct SqliteRegistry {
+    writer: SqlitePool,
+    reader: SqlitePool,
+    overlay: Ipv4Net,
+    /// Enrollments and renewals, committed in groups by [`group_commit`].
+    jobs: mpsc::Sender<Job>,
+}
+
+impl SqliteRegistry {
+    /// Opens (creating if needed) the database at `path` and migrates it. `overlay` is the
+    /// network device addresses are allocated from; a registry with addresses outside it is
+    /// refused.
+    pub async fn open(path: &Path, overlay: Ipv4Net) -> Result<Self, StoreError> {
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10))
+            .pragma("trusted_schema", "OFF");
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(opts.clone())
+            .await?;
+        migrate(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(opts)
+            .await?;
+        let (jobs, queue) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(group_commit(writer.clone(), overlay, queue));
+        let registry = Self {
+            writer,
+            reader,
+            overlay,
+            jobs,
+        };
+        registry.check_overlay().await?;
+        Ok(registry)
+    }
+
+    /// Closes the pools, checkpointing the WAL.
+    pub async fn close(&self) {
+        self.reader.close().await;
+        self.writer.close().await;
+    }
+
+    async fn check_overlay(&self) -> Result<(), StoreError> {
+        let outside: Vec<i64> = sqlx::query_scalar("SELECT overlay_ip FROM devices")
+            .fetch_all(&self.reader)
+            .await?
+            .into_iter()
+            .filter(|ip: &i64| !self.overlay.contains(&ip_from_db(*ip)))
+            .collect();
+        if let Some(first) = outside.first() {
+            return Err(StoreError::Inconsistent(format!(
+                "{} enrolled device(s) have addresses outside the configured overlay {} (e.g. {}); \
+                 run with the overlay the registry was created with",
+                outside.len(),
+                self.overlay,
+                ip_from_db(*first)
+            )));
+        }
+        Ok(())
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+#[async_trait]
+impl Registry for SqliteRegistry {
+    async fn create_key(&self, key: NewKey) -> Result<KeyInfo, StoreError> {
+        sqlx::query(
+            "INSERT INTO provisioning_keys(id, hash, fleet, uses_left, expires_at, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&key.id)
+        .bind(&key.hash[..])
+        .bind(&key.fleet)
+        .bind(key.uses.map(i64::from))
+        .bind(key.expires_at.map(ts))
+        .bind(ts(key.created_at))
+        .execute(&self.writer)
+        .await?;
+        Ok(KeyInfo {
+            id: key.id,
+            fleet: key.fleet,
+            uses_left: key.uses,
+            expires_at: key.expires_at,
+            created_at: key.created_at,
+            revoked_at: None,
+        })
+    }
+
+    async fn find_key(&self, hash: &[u8; 32]) -> Result<Option<KeyInfo>, StoreError> {
+        sqlx::query("SELECT * FROM provisioning_keys WHERE hash = ?")
+            .bind(&hash[..])
+            .fetch_optional(&self.reader)
+            .await?
+            .as_ref()
+            .map(key_from_row)
+            .transpose()
+    }
+
+    async fn list_keys(&self) -> Result<Vec<KeyInfo>, StoreError> {
+        sqlx::query("SELECT * FROM provisioning_keys ORDER BY created_at, id")
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(key_from_row)
+            .collect()
+    }
+
+    async fn enroll(&self, c: EnrollCommit) -> EnrollResult {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Enroll(c, tx))
+            .await
+            .map_err(|_| StoreError::Inconsistent("the registry writer stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Inconsistent("the registry writer stopped".into()))?
+    }
+
+    async fn renew(&self, c: RenewCommit) -> RenewResult {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Renew(c, tx))
+            .await
+            .map_err(|_| StoreError::Inconsistent("the registry writer stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Inconsistent("the registry writer stopped".into()))?
+    }
+
+    async fn device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
+        sqlx::query("SELECT * FROM devices WHERE uuid = ?")
+            .bind(id.to_string())
+            .fetch_optional(&self.reader)
+            .await?
+            .as_ref()
+            .map(device_from_row)
+            .transpose()
+    }
+
+    async fn devices(&self) -> Result<Vec<Device>, StoreError> {
+        sqlx::query("SELECT * FROM devices ORDER BY overlay_ip")
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(device_from_row)
+            .collect()
+    }
+
+    async fn revoke_device(
+        &self,
+        id: &DeviceId,
+        now: OffsetDateTime,
+    ) -> Result<Option<DeviceRevocation>, StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query("UPDATE devices SET revoked_at = ?, updated_at = ? WHERE uuid = ? AND revoked_at IS NULL")
+            .bind(ts(now))
+            .bind(ts(now))
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE certificates SET revoked_at = ? WHERE subject = ? AND kind = 'device' AND revoked_at IS NULL")
+            .bind(ts(now))
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        let device = sqlx::query("SELECT * FROM devices WHERE uuid = ?")
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?
+            .as_ref()
+            .map(device_from_row)
+            .transpose()?;
+        let serials = revoked_serials(&mut tx, CertKind::Device, &id.to_string()).await?;
+        tx.commit().await?;
+        Ok(device.map(|device| DeviceRevocation { device, serials }))
+    }
+
+    async fn save_presence(&self, presence: &[Presence]) -> Result<(), StoreError> {
+        if presence.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin().await?;
+        for p in presence {
+            sqlx::query("UPDATE devices SET last_endpoint = ?, last_seen = ? WHERE uuid = ?")
+                .bind(p.endpoint.to_string())
+                .bind(ts(p.last_seen))
+                .bind(p.device.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn count_devices(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices WHERE revoked_at IS NULL")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn record_certificate(&self, cert: IssuedCertRecord) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        insert_cert(&mut tx, &cert).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn revoked_certificates(
+        &self,
+        now: OffsetDateTime,
+    ) -> Result<Vec<IssuedCertRecord>, StoreError> {
+        sqlx::query("SELECT * FROM certificates WHERE revoked_at IS NOT NULL AND expires_at > ? ORDER BY revoked_at")
+            .bind(ts(now))
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(cert_from_row)
+            .collect()
+    }
+
+    async fn next_crl_number(&self) -> Result<u64, StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'crl_number'")
+            .execute(&mut *tx)
+            .await?;
+        let v: String = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'crl_number'")
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        v.parse()
+            .map_err(|_| StoreError::Corrupt(format!("crl_number {v:?}")))
+    }
+
+    async fn add_operator(&self, op: NewOperator) -> Result<Option<OperatorInfo>, StoreError> {
+        let fleets =
+            serde_json::to_string(&op.fleets).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let (login, api) = match op.token_kind {
+            TokenKind::Login => (Some(&op.token_hash[..]), None),
+            TokenKind::Api => (None, Some(&op.token_hash[..])),
+        };
+        let done = sqlx::query(
+            "INSERT INTO operators(name, role, fleets, created_at, token_hash, token_expires_at, \
+             api_token_hash, api_token_expires_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6) ON CONFLICT(name) DO NOTHING",
+        )
+        .bind(&op.name)
+        .bind(op.role.to_string())
+        .bind(fleets)
+        .bind(ts(op.now))
+        .bind(login)
+        .bind(op.token_expires_at.map(ts))
+        .bind(api)
+        .execute(&self.writer)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        Ok(Some(OperatorInfo {
+            name: op.name,
+            role: op.role,
+            fleets: op.fleets,
+            created_at: op.now,
+            revoked_at: None,
+        }))
+    }
+
+    async fn operator(&self, name: &str) -> Result<Option<OperatorInfo>, StoreError> {
+        sqlx::query("SELECT * FROM operators WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.reader)
+            .await?
+            .as_ref()
+            .map(operator_from_row)
+            .transpose()
+    }
+
+    async fn operators(&self) -> Result<Vec<OperatorInfo>, StoreError> {
+        sqlx::query("SELECT * FROM operators ORDER BY name")
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(operator_from_row)
+            .collect()
+    }
+
+    async fn consume_login_token(
+        &self,
+        hash: &[u8; 32],
+        now: OffsetDateTime,
+    ) -> Result<Result<OperatorInfo, TokenRefusal>, StoreError> {
+        let mut tx = self.begin().await?;
+        let Some(row) = sqlx::query("SELECT * FROM operators WHERE token_hash = ?")
+            .bind(&hash[..])
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            return Ok(Err(TokenRefusal::Unknown));
+        };
+        let op = operator_from_row(&row)?;
+        let used: Option<i64> = row.try_get("token_used_at")?;
+        let expires: Option<i64> = row.try_get("token_expires_at")?;
+        if used.is_some() {
+            return Ok(Err(TokenRefusal::Used));
+        }
+        if op.revoked_at.is_some() {
+            return Ok(Err(TokenRefusal::OperatorRevoked));
+        }
+        if expires.is_some_and(|e| e <= ts(now)) {
+            return Ok(Err(TokenRefusal::Expired));
+        }
+        sqlx::query("UPDATE operators SET token_used_at = ? WHERE name = ?")
+            .bind(ts(now))
+            .bind(&op.name)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Ok(op))
+    }
+
+    async fn operator_by_api_token(
+        &self,
+        hash: &[u8; 32],
+        now: OffsetDateTime,
+    ) -> Result<Result<OperatorInfo, TokenRefusal>, StoreError> {
+        let Some(row) = sqlx::query("SELECT * FROM operators WHERE api_token_hash = ?")
+            .bind(&hash[..])
+            .fetch_optional(&self.reader)
+            .await?
+        else {
+            return Ok(Err(TokenRefusal::Unknown));
+        };
+        let op = operator_from_row(&row)?;
+        let expires: Option<i64> = row.try_get("api_token_expires_at")?;
+        if op.revoked_at.is_some() {
+            return Ok(Err(TokenRefusal::OperatorRevoked));
+        }
+        if expires.is_some_and(|e| e <= ts(now)) {
+            return Ok(Err(TokenRefusal::Expired));
+        }
+        Ok(Ok(op))
+    }
+
+    async fn revoke_operator(
+        &self,
+        name: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<OperatorRevocation>, StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query("UPDATE operators SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL")
+            .bind(ts(now))
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE certificates SET revoked_at = ? WHERE subject = ? AND kind = 'operator' AND revoked_at IS NULL")
+            .bind(ts(now))
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        let op = sqlx::query("SELECT * FROM operators WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?
+            .as_ref()
+            .map(operator_from_row)
+            .transpose()?;
+        let serials = revoked_serials(&mut tx, CertKind::Operator, name).await?;
+        tx.commit().await?;
+        Ok(op.map(|operator| OperatorRevocation { operator, serials }))
+    }
+
+    async fn append_audit(&self, r: AuditRecord) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO audit(at, actor, action, device, detail) VALUES (?, ?, ?, ?, ?)")
+            .bind(ts(r.at))
+            .bind(&r.actor)
+            .bind(&r.action)
+            .bind(r.device.map(|d| d.to_string()))
+            .bind(&r.detail)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn audit(
+        &self,
+        device: Option<&DeviceId>,
+        actor: Option<&str>,
+        since: Option<OffsetDateTime>,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        sqlx::query(
+            "SELECT * FROM audit WHERE (?1 IS NULL OR device = ?1) AND (?2 IS NULL OR actor = ?2) \
+             AND (?3 IS NULL OR at >= ?3) ORDER BY id DESC LIMIT ?4",
+        )
+        .bind(device.map(|d| d.to_string()))
+        .bind(actor)
+        .bind(since.map(ts))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?
+        .iter()
+        .map(audit_from_row)
+        .collect()
+    }
+}

@@ -1,0 +1,74 @@
+//! What the request handlers share: the server's parts, as `start` wired them.
+
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+
+use floto_pki::Ca;
+use floto_proto::devices::DeviceInfo;
+use floto_proto::WgKey;
+use floto_registry::{Device, Registry};
+
+use super::devices::device_info;
+use super::ConnInfo;
+use crate::audit::Auditor;
+use crate::broker::Broker;
+use crate::changes::Applier;
+use crate::config::Config;
+use crate::datadir::{Bound, DataDir};
+use crate::enroll::{device_endpoint, ServerFacts};
+use crate::events::EventHub;
+use crate::identify::Identifier;
+use crate::metrics::Metrics;
+use crate::wg::Concentrator;
+
+/// Everything the request handlers share.
+pub struct AppState {
+    pub config: Config,
+    pub data: DataDir,
+    pub store: Arc<dyn Registry>,
+    pub ca: Arc<Ca>,
+    pub wg: Arc<Concentrator>,
+    pub server_wg_public: WgKey,
+    /// Who is calling (certificates, tokens, the revoked set).
+    pub identify: Arc<Identifier>,
+    /// Where committed registry changes reach the running server.
+    pub changes: Arc<Applier>,
+    pub audit: Auditor,
+    pub metrics: Arc<Metrics>,
+    pub enroll_slots: Arc<Semaphore>,
+    pub bound: Bound,
+    pub events: Arc<EventHub>,
+    pub broker: Arc<Broker>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("bound", &self.bound)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    /// A device's registry row joined with its live state.
+    pub fn live_info(&self, d: &Device) -> DeviceInfo {
+        device_info(d, self.wg.table.status(&d.id).as_ref(), self.events.clock())
+    }
+
+    /// What an enrolling device on connection `conn` is told about this server.
+    pub fn server_facts(&self, conn: &ConnInfo) -> ServerFacts<'_> {
+        ServerFacts {
+            overlay: self.config.overlay,
+            server_overlay_ip: self.config.server_overlay_ip(),
+            endpoint: device_endpoint(
+                self.config.endpoint.as_deref(),
+                conn.host.as_deref(),
+                conn.local.ip(),
+                self.bound.wg.port(),
+            ),
+            server_public_key: self.server_wg_public,
+            ca_pem: self.ca.cert_pem(),
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! The command line of `floto-vpn-server`: every subcommand and flag (clap). What each
+//! does is in `main.rs` (run), `data_cli.rs` (init, backup, restore) and `admin_cli.rs`
+//! (commands that act on the running server through its API).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use ipnet::Ipv4Net;
+
+use floto_proto::admin::Role;
+use floto_proto::DeviceId;
+use floto_vpn_server::config::ServerSettings;
+
+#[derive(Parser)]
+#[command(
+    name = "floto-vpn-server",
+    version,
+    about = "floto-connect server: WireGuard concentrator, enrollment API, broker"
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Args, Clone)]
+pub(crate) struct DataDirArg {
+    /// Server data directory (CA, keys, registry, config).
+    #[arg(long, env = "FLOTO_DATA_DIR", default_value = floto_proto::defaults::DATA_DIR, global = true)]
+    pub(crate) data_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Create the data dir: CA (or import one), WireGuard key, config. Never replaces a CA.
+    Init {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Overlay network for device addresses.
+        #[arg(long, env = "FLOTO_OVERLAY", value_name = "CIDR")]
+        overlay: Option<Ipv4Net>,
+        /// WireGuard endpoint devices are told to use, HOST:PORT.
+        #[arg(long, env = "FLOTO_ENDPOINT", value_name = "HOST:PORT")]
+        endpoint: Option<String>,
+        /// Import this CA certificate (PEM) instead of generating one.
+        #[arg(long, value_name = "FILE", requires = "ca_key")]
+        ca_cert: Option<PathBuf>,
+        /// The imported CA's private key (PEM).
+        #[arg(long, value_name = "FILE", requires = "ca_cert")]
+        ca_key: Option<PathBuf>,
+    },
+    /// Run the server (initialises an empty data dir first).
+    Run {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Config file (TOML); defaults to DATA_DIR/config.toml when present.
+        #[arg(long, env = "FLOTO_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Box<ServerSettings>,
+    },
+    /// Provisioning keys.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Operators.
+    Operator {
+        #[command(subcommand)]
+        command: OperatorCommand,
+    },
+    /// Devices.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
+    /// Write a consistent snapshot of the data dir (registry, CA, WireGuard key, settings)
+    /// to FILE, a gzipped tar readable only by its owner. Safe while the server runs.
+    Backup {
+        #[command(flatten)]
+        dir: DataDirArg,
+        file: PathBuf,
+    },
+    /// Put a backup back into the data dir. The server must be stopped. A data dir that
+    /// already holds one is replaced only with --force, and its files are kept aside.
+    Restore {
+        #[command(flatten)]
+        dir: DataDirArg,
+        file: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Read the audit log (newest first): broker sessions and refusals, admin actions.
+    Audit {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Only records about this device.
+        #[arg(long)]
+        device: Option<DeviceId>,
+        /// Only records by this operator (or `device:UUID`, `key:ID`).
+        #[arg(long)]
+        operator: Option<String>,
+        /// Only records since this time: RFC 3339, or a duration ago such as `2h`.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum KeyCommand {
+    /// Create a provisioning key; prints it once, alone on the last line of stdout.
+    Create {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[arg(long)]
+        fleet: String,
+        /// How many devices it may enroll (default: unlimited).
+        #[arg(long)]
+        uses: Option<u32>,
+        /// Lifetime, e.g. `7d`, `12h` (default: no expiry).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires: Option<Duration>,
+    },
+    /// List provisioning keys (never their secrets).
+    List {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum OperatorCommand {
+    /// Add an operator and print its token alone on the last line of stdout: a one-time
+    /// login token (for `floto login`) for admins and operators, a bearer API token for
+    /// viewers (machine clients: Prometheus, the FLOTO API).
+    Add {
+        #[command(flatten)]
+        dir: DataDirArg,
+        name: String,
+        #[arg(long)]
+        role: Role,
+        /// Fleets the operator may reach (repeatable). A viewer without fleets sees all.
+        #[arg(long = "fleet")]
+        fleets: Vec<String>,
+        /// Lifetime of a viewer's API token, e.g. `90d` (default: no expiry).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires: Option<Duration>,
+    },
+    /// Revoke an operator: its certificates and token are refused and its sessions closed.
+    Revoke {
+        #[command(flatten)]
+        dir: DataDirArg,
+        name: String,
+    },
+    /// List operators.
+    List {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum DeviceCommand {
+    /// List enrolled devices with their live state.
+    List {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[arg(long)]
+        online: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one device.
+    Show {
+        #[command(flatten)]
+        dir: DataDirArg,
+        uuid: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a device: its session drops at once and its certificate is refused.
+    Revoke {
+        #[command(flatten)]
+        dir: DataDirArg,
+        uuid: String,
+    },
+}

@@ -1,0 +1,87 @@
+//! The subcommands that act on a data dir directly, with no server running (`init`) or
+//! beside one (`backup`, safe while it runs; `restore`, refused while it runs).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use ipnet::Ipv4Net;
+
+use floto_proto::timestamp::rfc3339;
+use floto_vpn_server::datadir::{DataDir, ImportCa, InitOptions};
+
+use crate::cli::DataDirArg;
+
+/// `init`: creates what is missing in the data dir; never replaces a CA.
+pub(crate) fn init(
+    dir: DataDirArg,
+    overlay: Option<Ipv4Net>,
+    endpoint: Option<String>,
+    ca_cert: Option<PathBuf>,
+    ca_key: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let import_ca = ca_cert
+        .zip(ca_key)
+        .map(|(cert, key)| ImportCa { cert, key });
+    if let Some(e) = &endpoint {
+        floto_vpn_server::config::validate_endpoint(e)?;
+    }
+    let data = DataDir::new(&dir.data_dir);
+    let report = data.init(
+        &InitOptions {
+            overlay,
+            endpoint,
+            import_ca,
+        },
+        time::OffsetDateTime::now_utc(),
+    )?;
+    for c in &report.created {
+        println!("created {c}");
+    }
+    for k in &report.kept {
+        println!("kept    {k}");
+    }
+    println!("data dir {} is ready", dir.data_dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `backup FILE`
+pub(crate) async fn backup(dir: DataDirArg, file: PathBuf) -> anyhow::Result<ExitCode> {
+    let data = DataDir::new(&dir.data_dir);
+    let r = floto_vpn_server::backup::backup(&data, &file, time::OffsetDateTime::now_utc()).await?;
+    println!(
+        "wrote {} ({} bytes): {} devices, schema {}, files {}",
+        r.path.display(),
+        r.bytes,
+        r.manifest.devices,
+        r.manifest.schema_version,
+        r.manifest
+            .files
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `restore FILE [--force]`
+pub(crate) async fn restore(
+    dir: DataDirArg,
+    file: PathBuf,
+    force: bool,
+) -> anyhow::Result<ExitCode> {
+    let data = DataDir::new(&dir.data_dir);
+    let r = floto_vpn_server::backup::restore(&data, &file, force, time::OffsetDateTime::now_utc())
+        .await?;
+    if let Some(aside) = &r.kept_previous {
+        println!("kept the replaced files in {}", aside.display());
+    }
+    println!(
+        "restored {} (taken {}, {} devices) into {}; start the server with `run`",
+        file.display(),
+        rfc3339(r.manifest.created_at),
+        r.manifest.devices,
+        dir.data_dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
