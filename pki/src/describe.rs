@@ -188,8 +188,7 @@ pub(crate) fn key_usage_names(ku: &KeyUsage) -> Vec<&'static str> {
 
 /// RFC 3339 text for error messages.
 pub(crate) fn time(t: &time::OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| t.to_string())
+    floto_proto::rfc3339(*t)
 }
 
 #[cfg(test)]
