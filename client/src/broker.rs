@@ -186,81 +186,120 @@ async fn open_quic(
     port: u16,
     connect_within: Option<Duration>,
 ) -> Result<BrokerStream, BrokerError> {
-    let addr = resolve(&target.host, target.quic_port).await?;
-    let tls = client_config(&target.ca_pem, Some(&target.identity), &[ALPN])
-        .map_err(|e| BrokerError::Transport(e.to_string()))?;
-    let quic = QuicClientConfig::try_from(tls)
-        .map_err(|e| BrokerError::Transport(format!("QUIC TLS: {e}")))?;
-    let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(Duration::from_secs(10)));
-    config.transport_config(Arc::new(transport));
-    let bind: SocketAddr = if addr.is_ipv6() {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    };
-    let mut endpoint = quinn::Endpoint::client(bind)
-        .map_err(|e| BrokerError::Transport(format!("QUIC socket: {e}")))?;
-    endpoint.set_default_client_config(config);
-    let name = target.host.trim_start_matches('[').trim_end_matches(']');
-    let connecting = endpoint
-        .connect(addr, name)
-        .map_err(|e| BrokerError::Transport(format!("QUIC connect: {e}")))?;
-    let conn = match connect_within {
-        Some(limit) => tokio::time::timeout(limit, connecting).await.map_err(|_| {
-            BrokerError::Transport(format!(
-                "no QUIC answer from {addr} within {}s",
-                limit.as_secs()
-            ))
-        })?,
-        None => connecting.await,
-    }
-    .map_err(|e| quic_error(&e))?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| quic_error(&e))?;
-    send.write_all(&encode_header(&BrokerRequest {
-        device: device.to_owned(),
-        port,
-    }))
-    .await
-    .map_err(|e| BrokerError::Transport(format!("sending the request: {e}")))?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 2048];
-    let leftover = loop {
-        match decode_header::<BrokerResponse>(&buf) {
-            Ok(Some((resp, used))) => {
-                if !resp.ok {
-                    return Err(BrokerError::Refused(resp.error.unwrap_or_else(|| {
-                        ApiError::new(ErrorCode::Internal, "the broker refused without a reason")
-                    })));
-                }
-                break Bytes::copy_from_slice(&buf[used..]);
-            }
-            Ok(None) => {}
-            Err(e) => return Err(BrokerError::Transport(format!("bad broker answer: {e}"))),
-        }
-        match recv.read(&mut chunk).await {
-            Ok(Some(n)) => buf.extend_from_slice(&chunk[..n]),
-            Ok(None) => {
-                return Err(BrokerError::Transport(
-                    "the broker closed the stream without answering".into(),
+    QuicBroker::connect(target, connect_within)
+        .await?
+        .open(device, port)
+        .await
+}
+
+/// A QUIC connection to the broker, authenticated by the operator's certificate, over
+/// which any number of streams to devices can be opened. The server checks the operator
+/// again for every stream, and closes the connection when the operator is revoked or its
+/// certificate expires.
+#[derive(Debug, Clone)]
+pub struct QuicBroker {
+    conn: quinn::Connection,
+    endpoint: quinn::Endpoint,
+}
+
+impl QuicBroker {
+    /// Connects (within `connect_within`, when given).
+    pub async fn connect(
+        target: &BrokerTarget,
+        connect_within: Option<Duration>,
+    ) -> Result<Self, BrokerError> {
+        let addr = resolve(&target.host, target.quic_port).await?;
+        let tls = client_config(&target.ca_pem, Some(&target.identity), &[ALPN])
+            .map_err(|e| BrokerError::Transport(e.to_string()))?;
+        let quic = QuicClientConfig::try_from(tls)
+            .map_err(|e| BrokerError::Transport(format!("QUIC TLS: {e}")))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(quic));
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(Duration::from_secs(10)));
+        config.transport_config(Arc::new(transport));
+        let bind: SocketAddr = if addr.is_ipv6() {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let mut endpoint = quinn::Endpoint::client(bind)
+            .map_err(|e| BrokerError::Transport(format!("QUIC socket: {e}")))?;
+        endpoint.set_default_client_config(config);
+        let name = target.host.trim_start_matches('[').trim_end_matches(']');
+        let connecting = endpoint
+            .connect(addr, name)
+            .map_err(|e| BrokerError::Transport(format!("QUIC connect: {e}")))?;
+        let conn = match connect_within {
+            Some(limit) => tokio::time::timeout(limit, connecting).await.map_err(|_| {
+                BrokerError::Transport(format!(
+                    "no QUIC answer from {addr} within {}s",
+                    limit.as_secs()
                 ))
-            }
-            Err(quinn::ReadError::ConnectionLost(e)) => return Err(quic_error(&e)),
-            Err(e) => return Err(BrokerError::Transport(format!("reading the answer: {e}"))),
+            })?,
+            None => connecting.await,
         }
-    };
-    Ok(BrokerStream {
-        inner: Inner::Quic(Prefixed {
-            prefix: leftover,
-            inner: QuicStream {
-                send,
-                recv,
-                _conn: conn,
-                _endpoint: endpoint,
-            },
-        }),
-    })
+        .map_err(|e| quic_error(&e))?;
+        Ok(Self { conn, endpoint })
+    }
+
+    /// Opens a stream to `port` of `device`.
+    pub async fn open(&self, device: &str, port: u16) -> Result<BrokerStream, BrokerError> {
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| quic_error(&e))?;
+        send.write_all(&encode_header(&BrokerRequest {
+            device: device.to_owned(),
+            port,
+        }))
+        .await
+        .map_err(|e| match e {
+            quinn::WriteError::ConnectionLost(e) => quic_error(&e),
+            e => BrokerError::Transport(format!("sending the request: {e}")),
+        })?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 2048];
+        let leftover = loop {
+            match decode_header::<BrokerResponse>(&buf) {
+                Ok(Some((resp, used))) => {
+                    if !resp.ok {
+                        return Err(BrokerError::Refused(resp.error.unwrap_or_else(|| {
+                            ApiError::new(
+                                ErrorCode::Internal,
+                                "the broker refused without a reason",
+                            )
+                        })));
+                    }
+                    break Bytes::copy_from_slice(&buf[used..]);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(BrokerError::Transport(format!("bad broker answer: {e}"))),
+            }
+            match recv.read(&mut chunk).await {
+                Ok(Some(n)) => buf.extend_from_slice(&chunk[..n]),
+                Ok(None) => {
+                    return Err(BrokerError::Transport(
+                        "the broker closed the stream without answering".into(),
+                    ))
+                }
+                Err(quinn::ReadError::ConnectionLost(e)) => return Err(quic_error(&e)),
+                Err(e) => return Err(BrokerError::Transport(format!("reading the answer: {e}"))),
+            }
+        };
+        Ok(BrokerStream {
+            inner: Inner::Quic(Prefixed {
+                prefix: leftover,
+                inner: QuicStream {
+                    send,
+                    recv,
+                    _conn: self.conn.clone(),
+                    _endpoint: self.endpoint.clone(),
+                },
+            }),
+        })
+    }
+
+    /// Completes when the server (or the network) has closed the connection, with why.
+    pub async fn closed(&self) -> BrokerError {
+        quic_error(&self.conn.closed().await)
+    }
 }
 
 /// A refused QUIC connection carries the server's JSON reason.

@@ -191,13 +191,33 @@ pub fn validate_fleet_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// Operator names: the same alphabet as fleets, so they are safe in logs and file names.
+/// Longest operator name.
+pub const MAX_OPERATOR_NAME: usize = 64;
+
+/// Why `name` is not a valid operator name, if it is not. Operator names are 1 to 64
+/// characters from `A-Z a-z 0-9 . _ - @ +`, starting with a letter or digit (an e-mail
+/// address works; no spaces, slashes or control characters). This is the one rule: `operator
+/// add`, the API and the CA (which names operators in their certificates) all apply it.
+pub fn operator_name_problem(name: &str) -> Option<String> {
+    if name.is_empty() || name.len() > MAX_OPERATOR_NAME {
+        return Some(format!(
+            "it must be 1 to {MAX_OPERATOR_NAME} characters long"
+        ));
+    }
+    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Some("it must start with a letter or a digit".to_owned());
+    }
+    name.chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@' | '+')))
+        .map(|c| format!("{c:?} is not allowed; use letters, digits and . _ - @ +"))
+}
+
+/// Checks an operator name (see [`operator_name_problem`]), with a message naming it.
 pub fn validate_operator_name(name: &str) -> Result<(), String> {
-    validate_fleet_name(name).map_err(|_| {
-        format!(
-            "operator name {name:?} must be 1 to 63 characters of letters, digits, '-', '_' or '.'"
-        )
-    })
+    match operator_name_problem(name) {
+        None => Ok(()),
+        Some(reason) => Err(format!("operator name {name:?} is not valid: {reason}")),
+    }
 }
 
 #[cfg(test)]
@@ -209,6 +229,30 @@ mod tests {
         assert_eq!("admin".parse::<Role>().unwrap(), Role::Admin);
         assert!("root".parse::<Role>().is_err());
         assert!(Role::Admin > Role::Operator && Role::Operator > Role::Viewer);
+    }
+
+    #[test]
+    fn operator_names() {
+        for good in ["alice", "alice@example.com", "ops-team_1.x+y", "7"] {
+            assert!(validate_operator_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "-alice",
+            ".x",
+            "_x",
+            "a b",
+            "a/b",
+            "a\nb",
+            "\u{e4}",
+            &"a".repeat(65),
+        ] {
+            let err = validate_operator_name(bad).unwrap_err();
+            assert!(err.starts_with("operator name"), "{err}");
+        }
+        assert!(validate_operator_name(".alice")
+            .unwrap_err()
+            .contains("start with a letter or a digit"));
     }
 
     #[test]

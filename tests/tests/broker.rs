@@ -182,17 +182,27 @@ fn broker_errors_are_distinct_and_clear() {
         );
     }
 
-    // An operator of another fleet is forbidden, and that is audited.
+    // An operator of another fleet is refused exactly as for a device that does not exist
+    // (it learns nothing of the device), and the audit record says it was forbidden.
     let bob = s.operator_dir.path().join("bob");
     s.server.login_operator("bob", "operator", &["prod"], &bob);
+    let nowhere = "11111111-2222-4333-8444-555555555555";
     for transport in ["quic", "connect"] {
-        let out =
-            output(floto(&bob).args(["--transport", transport, "proxy", &s.device.uuid, "22"]));
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains("may not connect"),
-            "{transport}: {err}"
-        );
+        let refusal = |uuid: &str| {
+            let out = output(floto(&bob).args(["--transport", transport, "proxy", uuid, "22"]));
+            assert!(!out.status.success(), "{transport}: {out:?}");
+            String::from_utf8_lossy(&out.stderr).replace(uuid, "UUID")
+        };
+        let err = refusal(&s.device.uuid);
+        assert!(err.contains("unknown device"), "{transport}: {err}");
+        assert_eq!(err, refusal(nowhere), "{transport}: the refusals differ");
+    }
+    let (cert, key) = (bob.join("operator.pem"), bob.join("operator.key"));
+    for uuid in [s.device.uuid.as_str(), nowhere] {
+        let (status, body) = floto_e2e::api::curl(&s.server, "GET", &format!("/v1/devices/{uuid}"))
+            .client_cert(&cert, &key)
+            .send();
+        floto_e2e::api::assert_error(status, &body, 404, "not_found", "no device");
     }
     let log = s.server.child.log();
     assert!(

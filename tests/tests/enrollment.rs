@@ -80,6 +80,41 @@ fn curl(
     c.send()
 }
 
+/// The CRL as `GET /v1/crl` serves it, read by openssl.
+#[derive(Debug, PartialEq, Eq)]
+struct Crl {
+    number: u64,
+    /// `openssl crl -text`.
+    text: String,
+}
+
+fn crl(server: &Server, dir: &Path) -> Crl {
+    let file = dir.join("crl.pem");
+    run(Command::new("curl")
+        .args(["-sS", "--fail", "--cacert"])
+        .arg(server.ca_path())
+        .arg("-o")
+        .arg(&file)
+        .arg(format!("{}/v1/crl", server.local_url())));
+    let text = stdout(&run(Command::new("openssl")
+        .args(["crl", "-noout", "-text", "-CAfile"])
+        .arg(server.ca_path())
+        .arg("-in")
+        .arg(&file)));
+    let number = stdout(&run(Command::new("openssl")
+        .args(["crl", "-noout", "-crlnumber", "-in"])
+        .arg(&file)));
+    // `crlNumber=0x01` (OpenSSL 3) or `crlNumber=01` (1.1): hex either way.
+    let hex = number
+        .trim()
+        .trim_start_matches("crlNumber=")
+        .trim_start_matches("0x");
+    Crl {
+        number: u64::from_str_radix(hex, 16).expect("crl number"),
+        text,
+    }
+}
+
 fn enroll_body(uuid: Option<&str>, dev: &OpensslDevice) -> String {
     let mut v = json!({"csr_pem": dev.csr_pem, "wg_public_key": dev.wg_public});
     if let Some(u) = uuid {
@@ -550,7 +585,28 @@ fn renewal_over_mtls_and_its_refusals() {
     let cert2 = dev.dir.join("cert2.pem");
     std::fs::write(&cert2, renewed["certificate_pem"].as_str().unwrap()).unwrap();
     let uuid = body["uuid"].as_str().unwrap();
+    // The CRL is signed once per change of the revoked set: fetching it again gives the
+    // same CRL (no registry write), a revocation a new one with the next number.
+    let before = crl(&server, &dev.dir);
+    assert_eq!(crl(&server, &dev.dir), before, "the CRL was signed again");
     assert!(server.admin(&["device", "revoke", uuid]).status.success());
+    let after = crl(&server, &dev.dir);
+    assert_eq!(after.number, before.number + 1);
+    let serial = output(
+        Command::new("openssl")
+            .args(["x509", "-noout", "-serial", "-in"])
+            .arg(&cert2),
+    );
+    let serial = stdout(&serial)
+        .trim()
+        .trim_start_matches("serial=")
+        .to_owned();
+    assert!(
+        after.text.to_uppercase().contains(&serial.to_uppercase()),
+        "serial {serial} not in the CRL:\n{}",
+        after.text
+    );
+    assert_eq!(crl(&server, &dev.dir), after);
     let (s, b) = curl(
         &server,
         "/v1/renew",

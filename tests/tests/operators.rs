@@ -106,6 +106,24 @@ fn roles_tokens_and_the_audit_log() {
         String::from_utf8_lossy(&expired.stderr).contains("expired"),
         "{expired:?}"
     );
+    // A name the CA could not put in a certificate is refused by `operator add` itself,
+    // before any token exists (not by `floto login` after using the token up).
+    for bad in [".alice", "_alice"] {
+        let out = server.admin(&[
+            "operator", "add", bad, "--role", "operator", "--fleet", "lab",
+        ]);
+        assert!(!out.status.success(), "{bad} was added");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("must start with a letter or a digit"),
+            "{out:?}"
+        );
+    }
+    // An e-mail address is a name the CA takes: added and logged in.
+    let mail = dirs.path().join("mail");
+    let token = server.add_operator("carol@example.org", "operator", &["lab"]);
+    let done = login(&mail, &token);
+    assert!(done.status.success(), "{done:?}");
+
     // An operator without a fleet reaches nothing, so it is refused at once.
     let none = server.admin(&["operator", "add", "nobody", "--role", "operator"]);
     assert!(!none.status.success());
@@ -181,13 +199,47 @@ fn roles_tokens_and_the_audit_log() {
         "ok"
     );
 
+    // Event streams end when their credential does: an operator's at its revocation (below),
+    // a viewer's when its token expires.
+    let out = server.admin(&[
+        "operator",
+        "add",
+        "brief",
+        "--role",
+        "viewer",
+        "--expires",
+        "3s",
+    ]);
+    let brief = last_line(&out);
+    let mut by_token = events_stream(&server, &["-H", &format!("Authorization: Bearer {brief}")]);
+    let bob_cert = bob.join("operator.pem").display().to_string();
+    let bob_key = bob.join("operator.key").display().to_string();
+    let mut by_cert = events_stream(&server, &["--cert", &bob_cert, "--key", &bob_key]);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        by_token.try_wait().unwrap().is_none(),
+        "the stream ended early"
+    );
+    assert!(
+        ends_within(&mut by_token, Duration::from_secs(6)),
+        "a stream outlived its token"
+    );
+
     // A revoked operator is refused everywhere at once.
     assert!(output(floto(&bob).args(["devices", "--json"]))
         .status
         .success());
+    assert!(
+        by_cert.try_wait().unwrap().is_none(),
+        "the stream ended early"
+    );
     run(Command::new(floto_e2e::bin("floto-vpn-server"))
         .args(["operator", "revoke", "bob", "--data-dir"])
         .arg(server.data_dir()));
+    assert!(
+        ends_within(&mut by_cert, Duration::from_secs(3)),
+        "an event stream outlived its operator's revocation"
+    );
     let refused = output(floto(&bob).args(["devices"]));
     assert!(!refused.status.success());
     assert!(
@@ -244,10 +296,18 @@ struct Live {
 }
 
 fn live() -> Live {
+    live_with(&[])
+}
+
+/// [`live`] with more server flags.
+fn live_with(flags: &[&str]) -> Live {
     require_root();
     require(&["wireguard-go", "wg", "sshd", "ssh", "ping", "curl"]);
     let ns = Netns::new();
-    let server = Server::start(&["--tls-name", &ns.host_ip().to_string()]);
+    let host = ns.host_ip().to_string();
+    let mut args = vec!["--tls-name", host.as_str()];
+    args.extend_from_slice(flags);
+    let server = Server::start(&args);
     let pkey = server.create_key("lab", None);
     let mut device = WgGoDevice::enroll(ns, &server, &pkey);
     device.set_keepalive(2);
@@ -268,6 +328,11 @@ fn live() -> Live {
 
 /// A `floto ssh UUID -- sleep 120` left running.
 fn long_session(l: &Live, who: &str) -> Child {
+    long_sessions(l, who, 1)
+}
+
+/// A `floto ssh UUID -- sleep 120` left running, once the broker has `open` sessions.
+fn long_sessions(l: &Live, who: &str, open: usize) -> Child {
     let mut cmd = floto(&l.dirs.path().join(who));
     cmd.args(["ssh", &l.device.uuid, "--"])
         .args(ssh_opts(&l.key))
@@ -278,7 +343,7 @@ fn long_session(l: &Live, who: &str) -> Child {
         "the broker session to open",
         || {
             let m = l.server.metrics();
-            (metric(&m, "floto_broker_sessions_active").unwrap_or(0.0) >= 1.0).then_some(())
+            (metric(&m, "floto_broker_sessions_active").unwrap_or(0.0) >= open as f64).then_some(())
         },
     );
     child
@@ -294,9 +359,48 @@ fn exits_within(child: &mut Child, limit: Duration) -> Duration {
 }
 
 #[test]
+fn one_operator_or_one_device_cannot_take_every_broker_session() {
+    let l = live_with(&[
+        "--max-sessions-per-operator",
+        "2",
+        "--max-sessions-per-device",
+        "3",
+    ]);
+    let refused = |who: &str| {
+        let out = output(floto(&l.dirs.path().join(who)).args(["proxy", &l.device.uuid, "22"]));
+        assert!(!out.status.success(), "{who}: {out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let _bob1 = long_sessions(&l, "bob", 1);
+    let _bob2 = long_sessions(&l, "bob", 2);
+    // Bob has all his places...
+    let err = refused("bob");
+    assert!(err.contains("--max-sessions-per-operator"), "{err}");
+    // ...which leaves alice hers, until the device's are taken.
+    let _alice1 = long_sessions(&l, "alice", 3);
+    let err = refused("alice");
+    assert!(err.contains("--max-sessions-per-device"), "{err}");
+    let m = l.server.metrics();
+    assert_eq!(
+        metric(&m, "floto_broker_sessions_total{result=\"operator_limit\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, "floto_broker_sessions_total{result=\"device_limit\"}"),
+        Some(1.0)
+    );
+}
+
+#[test]
 fn revoking_an_operator_closes_its_live_session() {
     let l = live();
     let mut ssh = long_session(&l, "bob");
+    // The session's start is on record while it runs (a crash now would still leave it).
+    let started = audit(&l.server, &["--operator", "bob"])
+        .into_iter()
+        .find(|e| e["action"] == "broker.started")
+        .expect("no broker.started record for the open session");
+    assert_eq!(started["detail"]["port"], 22);
     run(Command::new(floto_e2e::bin("floto-vpn-server"))
         .args(["operator", "revoke", "bob", "--data-dir"])
         .arg(l.server.data_dir()));
@@ -315,7 +419,11 @@ fn revoking_an_operator_closes_its_live_session() {
     wait_for(Duration::from_secs(5), "the session's audit record", || {
         audit(&l.server, &["--operator", "bob"])
             .iter()
-            .any(|e| e["action"] == "broker.session" && e["detail"]["result"] == "cancelled")
+            .any(|e| {
+                e["action"] == "broker.session"
+                    && e["detail"]["result"] == "cancelled"
+                    && e["detail"]["session"] == started["detail"]["session"]
+            })
             .then_some(())
     });
     let out = output(
@@ -497,4 +605,104 @@ fn parse_sse(text: &str) -> Vec<(u64, Value)> {
             Some((id, serde_json::from_str(data).ok()?))
         })
         .collect()
+}
+
+/// `GET /v1/events` streamed by curl, running.
+fn events_stream(server: &Server, auth: &[&str]) -> std::process::Child {
+    Command::new("curl")
+        .args(["-sSN", "--cacert"])
+        .arg(server.ca_path())
+        .args(auth)
+        .arg(format!("{}/v1/events", server.local_url()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("curl")
+}
+
+/// Whether `child` exits within `limit` (it is killed if not).
+fn ends_within(child: &mut std::process::Child, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if child.try_wait().unwrap().is_some() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
+/// A QUIC broker connection carries its operator's identity for its whole life: every
+/// stream is checked again, revoking the operator closes the connection at once, and the
+/// connection ends when the certificate it was made with expires.
+#[test]
+fn a_quic_connection_lives_no_longer_than_its_operator() {
+    use floto_client::broker::{BrokerError, BrokerTarget, QuicBroker};
+    use floto_proto::ErrorCode;
+
+    let server = Server::start(&["--operator-cert-lifetime", "30s"]);
+    let dirs = tempfile::tempdir().unwrap();
+    let (eve, frank) = (dirs.path().join("eve"), dirs.path().join("frank"));
+    server.login_operator("eve", "operator", &["lab"], &eve);
+    server.login_operator("frank", "operator", &["lab"], &frank);
+    let logged_in = Instant::now();
+    let target = |dir: &std::path::Path| BrokerTarget {
+        host: "127.0.0.1".into(),
+        api_port: server.bound.api.port(),
+        quic_port: server.bound.quic.port(),
+        ca_pem: std::fs::read_to_string(server.ca_path()).unwrap(),
+        identity: floto_client::Identity {
+            cert_pem: std::fs::read_to_string(dir.join("operator.pem")).unwrap(),
+            key_pem: std::fs::read_to_string(dir.join("operator.key")).unwrap(),
+        },
+    };
+    let refusal = |r: Result<floto_client::broker::BrokerStream, BrokerError>| match r {
+        Err(BrokerError::Refused(e)) => e,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    // A device nobody has: a stream the broker answers after checking its operator.
+    let nowhere = "11111111-2222-4333-8444-555555555555";
+    floto_client::tls::install_default_provider();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let eve_conn = QuicBroker::connect(&target(&eve), None).await.unwrap();
+        let frank_conn = QuicBroker::connect(&target(&frank), None).await.unwrap();
+        for conn in [&eve_conn, &frank_conn] {
+            let e = refusal(conn.open(nowhere, 22).await);
+            assert_eq!(e.error, ErrorCode::NotFound, "{e:?}");
+        }
+
+        // Revoking eve closes her connection by itself, and nothing more opens on it.
+        let revoked = tokio::task::block_in_place(|| server.admin(&["operator", "revoke", "eve"]));
+        assert!(revoked.status.success());
+        let why = tokio::time::timeout(Duration::from_secs(3), eve_conn.closed())
+            .await
+            .expect("eve's connection outlived her revocation");
+        match why {
+            BrokerError::Refused(e) => assert_eq!(e.error, ErrorCode::Revoked, "{e:?}"),
+            other => panic!("closed without the reason: {other:?}"),
+        }
+        assert!(eve_conn.open(nowhere, 22).await.is_err());
+
+        // Frank's goes on, until the certificate it was made with expires.
+        let e = refusal(frank_conn.open(nowhere, 22).await);
+        assert_eq!(e.error, ErrorCode::NotFound, "{e:?}");
+        let why = tokio::time::timeout(Duration::from_secs(45), frank_conn.closed())
+            .await
+            .expect("frank's connection outlived his certificate");
+        assert!(
+            logged_in.elapsed() >= Duration::from_secs(25),
+            "closed too early: {:?} after login ({why:?})",
+            logged_in.elapsed()
+        );
+        match why {
+            BrokerError::Refused(e) => {
+                assert_eq!(e.error, ErrorCode::Unauthorized, "{e:?}");
+                assert!(e.message.contains("expired"), "{e:?}");
+            }
+            other => panic!("closed without the reason: {other:?}"),
+        }
+    });
 }

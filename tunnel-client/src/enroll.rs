@@ -39,14 +39,25 @@ impl std::fmt::Debug for EnrollOptions {
 /// Why enrollment failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
+    /// The state dir cannot be read or written.
     #[error(transparent)]
     State(#[from] StateError),
+    /// The server refused, or could not be reached. Its message is in this error's own text
+    /// and not also its source, so that a printed chain (`{:#}`) says it once.
     #[error("enrollment refused: {0}")]
-    Client(#[from] ClientError),
+    Client(ClientError),
+    /// The options do not fit the state dir.
     #[error("{0}")]
     Usage(String),
+    /// No key could be made.
     #[error("key generation failed: {0}")]
     Keys(String),
+}
+
+impl From<ClientError> for EnrollError {
+    fn from(e: ClientError) -> Self {
+        Self::Client(e)
+    }
 }
 
 /// Keys kept while an enrollment is in flight.
@@ -173,6 +184,22 @@ fn identity_to_use(dir: &StateDir, opts: &EnrollOptions) -> Result<DeviceId, Enr
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_refusal_is_said_once() {
+        let refused = EnrollError::from(ClientError::Api {
+            status: 401,
+            error: floto_proto::ApiError::new(
+                floto_proto::ErrorCode::Unauthorized,
+                "unknown provisioning key",
+            ),
+        });
+        let printed = format!("{:#}", anyhow::Error::from(refused));
+        assert_eq!(
+            printed,
+            "enrollment refused: unknown provisioning key (HTTP 401)"
+        );
+    }
+
     use super::*;
 
     #[test]

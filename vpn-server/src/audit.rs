@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use floto_registry::{AuditRecord, Registry};
+use floto_registry::{AuditRecord, Registry, StoreError};
 
 /// Writes audit records.
 #[derive(Clone)]
@@ -25,8 +25,17 @@ impl Auditor {
         Self { registry }
     }
 
-    /// Logs and stores one record.
+    /// Logs and stores one record; a failed write is logged and otherwise ignored (the
+    /// action it records already happened).
     pub async fn record(&self, record: AuditRecord) {
+        if let Err(e) = self.try_record(record).await {
+            warn!(error = %e, "could not write the audit record");
+        }
+    }
+
+    /// Logs and stores one record, or says why it could not be stored: for actions that
+    /// must not happen without their record (a broker session).
+    pub async fn try_record(&self, record: AuditRecord) -> Result<(), StoreError> {
         info!(
             target: "floto::audit",
             actor = %record.actor,
@@ -35,8 +44,6 @@ impl Auditor {
             detail = %record.detail,
             "audit"
         );
-        if let Err(e) = self.registry.append_audit(record).await {
-            warn!(error = %e, "could not write the audit record");
-        }
+        self.registry.append_audit(record).await
     }
 }

@@ -181,6 +181,10 @@ mod tests {
         let (netstack, _driver) =
             Netstack::new(Ipv4Addr::new(10, 240, 0, 1), 16, wg.clone(), from_devices);
         let broker = Arc::new(Broker::new(BrokerDeps {
+            caps: crate::broker::SessionCaps {
+                per_operator: 4,
+                per_device: 4,
+            },
             registry: registry.clone(),
             table: table.clone(),
             clock,

@@ -142,6 +142,17 @@ pub struct ServerSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent_enrollments: Option<usize>,
 
+    /// Broker sessions one operator may have open at once (ssh, tunnels); more are refused
+    /// with 429 until one closes.
+    #[arg(long, env = "FLOTO_MAX_SESSIONS_PER_OPERATOR", value_name = "N")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sessions_per_operator: Option<usize>,
+
+    /// Broker sessions into one device at once, all operators together.
+    #[arg(long, env = "FLOTO_MAX_SESSIONS_PER_DEVICE", value_name = "N")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sessions_per_device: Option<usize>,
+
     /// Log format.
     #[arg(long, env = "FLOTO_LOG_FORMAT", value_enum)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -155,6 +166,13 @@ pub enum LogFormat {
     Human,
     Json,
 }
+
+/// Broker sessions one operator may have open at once, by default: many ssh sessions and
+/// tunnels, far below the broker's 4,096.
+pub const DEFAULT_SESSIONS_PER_OPERATOR: usize = 256;
+/// Broker sessions into one device at once, by default (a small device's sshd allows 10
+/// unauthenticated connections; tunnels to other ports count too).
+pub const DEFAULT_SESSIONS_PER_DEVICE: usize = 32;
 
 /// The validated configuration the server runs with.
 #[derive(Debug, Clone)]
@@ -176,6 +194,8 @@ pub struct Config {
     pub tls_names: Vec<String>,
     pub handshake_rate_limit: u64,
     pub max_concurrent_enrollments: usize,
+    pub max_sessions_per_operator: usize,
+    pub max_sessions_per_device: usize,
     pub log_format: LogFormat,
 }
 
@@ -239,6 +259,12 @@ impl Config {
                 .handshake_rate_limit
                 .unwrap_or(crate::wg::admission::DEFAULT_HANDSHAKE_RATE),
             max_concurrent_enrollments: s.max_concurrent_enrollments.unwrap_or(256),
+            max_sessions_per_operator: s
+                .max_sessions_per_operator
+                .unwrap_or(DEFAULT_SESSIONS_PER_OPERATOR),
+            max_sessions_per_device: s
+                .max_sessions_per_device
+                .unwrap_or(DEFAULT_SESSIONS_PER_DEVICE),
             log_format: s.log_format.unwrap_or_default(),
         };
         config.validate()?;
@@ -286,6 +312,9 @@ impl Config {
         }
         if self.max_concurrent_enrollments == 0 {
             bail!("max concurrent enrollments must be at least 1");
+        }
+        if self.max_sessions_per_operator == 0 || self.max_sessions_per_device == 0 {
+            bail!("max sessions per operator and per device must be at least 1");
         }
         for name in &self.tls_names {
             if name.is_empty() || name.contains(char::is_whitespace) {
@@ -340,6 +369,12 @@ impl ServerSettings {
             max_concurrent_enrollments: self
                 .max_concurrent_enrollments
                 .or(lower.max_concurrent_enrollments),
+            max_sessions_per_operator: self
+                .max_sessions_per_operator
+                .or(lower.max_sessions_per_operator),
+            max_sessions_per_device: self
+                .max_sessions_per_device
+                .or(lower.max_sessions_per_device),
             log_format: self.log_format.or(lower.log_format),
         }
     }

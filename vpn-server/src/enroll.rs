@@ -90,7 +90,8 @@ pub fn enroll_refusal(refusal: &EnrollRefusal, device: &DeviceId) -> ApiError {
             KeyRevoked => (ErrorCode::Unauthorized, "provisioning key was revoked; ask an admin for a new one".to_owned()),
             KeyExpired { at } => (ErrorCode::Unauthorized, format!("provisioning key expired at {}; ask an admin for a new one", floto_proto::timestamp::rfc3339(*at))),
             KeyUsedUp => (ErrorCode::Unauthorized, "provisioning key has no uses left; ask an admin for a new one".to_owned()),
-            WrongFleet { device_fleet } => (ErrorCode::Forbidden, format!("device {device} belongs to fleet {device_fleet:?}; this provisioning key is for another fleet")),
+            // No fleet names: the key's holder may not learn the other fleet.
+            WrongFleet { .. } => (ErrorCode::Forbidden, format!("device {device} is enrolled in another fleet; use a provisioning key of its own fleet")),
             DeviceRevoked => (ErrorCode::Revoked, format!("device {device} was revoked; an admin must enroll it under a new UUID")),
             UuidHeldByAnotherKey => (ErrorCode::Conflict, format!("device {device} is enrolled with a different device key; re-enrollment must use the key of its current certificate")),
             WgKeyBound { other } => (ErrorCode::Conflict, format!("this WireGuard public key is already bound to device {other}; generate a new WireGuard key")),

@@ -3,6 +3,7 @@
 //! the REST API, the CONNECT front end and the QUIC broker alike; what the caller may then
 //! do is [`crate::authz`]'s decision.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashSet;
@@ -39,15 +40,26 @@ impl PeerCert {
 /// Serials (hex) of revoked certificates that have not expired. Written only by the
 /// applier of registry changes (and at start); read on every authenticated request.
 #[derive(Debug, Default)]
-pub struct RevokedSerials(DashSet<String>);
+pub struct RevokedSerials {
+    serials: DashSet<String>,
+    /// Bumped by every serial added, so a reader can tell the set changed.
+    version: AtomicU64,
+}
 
 impl RevokedSerials {
     pub fn insert(&self, serial: String) {
-        self.0.insert(serial);
+        if self.serials.insert(serial) {
+            self.version.fetch_add(1, Ordering::SeqCst);
+        }
     }
 
     pub fn contains(&self, serial: &str) -> bool {
-        self.0.contains(serial)
+        self.serials.contains(serial)
+    }
+
+    /// Changes whenever a serial is added.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::SeqCst)
     }
 }
 

@@ -17,6 +17,7 @@
 //! - [`audit`], [`metrics`], [`events`]: the audit writer, Prometheus, online/offline events.
 //! - [`netstack`]: the server's TCP stack on its overlay address, for the broker's dials.
 //! - [`wg`]: the concentrator; it knows nothing of the registry, the API or events.
+//! - [`crl`]: the published CRL, signed when the revoked set changes.
 //! - [`tls`], [`config`], [`datadir`], [`backup`], [`secret`], [`authz`]: leaves.
 //! - The registry (records, refusals, rules, SQLite) is its own crate, `floto-registry`.
 //!
@@ -37,6 +38,7 @@ pub mod backup;
 pub mod broker;
 pub mod changes;
 pub mod config;
+pub mod crl;
 pub mod datadir;
 pub mod enroll;
 pub mod events;
@@ -236,6 +238,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     );
     let audit = Auditor::new(store.clone());
     let broker = Arc::new(Broker::new(BrokerDeps {
+        caps: broker::SessionCaps {
+            per_operator: config.max_sessions_per_operator,
+            per_device: config.max_sessions_per_device,
+        },
         registry: store.clone(),
         table: table.clone(),
         clock,
@@ -281,7 +287,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let state = Arc::new(AppState {
         enroll_slots: Arc::new(Semaphore::new(config.max_concurrent_enrollments)),
         server_wg_public: concentrator.public_key(),
-        identify: Arc::new(Identifier::new(store.clone(), revoked)),
+        identify: Arc::new(Identifier::new(store.clone(), revoked.clone())),
+        crl: crl::CrlPublisher::new(store.clone(), ca.clone(), revoked),
         changes,
         audit,
         broker: broker.clone(),

@@ -10,7 +10,7 @@ use axum::Json;
 use time::OffsetDateTime;
 use tracing::info;
 
-use floto_pki::{RevokedSerial, Serial};
+use floto_pki::Serial;
 use floto_proto::admin::{
     validate_fleet_name, validate_operator_name, AddOperatorRequest, AddOperatorResponse,
     AuditEntry, CreateKeyRequest, CreateKeyResponse, KeyInfo, LoginRequest, LoginResponse,
@@ -33,8 +33,6 @@ use crate::secret::{hash_secret, new_secret, secret_id};
 
 /// Longest provisioning-key lifetime accepted.
 const MAX_KEY_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-/// Validity of the CRL the server publishes.
-const CRL_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 
 fn bad(message: impl Into<String>) -> Failure {
     Failure::new(ErrorCode::BadRequest, message)
@@ -438,23 +436,12 @@ pub async fn ca_pem(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     )
 }
 
-/// `GET /v1/crl`: the current CRL, PEM, signed at each request.
+/// `GET /v1/crl`: the current CRL, PEM (signed when the revoked set changes).
 pub async fn crl_pem(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, Failure> {
-    let now = OffsetDateTime::now_utc();
-    let revoked = state.store.revoked_certificates(now).await?;
-    let entries = revoked
-        .iter()
-        .filter_map(|c| {
-            Some(RevokedSerial {
-                serial: Serial::from_hex(&c.serial).ok()?,
-                revoked_at: c.revoked_at?,
-            })
-        })
-        .collect::<Vec<_>>();
-    let number = state.store.next_crl_number().await?;
     let pem = state
-        .ca
-        .crl(&entries, number, now, CRL_VALIDITY)
-        .map_err(|e| Failure::internal(format!("signing the CRL: {e}")))?;
+        .crl
+        .pem(OffsetDateTime::now_utc())
+        .await
+        .map_err(Failure::internal)?;
     Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem))
 }

@@ -88,11 +88,13 @@ pub async fn show(
     Path(uuid): Path<String>,
 ) -> Result<Json<DeviceInfo>, Failure> {
     let id = parse_uuid(&uuid)?;
+    // A device outside the caller's fleets gets the same 404 as an unknown one: the caller
+    // learns nothing of its existence or fleet.
     let device = state
         .store
         .device(&id)
         .await?
+        .filter(|d| may_see(&caller.0, &d.fleet))
         .ok_or_else(|| unknown_device(&id))?;
-    caller.require(Action::ViewDevice, Some(&device.fleet))?;
     Ok(Json(state.live_info(&device)))
 }

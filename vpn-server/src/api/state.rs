@@ -15,6 +15,7 @@ use crate::audit::Auditor;
 use crate::broker::Broker;
 use crate::changes::Applier;
 use crate::config::Config;
+use crate::crl::CrlPublisher;
 use crate::datadir::{Bound, DataDir};
 use crate::enroll::{device_endpoint, ServerFacts};
 use crate::events::EventHub;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub bound: Bound,
     pub events: Arc<EventHub>,
     pub broker: Arc<Broker>,
+    /// The published CRL.
+    pub crl: CrlPublisher,
 }
 
 impl std::fmt::Debug for AppState {

@@ -64,8 +64,16 @@ impl Refusal {
     }
 }
 
+/// Sessions one operator, and one device, may have open at once.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionCaps {
+    pub per_operator: usize,
+    pub per_device: usize,
+}
+
 /// What the broker needs from the rest of the server.
 pub struct BrokerDeps {
+    pub caps: SessionCaps,
     pub registry: Arc<dyn Registry>,
     pub table: Arc<PeerTable>,
     pub clock: WallClock,
@@ -83,7 +91,61 @@ pub struct Broker {
     draining: AtomicBool,
     /// Woken whenever a session ends, for the drain.
     ended: tokio::sync::Notify,
+    /// Front-end connections that carry an operator's identity for their whole life (QUIC),
+    /// so that revoking the operator closes them.
+    connections: DashMap<u64, (String, CancellationToken)>,
+    /// Sessions open (or being opened) per operator and per device, for the caps.
+    per_operator: DashMap<String, usize>,
+    per_device: DashMap<DeviceId, usize>,
     deps: BrokerDeps,
+}
+
+/// Takes one of `cap` places under `key`; false when all are taken.
+fn take_place<K: std::hash::Hash + Eq>(counts: &DashMap<K, usize>, key: K, cap: usize) -> bool {
+    let mut n = counts.entry(key).or_insert(0);
+    if *n >= cap {
+        return false;
+    }
+    *n += 1;
+    true
+}
+
+/// Gives back a place taken with [`take_place`].
+fn give_back<K: std::hash::Hash + Eq>(counts: &DashMap<K, usize>, key: &K) {
+    if let Some(mut n) = counts.get_mut(key) {
+        *n = n.saturating_sub(1);
+    }
+    counts.remove_if(key, |_, n| *n == 0);
+}
+
+/// A session's places under the per-operator and per-device caps, given back on drop.
+struct Places {
+    broker: Arc<Broker>,
+    operator: String,
+    device: DeviceId,
+}
+
+impl Drop for Places {
+    fn drop(&mut self) {
+        give_back(&self.broker.per_operator, &self.operator);
+        give_back(&self.broker.per_device, &self.device);
+    }
+}
+
+/// An operator's front-end connection, registered while it is held: its token is
+/// cancelled when the operator is revoked.
+#[derive(Debug)]
+pub struct HeldConnection {
+    broker: Arc<Broker>,
+    id: u64,
+    /// Cancelled when the operator is revoked.
+    pub revoked: CancellationToken,
+}
+
+impl Drop for HeldConnection {
+    fn drop(&mut self) {
+        self.broker.connections.remove(&self.id);
+    }
 }
 
 impl std::fmt::Debug for Broker {
@@ -121,6 +183,7 @@ struct SessionGuard {
     id: u64,
     broker: Arc<Broker>,
     result: &'static str,
+    _places: Places,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -148,7 +211,24 @@ impl Broker {
             slots: Arc::new(Semaphore::new(MAX_SESSIONS)),
             draining: AtomicBool::new(false),
             ended: tokio::sync::Notify::new(),
+            connections: DashMap::new(),
+            per_operator: DashMap::new(),
+            per_device: DashMap::new(),
             deps,
+        }
+    }
+
+    /// Registers a front-end connection of `operator` for as long as the returned value is
+    /// held.
+    pub fn hold_connection(self: &Arc<Self>, operator: &str) -> HeldConnection {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let revoked = CancellationToken::new();
+        self.connections
+            .insert(id, (operator.to_owned(), revoked.clone()));
+        HeldConnection {
+            broker: self.clone(),
+            id,
+            revoked,
         }
     }
 
@@ -189,8 +269,12 @@ impl Broker {
         self.close_where(|s| s.device == *id)
     }
 
-    /// Closes every session of an operator (it was revoked).
+    /// Closes every session and front-end connection of an operator (it was revoked).
+    /// Returns the number of sessions closed.
     pub fn close_operator(&self, name: &str) -> usize {
+        for c in self.connections.iter().filter(|c| c.value().0 == name) {
+            c.value().1.cancel();
+        }
         self.close_where(|s| s.operator == name)
     }
 
@@ -267,9 +351,25 @@ impl Broker {
             Ok(d) => d,
             Err(e) => return Err(Refusal::internal(&e)),
         };
+        let unknown = || {
+            Refusal::new(
+                "unknown_device",
+                ErrorCode::NotFound,
+                format!("unknown device {id}: no device with this UUID is enrolled"),
+            )
+        };
         let device = match device {
-            Some(d) if !d.is_revoked() => d,
-            Some(_) => {
+            None => return Err(refuse(unknown(), Some(id)).await),
+            // Outside the operator's fleets: told exactly what an unknown device gets, so
+            // that it learns nothing of the device; the audit record says what happened.
+            Some(d) if !allowed(op.role, &op.fleets, Action::Connect, Some(&d.fleet)) => {
+                let f = Refusal {
+                    result: "forbidden",
+                    ..unknown()
+                };
+                return Err(refuse(f, Some(id)).await);
+            }
+            Some(d) if d.is_revoked() => {
                 let f = Refusal::new(
                     "unknown_device",
                     ErrorCode::NotFound,
@@ -277,21 +377,8 @@ impl Broker {
                 );
                 return Err(refuse(f, Some(id)).await);
             }
-            None => {
-                let f = Refusal::new(
-                    "unknown_device",
-                    ErrorCode::NotFound,
-                    format!("unknown device {id}: no device with this UUID is enrolled"),
-                );
-                return Err(refuse(f, Some(id)).await);
-            }
+            Some(d) => d,
         };
-        if !allowed(op.role, &op.fleets, Action::Connect, Some(&device.fleet)) {
-            let f = Refusal::new("forbidden", ErrorCode::Forbidden,
-                format!("operator {:?} ({}) may not connect to device {id}: it is not in the operator's fleets", op.name, op.role),
-            );
-            return Err(refuse(f, Some(id)).await);
-        }
         let status = deps.table.status(&id);
         if !status.as_ref().is_some_and(|s| s.online) {
             let seen = status
@@ -309,6 +396,35 @@ impl Broker {
             );
             return Err(refuse(f, Some(id)).await);
         }
+        let caps = deps.caps;
+        if !take_place(&self.per_operator, op.name.clone(), caps.per_operator) {
+            let f = Refusal::new(
+                "operator_limit",
+                ErrorCode::TooManyRequests,
+                format!(
+                    "operator {:?} has {} broker sessions open, the most one operator may (--max-sessions-per-operator); close one first",
+                    op.name, caps.per_operator
+                ),
+            );
+            return Err(refuse(f, Some(id)).await);
+        }
+        if !take_place(&self.per_device, id, caps.per_device) {
+            give_back(&self.per_operator, &op.name);
+            let f = Refusal::new(
+                "device_limit",
+                ErrorCode::TooManyRequests,
+                format!(
+                    "device {id} has {} broker sessions open, the most one device may (--max-sessions-per-device); try again when one has closed",
+                    caps.per_device
+                ),
+            );
+            return Err(refuse(f, Some(id)).await);
+        }
+        let places = Places {
+            broker: self.clone(),
+            operator: op.name.clone(),
+            device: id,
+        };
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             let f = Refusal::new(
                 "shed",
@@ -350,6 +466,25 @@ impl Broker {
             }
         };
         let session_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // No session without its record: written before a byte is spliced, so that a crash
+        // mid-session still leaves it.
+        let started = AuditRecord {
+            at: now,
+            actor: op.name.clone(),
+            action: "broker.started".into(),
+            device: Some(id),
+            detail: serde_json::json!({"session": session_id, "port": port, "via": via})
+                .to_string(),
+        };
+        if let Err(e) = deps.audit.try_record(started).await {
+            tracing::error!(error = %e, device = %id, "the audit log cannot be written; broker session refused");
+            deps.metrics.broker_refused("audit_unavailable");
+            return Err(Refusal::new(
+                "audit_unavailable",
+                ErrorCode::Unavailable,
+                "the audit log cannot be written, and no session opens without its record; try again later",
+            ));
+        }
         let cancel = CancellationToken::new();
         self.sessions.insert(
             session_id,
@@ -367,6 +502,7 @@ impl Broker {
                 id: session_id,
                 broker: self.clone(),
                 result: "aborted",
+                _places: places,
                 _slot: slot,
             },
             device,
@@ -422,6 +558,7 @@ impl Broker {
         let up = client.read + leftover.len() as u64;
         let down = client.written;
         guard.result = result;
+        let session_id = guard.id;
         drop(guard);
         let ended = OffsetDateTime::now_utc();
         span.in_scope(|| info!(up, down, result, "broker session ended"));
@@ -433,6 +570,7 @@ impl Broker {
                 action: "broker.session".into(),
                 device: Some(device.id),
                 detail: serde_json::json!({
+                    "session": session_id,
                     "port": port,
                     "via": via,
                     "start": started.unix_timestamp(),

@@ -109,24 +109,68 @@ async fn serve_connection(
                     ApiError::internal()
                 }
             };
-            let reason = serde_json::to_vec(&error).unwrap_or_default();
-            conn.close(close::UNAUTHORIZED.into(), &reason);
+            close_refused(&conn, &error);
             return;
         }
     };
     debug!(operator = %op.name, remote = %conn.remote_address(), "operator connected over QUIC");
+    let held = state.broker.hold_connection(&op.name);
+    // The connection lives no longer than the certificate it was made with.
+    let until_expiry = match &peer_cert {
+        PeerCert::Valid(info) => (info.not_after - now).try_into().unwrap_or_default(),
+        _ => Duration::ZERO,
+    };
+    let expiry = tokio::time::sleep(until_expiry);
+    tokio::pin!(expiry);
     loop {
-        let (send, recv) = tokio::select! {
+        let (mut send, recv) = tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = held.revoked.cancelled() => {
+                let why = ApiError::new(ErrorCode::Revoked, format!("operator {:?} was revoked", op.name));
+                close_refused(&conn, &why);
+                return;
+            }
+            _ = &mut expiry => {
+                let why = ApiError::new(
+                    ErrorCode::Unauthorized,
+                    "the client certificate of this connection expired; connect again with a renewed one",
+                );
+                close_refused(&conn, &why);
+                return;
+            }
             s = conn.accept_bi() => match s {
                 Ok(s) => s,
                 Err(_) => return,
             },
         };
+        // Every stream is the caller's again: revoked or expired since the connection was
+        // made, it gets no session.
+        let op = match state
+            .identify
+            .operator(&peer_cert, None, OffsetDateTime::now_utc())
+            .await
+        {
+            Ok(op) => op,
+            Err(IdentifyError::Refused(why)) => {
+                let _ = respond(&mut send, Err(why.clone())).await;
+                close_refused(&conn, &why);
+                return;
+            }
+            Err(IdentifyError::Store(e)) => {
+                tracing::error!(error = %e, "identifying a QUIC operator failed");
+                let _ = respond(&mut send, Err(ApiError::internal())).await;
+                continue;
+            }
+        };
         let broker = state.broker.clone();
-        let op = op.clone();
         tokio::spawn(async move { serve_stream(broker, op, send, recv).await });
     }
+}
+
+/// Closes a connection whose operator is refused; the reason is the refusal, as JSON.
+fn close_refused(conn: &quinn::Connection, why: &ApiError) {
+    let reason = serde_json::to_vec(why).unwrap_or_default();
+    conn.close(close::UNAUTHORIZED.into(), &reason);
 }
 
 async fn serve_stream(
