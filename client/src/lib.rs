@@ -215,6 +215,14 @@ impl ApiClient {
             .1)
     }
 
+    /// `POST /v1/keys/{id}/revoke`
+    pub async fn revoke_key(&self, id: &str) -> Result<KeyInfo, ClientError> {
+        Ok(self
+            .call::<(), _>(Method::POST, &paths::key_revoke(id), None, None)
+            .await?
+            .1)
+    }
+
     pub async fn add_operator(
         &self,
         req: &AddOperatorRequest,

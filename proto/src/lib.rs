@@ -67,6 +67,11 @@ pub mod paths {
         format!("{DEVICES}/{uuid}/revoke")
     }
 
+    /// `/v1/keys/{id}/revoke`
+    pub fn key_revoke(id: &str) -> String {
+        format!("{KEYS}/{id}/revoke")
+    }
+
     /// `/v1/operators/{name}/revoke`
     pub fn operator_revoke(name: &str) -> String {
         format!("{OPERATORS}/{name}/revoke")

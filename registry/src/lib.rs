@@ -275,6 +275,13 @@ pub trait Registry: Send + Sync + 'static {
     async fn create_key(&self, key: NewKey) -> Result<KeyInfo, StoreError>;
     async fn find_key(&self, hash: &[u8; 32]) -> Result<Option<KeyInfo>, StoreError>;
     async fn list_keys(&self) -> Result<Vec<KeyInfo>, StoreError>;
+    /// Marks a provisioning key revoked: it enrolls nothing more (devices it enrolled keep
+    /// their certificates). `None` if unknown; an already revoked key is returned as it is.
+    async fn revoke_key(
+        &self,
+        id: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<KeyInfo>, StoreError>;
 
     // devices
     async fn enroll(

@@ -311,6 +311,7 @@ fn bad_enrollments_get_clear_errors_and_store_nothing() {
         None,
     );
     assert_eq!(s, 201, "{b}");
+    let leaked = server.create_key("leak", None);
     let baseline_devices = devices(&server).len();
     let baseline_uses = key_uses(&server);
 
@@ -340,6 +341,29 @@ fn bad_enrollments_get_clear_errors_and_store_nothing() {
     let (s, b) = curl(&server, "/v1/enroll", Some(&one_use), &body, None);
     assert_error(s, &b, 401, "unauthorized", "no uses left");
     check_nothing_stored("used-up key");
+    // A leaked key is stopped with `key revoke ID` (the id from `key list`).
+    let listed = server.admin(&["key", "list", "--json"]);
+    let keys: Vec<Value> = serde_json::from_slice(&listed.stdout).unwrap();
+    let id = keys.iter().find(|k| k["fleet"] == "leak").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let revoked = server.admin(&["key", "revoke", &id]);
+    assert!(revoked.status.success(), "{revoked:?}");
+    let (s, b) = curl(&server, "/v1/enroll", Some(&leaked), &body, None);
+    assert_error(s, &b, 401, "unauthorized", "was revoked");
+    check_nothing_stored("revoked key");
+    let listed = server.admin(&["key", "list", "--json"]);
+    let keys: Vec<Value> = serde_json::from_slice(&listed.stdout).unwrap();
+    assert!(keys
+        .iter()
+        .any(|k| k["id"] == id && k["revoked_at"].is_string()));
+    let unknown = server.admin(&["key", "revoke", "000000000000"]);
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no provisioning key"));
+    let audit = server.admin(&["audit", "--json", "--limit", "1000"]);
+    assert!(stdout(&audit).contains("key.revoked"));
+
     std::thread::sleep(std::time::Duration::from_millis(2100));
     let (s, b) = curl(&server, "/v1/enroll", Some(&short_lived), &body, None);
     assert_error(s, &b, 401, "unauthorized", "expired");

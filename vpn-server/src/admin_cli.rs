@@ -48,6 +48,13 @@ pub(crate) async fn key(command: KeyCommand) -> anyhow::Result<ExitCode> {
             );
             println!("{}", created.key);
         }
+        KeyCommand::Revoke { dir, id } => {
+            let key = admin_client(&dir.data_dir)?.revoke_key(&id).await?;
+            println!(
+                "revoked provisioning key {} (fleet {:?})",
+                key.id, key.fleet
+            );
+        }
         KeyCommand::List { dir, json } => {
             let keys = admin_client(&dir.data_dir)?.list_keys().await?;
             if json {

@@ -125,6 +125,13 @@ pub(crate) enum KeyCommand {
         #[arg(long, value_parser = humantime::parse_duration)]
         expires: Option<Duration>,
     },
+    /// Revoke a provisioning key: it enrolls nothing more. Devices it enrolled stay.
+    Revoke {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// The key's id (`key list`, or the line `key create` printed to stderr).
+        id: String,
+    },
     /// List provisioning keys (never their secrets).
     List {
         #[command(flatten)]

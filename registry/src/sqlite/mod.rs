@@ -151,6 +151,30 @@ impl Registry for SqliteRegistry {
             .collect()
     }
 
+    async fn revoke_key(
+        &self,
+        id: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<KeyInfo>, StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "UPDATE provisioning_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+        )
+        .bind(ts(now))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        let key = sqlx::query("SELECT * FROM provisioning_keys WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .as_ref()
+            .map(key_from_row)
+            .transpose()?;
+        tx.commit().await?;
+        Ok(key)
+    }
+
     async fn enroll(&self, c: EnrollCommit) -> EnrollResult {
         let (tx, rx) = oneshot::channel();
         self.jobs

@@ -104,6 +104,35 @@ pub async fn list_keys(
     Ok(Json(state.store.list_keys().await?))
 }
 
+/// `POST /v1/keys/{id}/revoke` (admin): the key enrolls nothing more (a leaked key is
+/// stopped); devices it enrolled keep their certificates.
+pub async fn revoke_key(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<KeyInfo>, Failure> {
+    caller.require(Action::Administer, None)?;
+    let now = OffsetDateTime::now_utc();
+    let key = state.store.revoke_key(&id, now).await?.ok_or_else(|| {
+        Failure::new(
+            ErrorCode::NotFound,
+            format!("no provisioning key {id:?}; `key list` shows their ids"),
+        )
+    })?;
+    state
+        .audit
+        .record(AuditRecord {
+            at: now,
+            actor: caller.0.name.clone(),
+            action: "key.revoked".into(),
+            device: None,
+            detail: serde_json::json!({"id": key.id, "fleet": key.fleet}).to_string(),
+        })
+        .await;
+    info!(key = %key.id, by = %caller.0.name, "provisioning key revoked");
+    Ok(Json(key))
+}
+
 /// `POST /v1/operators` (admin): a new operator and its one-time login token.
 pub async fn add_operator(
     State(state): State<Arc<AppState>>,

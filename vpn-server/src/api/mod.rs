@@ -235,6 +235,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/devices/{uuid}", get(devices::show))
         .route("/v1/devices/{uuid}/revoke", post(admin::revoke_device))
         .route(paths::KEYS, post(admin::create_key).get(admin::list_keys))
+        .route("/v1/keys/{id}/revoke", post(admin::revoke_key))
         .route(
             paths::OPERATORS,
             post(admin::add_operator).get(admin::list_operators),
