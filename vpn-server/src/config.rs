@@ -142,6 +142,28 @@ pub struct ServerSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent_enrollments: Option<usize>,
 
+    /// HTTPS connections served at once; more wait in the listen backlog.
+    #[arg(long, env = "FLOTO_MAX_CONNECTIONS", value_name = "N")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+
+    /// HTTPS connections one source address may hold at once; more are closed at accept.
+    /// Behind a load balancer that hides client addresses, raise it (or keep the addresses:
+    /// `externalTrafficPolicy: Local`).
+    #[arg(long, env = "FLOTO_MAX_CONNECTIONS_PER_ADDRESS", value_name = "N")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_address: Option<usize>,
+
+    /// How long an HTTPS connection may sit without a request in flight (before its first
+    /// request, or between two), and how long a request body may take to arrive.
+    #[arg(long, env = "FLOTO_CLIENT_IDLE_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub client_idle_timeout: Option<Duration>,
+
     /// Broker sessions one operator may have open at once (ssh, tunnels); more are refused
     /// with 429 until one closes.
     #[arg(long, env = "FLOTO_MAX_SESSIONS_PER_OPERATOR", value_name = "N")]
@@ -196,6 +218,9 @@ pub struct Config {
     pub max_concurrent_enrollments: usize,
     pub max_sessions_per_operator: usize,
     pub max_sessions_per_device: usize,
+    pub max_connections: usize,
+    pub max_connections_per_address: usize,
+    pub client_idle_timeout: Duration,
     pub log_format: LogFormat,
 }
 
@@ -265,6 +290,9 @@ impl Config {
             max_sessions_per_device: s
                 .max_sessions_per_device
                 .unwrap_or(DEFAULT_SESSIONS_PER_DEVICE),
+            max_connections: s.max_connections.unwrap_or(16_384),
+            max_connections_per_address: s.max_connections_per_address.unwrap_or(256),
+            client_idle_timeout: s.client_idle_timeout.unwrap_or(Duration::from_secs(30)),
             log_format: s.log_format.unwrap_or_default(),
         };
         config.validate()?;
@@ -315,6 +343,12 @@ impl Config {
         }
         if self.max_sessions_per_operator == 0 || self.max_sessions_per_device == 0 {
             bail!("max sessions per operator and per device must be at least 1");
+        }
+        if self.max_connections == 0 || self.max_connections_per_address == 0 {
+            bail!("max connections (in all and per address) must be at least 1");
+        }
+        if self.client_idle_timeout < Duration::from_secs(1) {
+            bail!("client idle timeout must be at least 1s");
         }
         for name in &self.tls_names {
             if name.is_empty() || name.contains(char::is_whitespace) {
@@ -375,6 +409,11 @@ impl ServerSettings {
             max_sessions_per_device: self
                 .max_sessions_per_device
                 .or(lower.max_sessions_per_device),
+            max_connections: self.max_connections.or(lower.max_connections),
+            max_connections_per_address: self
+                .max_connections_per_address
+                .or(lower.max_connections_per_address),
+            client_idle_timeout: self.client_idle_timeout.or(lower.client_idle_timeout),
             log_format: self.log_format.or(lower.log_format),
         }
     }

@@ -18,7 +18,7 @@
 //! - [`netstack`]: the server's TCP stack on its overlay address, for the broker's dials.
 //! - [`wg`]: the concentrator; it knows nothing of the registry, the API or events.
 //! - [`crl`]: the published CRL, signed when the revoked set changes.
-//! - [`tls`], [`config`], [`datadir`], [`backup`], [`secret`], [`authz`]: leaves.
+//! - [`tls`], [`config`], [`datadir`], [`backup`], [`secret`], [`authz`], [`limits`]: leaves.
 //! - The registry (records, refusals, rules, SQLite) is its own crate, `floto-registry`.
 //!
 //! A datagram: `wg` (driver) reads it from a UDP socket, the core (`wg::peers`) admits,
@@ -43,6 +43,7 @@ pub mod datadir;
 pub mod enroll;
 pub mod events;
 pub mod identify;
+pub mod limits;
 pub mod metrics;
 pub mod netstack;
 pub mod secret;

@@ -275,10 +275,13 @@ async fn method_not_allowed() -> Response {
 #[derive(Debug)]
 pub struct LimitedBody(pub bytes::Bytes);
 
-impl<S: Send + Sync> axum::extract::FromRequest<S> for LimitedBody {
+impl axum::extract::FromRequest<Arc<AppState>> for LimitedBody {
     type Rejection = Failure;
 
-    async fn from_request(req: axum::extract::Request, _: &S) -> Result<Self, Failure> {
+    async fn from_request(
+        req: axum::extract::Request,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Failure> {
         use http_body_util::BodyExt as _;
         let too_large = || {
             Failure::new(
@@ -296,23 +299,41 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for LimitedBody {
             drain(body, declared.unwrap_or(0)).await;
             return Err(too_large());
         }
-        let mut collected = Vec::new();
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| {
-                Failure::new(
-                    ErrorCode::BadRequest,
-                    format!("could not read the request body: {e}"),
-                )
-            })?;
-            if let Ok(data) = frame.into_data() {
-                collected.extend_from_slice(&data);
-                if collected.len() > MAX_BODY {
-                    drain(body, 0).await;
-                    return Err(too_large());
+        // A body sent a byte a minute must not hold its connection (and a slot) forever.
+        let deadline = state.config.client_idle_timeout;
+        let read = async {
+            let mut collected = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| {
+                    Failure::new(
+                        ErrorCode::BadRequest,
+                        format!("could not read the request body: {e}"),
+                    )
+                })?;
+                if let Ok(data) = frame.into_data() {
+                    collected.extend_from_slice(&data);
+                    if collected.len() > MAX_BODY {
+                        return Ok(None);
+                    }
                 }
             }
+            Ok(Some(collected))
+        };
+        match tokio::time::timeout(deadline, read).await {
+            Ok(Ok(Some(collected))) => Ok(LimitedBody(collected.into())),
+            Ok(Ok(None)) => {
+                drain(body, 0).await;
+                Err(too_large())
+            }
+            Ok(Err(f)) => Err(f),
+            Err(_) => Err(Failure::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "the request body did not arrive within {}s",
+                    deadline.as_secs()
+                ),
+            )),
         }
-        Ok(LimitedBody(collected.into()))
     }
 }
 

@@ -2,8 +2,9 @@
 //! broker), and plain-HTTP metrics and health.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::response::IntoResponse as _;
@@ -25,13 +26,17 @@ use tracing::{debug, info, warn};
 
 use floto_proto::paths;
 
+use http_body_util::BodyExt as _;
+
 use super::{AppState, ConnInfo};
 use crate::identify::PeerCert;
+use crate::limits::PerKeyCap;
 
-/// TLS connections served at once; more wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 16_384;
 /// Time a client has to finish the TLS handshake, and to send request headers.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 pings a quiet connection this often, and closes it when a ping goes unanswered
+/// this long.
+const HTTP2_KEEPALIVE: Duration = Duration::from_secs(20);
 /// On shutdown, time open connections get to finish.
 const DRAIN: Duration = Duration::from_secs(5);
 
@@ -44,7 +49,9 @@ pub async fn serve_https(
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let router = super::router(state.clone());
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Semaphore::new(state.config.max_connections));
+    let per_address = PerKeyCap::new(state.config.max_connections_per_address);
+    let idle_limit = state.config.client_idle_timeout;
     let graceful = GracefulShutdown::new();
     loop {
         let permit = tokio::select! {
@@ -63,6 +70,12 @@ pub async fn serve_https(
                 }
             },
         };
+        // One address cannot hold every connection slot.
+        let Some(place) = per_address.take(remote.ip()) else {
+            debug!(%remote, "too many connections from this address; closed at accept");
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let local = match tcp.local_addr() {
             Ok(a) => a,
@@ -73,7 +86,7 @@ pub async fn serve_https(
         let state = state.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _held = (permit, place);
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -97,7 +110,10 @@ pub async fn serve_https(
                 host: session.server_name().map(str::to_owned),
                 peer_cert,
             };
+            let activity = Activity::new();
+            let watched = activity.clone();
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let request = activity.begin();
                 let mut info = info.clone();
                 if let Some(host) = request_host(&req) {
                     info.host = Some(host);
@@ -106,13 +122,22 @@ pub async fn serve_https(
                 let state = state.clone();
                 async move {
                     if req.method() == Method::CONNECT {
+                        // The connection becomes a broker session: never idle.
+                        request.keep_forever();
                         return Ok::<_, Infallible>(
                             super::connect::http_connect(state, info, req).await,
                         );
                     }
                     let mut req = req.map(Body::new);
                     req.extensions_mut().insert(info);
-                    Ok(router.oneshot(req).await.into_response())
+                    let response = router.oneshot(req).await.into_response();
+                    // In flight until its body is sent (an event stream, for its whole life).
+                    Ok(response.map(|body| {
+                        Body::new(body.map_frame(move |frame| {
+                            let _in_flight = &request;
+                            frame
+                        }))
+                    }))
                 }
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -125,10 +150,20 @@ pub async fn serve_https(
                 .http2()
                 .timer(TokioTimer::new())
                 .max_header_list_size(32 * 1024)
-                .max_concurrent_streams(256);
+                .max_concurrent_streams(256)
+                .keep_alive_interval(Some(HTTP2_KEEPALIVE))
+                .keep_alive_timeout(HTTP2_KEEPALIVE);
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                debug!(%remote, error = %e, "connection ended with an error");
+            tokio::select! {
+                served = watcher.watch(conn.into_owned()) => {
+                    if let Err(e) = served {
+                        debug!(%remote, error = %e, "connection ended with an error");
+                    }
+                }
+                // Dropping the connection closes it: nothing is in flight on it.
+                _ = watched.idle_for(idle_limit) => {
+                    debug!(%remote, ?idle_limit, "closed an idle connection");
+                }
             }
         });
     }
@@ -138,6 +173,63 @@ pub async fn serve_https(
         .is_err()
     {
         info!("HTTPS connections still open after the drain period; closing them");
+    }
+}
+
+/// What a connection is doing: requests in flight (until their response body is sent) and
+/// when the last one ended, so that a connection with nothing in flight for too long (before
+/// its first request, or between two: an idle client, a half-sent HTTP/2 preface) is closed.
+#[derive(Debug)]
+struct Activity {
+    in_flight: AtomicUsize,
+    /// Set once the connection carries a broker session (CONNECT): never closed as idle.
+    forever: AtomicBool,
+    quiet_since: parking_lot::Mutex<Instant>,
+}
+
+/// A request in flight on a connection.
+#[derive(Debug)]
+struct InFlight(Arc<Activity>);
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            in_flight: AtomicUsize::new(0),
+            forever: AtomicBool::new(false),
+            quiet_since: parking_lot::Mutex::new(Instant::now()),
+        })
+    }
+
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self.clone())
+    }
+
+    /// Completes once nothing has been in flight for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let quiet = *self.quiet_since.lock();
+            let busy =
+                self.in_flight.load(Ordering::SeqCst) > 0 || self.forever.load(Ordering::SeqCst);
+            if !busy && quiet.elapsed() >= limit {
+                return;
+            }
+            let next = if busy { limit } else { limit - quiet.elapsed() };
+            tokio::time::sleep(next.max(Duration::from_millis(100))).await;
+        }
+    }
+}
+
+impl InFlight {
+    fn keep_forever(&self) {
+        self.0.forever.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        *self.0.quiet_since.lock() = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

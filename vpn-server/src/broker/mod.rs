@@ -23,6 +23,7 @@ use floto_registry::{AuditRecord, Device, OperatorInfo, Registry, StoreError};
 use crate::audit::Auditor;
 use crate::authz::{allowed, allowed_anywhere, Action};
 use crate::events::WallClock;
+use crate::limits::{PerKeyCap, Place};
 use crate::metrics::Metrics;
 use crate::netstack::{ConnectError, NetstackHandle, TcpStream};
 use crate::wg::PeerTable;
@@ -94,42 +95,10 @@ pub struct Broker {
     /// Front-end connections that carry an operator's identity for their whole life (QUIC),
     /// so that revoking the operator closes them.
     connections: DashMap<u64, (String, CancellationToken)>,
-    /// Sessions open (or being opened) per operator and per device, for the caps.
-    per_operator: DashMap<String, usize>,
-    per_device: DashMap<DeviceId, usize>,
+    /// Sessions open (or being opened) per operator and per device.
+    per_operator: Arc<PerKeyCap<String>>,
+    per_device: Arc<PerKeyCap<DeviceId>>,
     deps: BrokerDeps,
-}
-
-/// Takes one of `cap` places under `key`; false when all are taken.
-fn take_place<K: std::hash::Hash + Eq>(counts: &DashMap<K, usize>, key: K, cap: usize) -> bool {
-    let mut n = counts.entry(key).or_insert(0);
-    if *n >= cap {
-        return false;
-    }
-    *n += 1;
-    true
-}
-
-/// Gives back a place taken with [`take_place`].
-fn give_back<K: std::hash::Hash + Eq>(counts: &DashMap<K, usize>, key: &K) {
-    if let Some(mut n) = counts.get_mut(key) {
-        *n = n.saturating_sub(1);
-    }
-    counts.remove_if(key, |_, n| *n == 0);
-}
-
-/// A session's places under the per-operator and per-device caps, given back on drop.
-struct Places {
-    broker: Arc<Broker>,
-    operator: String,
-    device: DeviceId,
-}
-
-impl Drop for Places {
-    fn drop(&mut self) {
-        give_back(&self.broker.per_operator, &self.operator);
-        give_back(&self.broker.per_device, &self.device);
-    }
 }
 
 /// An operator's front-end connection, registered while it is held: its token is
@@ -183,7 +152,7 @@ struct SessionGuard {
     id: u64,
     broker: Arc<Broker>,
     result: &'static str,
-    _places: Places,
+    _places: (Place<String>, Place<DeviceId>),
     _slot: OwnedSemaphorePermit,
 }
 
@@ -212,8 +181,8 @@ impl Broker {
             draining: AtomicBool::new(false),
             ended: tokio::sync::Notify::new(),
             connections: DashMap::new(),
-            per_operator: DashMap::new(),
-            per_device: DashMap::new(),
+            per_operator: PerKeyCap::new(deps.caps.per_operator),
+            per_device: PerKeyCap::new(deps.caps.per_device),
             deps,
         }
     }
@@ -396,35 +365,30 @@ impl Broker {
             );
             return Err(refuse(f, Some(id)).await);
         }
-        let caps = deps.caps;
-        if !take_place(&self.per_operator, op.name.clone(), caps.per_operator) {
+        let Some(operator_place) = self.per_operator.take(op.name.clone()) else {
             let f = Refusal::new(
                 "operator_limit",
                 ErrorCode::TooManyRequests,
                 format!(
                     "operator {:?} has {} broker sessions open, the most one operator may (--max-sessions-per-operator); close one first",
-                    op.name, caps.per_operator
+                    op.name,
+                    self.per_operator.cap()
                 ),
             );
             return Err(refuse(f, Some(id)).await);
-        }
-        if !take_place(&self.per_device, id, caps.per_device) {
-            give_back(&self.per_operator, &op.name);
+        };
+        let Some(device_place) = self.per_device.take(id) else {
             let f = Refusal::new(
                 "device_limit",
                 ErrorCode::TooManyRequests,
                 format!(
                     "device {id} has {} broker sessions open, the most one device may (--max-sessions-per-device); try again when one has closed",
-                    caps.per_device
+                    self.per_device.cap()
                 ),
             );
             return Err(refuse(f, Some(id)).await);
-        }
-        let places = Places {
-            broker: self.clone(),
-            operator: op.name.clone(),
-            device: id,
         };
+        let places = (operator_place, device_place);
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             let f = Refusal::new(
                 "shed",
