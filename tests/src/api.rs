@@ -18,6 +18,8 @@ pub struct Curl<'a> {
     body: Option<String>,
     client: Option<(PathBuf, PathBuf)>,
     headers: Vec<String>,
+    /// Extra curl options (`--http2`, ...).
+    options: Vec<&'static str>,
 }
 
 /// `curl -X METHOD https://127.0.0.1:PORT/PATH`, trusting the server's CA only.
@@ -30,6 +32,7 @@ pub fn curl<'a>(server: &'a Server, method: &'static str, path: &str) -> Curl<'a
         body: None,
         client: None,
         headers: Vec::new(),
+        options: Vec::new(),
     }
 }
 
@@ -48,6 +51,12 @@ impl Curl<'_> {
     /// A client certificate and key (mTLS).
     pub fn client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
         self.client = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// Speaks HTTP/2 (with prior knowledge from ALPN) instead of curl's default.
+    pub fn http2(mut self) -> Self {
+        self.options.push("--http2");
         self
     }
 
@@ -70,7 +79,8 @@ impl Curl<'_> {
             self.method,
             "--cacert",
         ])
-        .arg(self.server.ca_path());
+        .arg(self.server.ca_path())
+        .args(&self.options);
         if let Some(b) = &self.bearer {
             cmd.args(["-H", &format!("Authorization: Bearer {b}")]);
         }

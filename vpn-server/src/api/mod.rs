@@ -296,7 +296,7 @@ impl axum::extract::FromRequest<Arc<AppState>> for LimitedBody {
             .and_then(|v| v.parse::<u64>().ok());
         let mut body = req.into_body();
         if declared.is_some_and(|n| n > MAX_BODY as u64) {
-            drain(body, declared.unwrap_or(0)).await;
+            tokio::spawn(drain(body, declared.unwrap_or(0)));
             return Err(too_large());
         }
         // A body sent a byte a minute must not hold its connection (and a slot) forever.
@@ -322,7 +322,7 @@ impl axum::extract::FromRequest<Arc<AppState>> for LimitedBody {
         match tokio::time::timeout(deadline, read).await {
             Ok(Ok(Some(collected))) => Ok(LimitedBody(collected.into())),
             Ok(Ok(None)) => {
-                drain(body, 0).await;
+                tokio::spawn(drain(body, 0));
                 Err(too_large())
             }
             Ok(Err(f)) => Err(f),
@@ -337,17 +337,18 @@ impl axum::extract::FromRequest<Arc<AppState>> for LimitedBody {
     }
 }
 
-/// Reads and discards the rest of an oversized body (up to 1 MiB, for up to 2 s), so that
-/// the client, still sending, reads our 413 instead of a reset connection. Bigger or
-/// slower bodies are cut off.
+/// Reads and discards the rest of an oversized body (up to 16 MiB, for up to 10 s) while
+/// the 413 is sent, so that the client, still sending, reads the 413 instead of a reset
+/// connection (HTTP/1) or stream (HTTP/2: curl reports a reset stream as a framing error even
+/// after a complete answer). Bigger or slower bodies are cut off.
 async fn drain(mut body: axum::body::Body, declared: u64) {
     use http_body_util::BodyExt as _;
-    const DRAIN_MAX: u64 = 1 << 20;
+    const DRAIN_MAX: u64 = 16 << 20;
     if declared > DRAIN_MAX {
         return;
     }
     let mut seen = 0u64;
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(Ok(frame)) = body.frame().await {
             if let Ok(data) = frame.into_data() {
                 seen += data.len() as u64;
