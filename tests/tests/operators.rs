@@ -176,6 +176,38 @@ fn roles_tokens_and_the_audit_log() {
         &["--proxy-header", &format!("Authorization: Bearer {viewer}")],
     );
     assert_eq!(code, 403, "{err}");
+    // Refusals repeated by one caller do not write a record each: the first is written at
+    // once, the rest are counted into one record when its 10 s window closes.
+    for _ in 0..30 {
+        let (code, _) = connect_with(
+            &server,
+            &format!("{some_device}:22"),
+            &["--proxy-header", &format!("Authorization: Bearer {viewer}")],
+        );
+        assert_eq!(code, 403);
+    }
+    let refusals = || {
+        audit(&server, &["--operator", "prometheus"])
+            .into_iter()
+            .filter(|e| e["action"] == "broker.refused")
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(refusals().len(), 1, "{:?}", refusals());
+    let rows = wait_for(
+        Duration::from_secs(20),
+        "the repeated refusals' record",
+        || {
+            let rows = refusals();
+            (rows.len() == 2).then_some(rows)
+        },
+    );
+    assert_eq!(rows[0]["detail"]["repeated"], 30, "{rows:?}");
+    assert_eq!(rows[0]["detail"]["result"], "forbidden");
+    let m = server.metrics();
+    assert_eq!(
+        metric(&m, "floto_broker_sessions_total{result=\"forbidden\"}"),
+        Some(31.0)
+    );
     // Malformed targets and oversized headers on CONNECT, with the admin's certificate.
     let cert = [
         "--proxy-cert",
@@ -277,7 +309,7 @@ fn roles_tokens_and_the_audit_log() {
     assert!(by_viewer.iter().all(|e| e["actor"] == "prometheus"));
     let refusal = by_viewer
         .iter()
-        .find(|e| e["action"] == "broker.refused")
+        .find(|e| e["action"] == "broker.refused" && e["detail"]["repeated"].is_null())
         .unwrap();
     assert_eq!(refusal["detail"]["result"], "forbidden");
     assert_eq!(refusal["detail"]["via"], "connect");

@@ -328,6 +328,12 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         shutdown.clone(),
     ));
     tasks.spawn(presence_loop(state.clone(), shutdown.clone()));
+    tasks.spawn(
+        state
+            .broker
+            .clone()
+            .audit_repeated_refusals(shutdown.clone()),
+    );
     tasks.spawn(tls_refresh_loop(
         state.clone(),
         server_cert.clone(),

@@ -5,6 +5,7 @@
 //! ([`Refusal`]); each front end tells the operator in its own way.
 
 pub mod quic;
+pub mod refusals;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use crate::limits::{PerKeyCap, Place};
 use crate::metrics::Metrics;
 use crate::netstack::{ConnectError, NetstackHandle, TcpStream};
 use crate::wg::PeerTable;
+use refusals::RefusalLog;
 
 /// Broker sessions open at once; more are refused with 429.
 pub const MAX_SESSIONS: usize = 4096;
@@ -98,6 +100,8 @@ pub struct Broker {
     /// Sessions open (or being opened) per operator and per device.
     per_operator: Arc<PerKeyCap<String>>,
     per_device: Arc<PerKeyCap<DeviceId>>,
+    /// Refusals counted for the audit log.
+    refusals: parking_lot::Mutex<RefusalLog>,
     deps: BrokerDeps,
 }
 
@@ -183,6 +187,7 @@ impl Broker {
             connections: DashMap::new(),
             per_operator: PerKeyCap::new(deps.caps.per_operator),
             per_device: PerKeyCap::new(deps.caps.per_device),
+            refusals: parking_lot::Mutex::new(RefusalLog::default()),
             deps,
         }
     }
@@ -256,7 +261,49 @@ impl Broker {
         n
     }
 
-    /// Resolves, authorizes and dials. Every refusal is audited.
+    /// Writes the refusals counted in closed windows (one record per operator and result,
+    /// with their count) until `shutdown`, then all that are left.
+    pub async fn audit_repeated_refusals(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(refusals::WINDOW / 2);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let stopping = tokio::select! {
+                _ = shutdown.cancelled() => true,
+                _ = tick.tick() => false,
+            };
+            let closed = {
+                let mut log = self.refusals.lock();
+                if stopping {
+                    log.poll_all()
+                } else {
+                    log.poll_closed(OffsetDateTime::now_utc())
+                }
+            };
+            for r in closed {
+                self.deps
+                    .audit
+                    .record(AuditRecord {
+                        at: r.until,
+                        actor: r.operator,
+                        action: "broker.refused".into(),
+                        device: None,
+                        detail: serde_json::json!({
+                            "result": r.result,
+                            "repeated": r.count,
+                            "since": r.since.unix_timestamp(),
+                            "until": r.until.unix_timestamp(),
+                        })
+                        .to_string(),
+                    })
+                    .await;
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    /// Resolves, authorizes and dials. Every refusal is audited (repeated ones together).
     pub async fn open(
         self: &Arc<Self>,
         op: &OperatorInfo,
@@ -270,15 +317,19 @@ impl Broker {
             let operator = op.name.clone();
             async move {
                 deps.metrics.broker_refused(f.result);
-                deps.audit
-                    .record(AuditRecord {
-                        at: now,
-                        actor: operator,
-                        action: "broker.refused".into(),
-                        device,
-                        detail: serde_json::json!({"port": port, "via": via, "result": f.result, "message": f.error.message}).to_string(),
-                    })
-                    .await;
+                // The first of its kind in a window now; the rest counted (see `refusals`).
+                let first = self.refusals.lock().note(&operator, f.result, now);
+                if first {
+                    deps.audit
+                        .record(AuditRecord {
+                            at: now,
+                            actor: operator,
+                            action: "broker.refused".into(),
+                            device,
+                            detail: serde_json::json!({"port": port, "via": via, "result": f.result, "message": f.error.message}).to_string(),
+                        })
+                        .await;
+                }
                 f
             }
         };
