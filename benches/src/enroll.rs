@@ -95,7 +95,15 @@ fn material(n: usize) -> anyhow::Result<Vec<Material>> {
 }
 
 async fn one_run(mode: Mode, args: Args) -> anyhow::Result<Run> {
-    let server = Server::start_logging(&["--max-concurrent-enrollments", "100000"], "warn");
+    let server = Server::start_logging(
+        &[
+            "--max-concurrent-enrollments",
+            "100000",
+            "--enroll-rate-per-key",
+            "1000000",
+        ],
+        "warn",
+    );
     let key = Arc::new(server.create_key("bench", None));
     let ca = Arc::new(std::fs::read_to_string(server.ca_path())?);
     let url = Arc::new(server.local_url());

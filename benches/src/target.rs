@@ -54,6 +54,9 @@ impl Floto {
             BENCH_OVERLAY,
             "--max-concurrent-enrollments",
             "100000",
+            // The benchmarks enroll their whole fleet with one key, as fast as they can.
+            "--enroll-rate-per-key",
+            "1000000",
         ];
         args.extend_from_slice(extra_args);
         let server = Server::start_logging(&args, "warn");

@@ -99,4 +99,88 @@ mod tests {
             Err(HeaderError::Malformed(_))
         ));
     }
+
+    /// The header reader against any bytes an operator's stream can start with.
+    mod proptests {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Any bytes, of lengths often near the [`MAX_HEADER`] boundary; or a real header
+        /// line; either with one byte made a newline, or changed, or neither.
+        fn stream_start() -> impl Strategy<Value = Vec<u8>> {
+            let len = prop_oneof![0usize..=64, MAX_HEADER - 3..=MAX_HEADER + 3, 0usize..=6000];
+            let junk = len.prop_flat_map(|n| prop::collection::vec(any::<u8>(), n));
+            let real = (any::<String>(), any::<u16>())
+                .prop_map(|(device, port)| encode_header(&BrokerRequest { device, port }));
+            let edit = prop_oneof![Just(None), any::<u8>().prop_map(Some), Just(Some(b'\n'))];
+            (prop_oneof![junk, real], any::<prop::sample::Index>(), edit).prop_map(
+                |(mut b, at, edit)| {
+                    if let (Some(byte), false) = (edit, b.is_empty()) {
+                        let at = at.index(b.len());
+                        b[at] = byte;
+                    }
+                    b
+                },
+            )
+        }
+
+        proptest! {
+            /// Incomplete exactly while no newline has come and the line can still fit;
+            /// too long exactly when the line (newline included) cannot; otherwise one
+            /// value or a malformed line, never a panic. What follows the line is not
+            /// touched.
+            #[test]
+            fn a_header_is_incomplete_too_long_or_read_by_its_first_line(
+                buf in stream_start(),
+                trailer in prop::collection::vec(any::<u8>(), 0..=16),
+            ) {
+                let newline = buf.iter().position(|&b| b == b'\n');
+                let got = decode_header::<BrokerRequest>(&buf);
+                match newline {
+                    None if buf.len() < MAX_HEADER => prop_assert_eq!(got, Ok(None)),
+                    None => prop_assert_eq!(got, Err(HeaderError::TooLong)),
+                    Some(pos) if pos + 1 > MAX_HEADER => {
+                        prop_assert_eq!(got, Err(HeaderError::TooLong));
+                    }
+                    Some(pos) => {
+                        match &got {
+                            Ok(Some((req, used))) => {
+                                prop_assert_eq!(*used, pos + 1);
+                                let again = encode_header(req);
+                                let n = again.len();
+                                prop_assert_eq!(decode_header(&again), Ok(Some((req.clone(), n))));
+                            }
+                            Err(HeaderError::Malformed(_)) => {}
+                            other => prop_assert!(false, "{:?} for a complete line", other),
+                        }
+                        let mut longer = buf[..=pos].to_vec();
+                        longer.extend_from_slice(&trailer);
+                        prop_assert_eq!(decode_header::<BrokerRequest>(&longer), got);
+                    }
+                }
+            }
+
+            /// Every request encodes to one line ending in its only newline, which reads
+            /// back as the same request, or is too long to send.
+            #[test]
+            fn any_request_round_trips_through_its_header_line(
+                device in prop_oneof![any::<String>(), "[\\x00-\\x7f]{0,200}", ".{1000,2100}"],
+                port in any::<u16>(),
+                trailer in prop::collection::vec(any::<u8>(), 0..=16),
+            ) {
+                let req = BrokerRequest { device, port };
+                let mut line = encode_header(&req);
+                prop_assert_eq!(line.iter().position(|&b| b == b'\n'), Some(line.len() - 1));
+                let n = line.len();
+                line.extend_from_slice(&trailer);
+                let got = decode_header::<BrokerRequest>(&line);
+                if n <= MAX_HEADER {
+                    prop_assert_eq!(got, Ok(Some((req, n))));
+                } else {
+                    prop_assert_eq!(got, Err(HeaderError::TooLong));
+                }
+            }
+        }
+    }
 }

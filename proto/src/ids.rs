@@ -263,4 +263,139 @@ mod tests {
         let json = serde_json::to_string(&key).unwrap();
         assert_eq!(serde_json::from_str::<WgKey>(&json).unwrap(), key);
     }
+
+    /// Device ids from anyone (API paths, CONNECT targets, ssh host names) against the
+    /// forms the docs give.
+    mod proptests {
+        use proptest::prelude::*;
+        use proptest::sample::Index;
+
+        use super::*;
+
+        const HYPHENS: [usize; 4] = [8, 13, 18, 23];
+
+        /// What the docs accept: 8-4-4-4-12 or 32 hex digits, either case, neither the nil
+        /// nor the max UUID. Returns the lowercase hyphenated form it stands for.
+        fn documented_uuid(s: &str) -> Option<String> {
+            let b = s.as_bytes();
+            let digits: String = match b.len() {
+                32 => s.to_owned(),
+                36 if HYPHENS.iter().all(|&i| b[i] == b'-') => s.replace('-', ""),
+                _ => return None,
+            };
+            if digits.len() != 32 || !digits.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return None;
+            }
+            let d = digits.to_ascii_lowercase();
+            if d.bytes().all(|c| c == b'0') || d.bytes().all(|c| c == b'f') {
+                return None;
+            }
+            Some(format!(
+                "{}-{}-{}-{}-{}",
+                &d[..8],
+                &d[8..12],
+                &d[12..16],
+                &d[16..20],
+                &d[20..]
+            ))
+        }
+
+        /// Strings around the UUID forms: real ones in any case, with a character replaced,
+        /// dropped or added, in braces or as a URN (which the `uuid` crate reads), the
+        /// reserved ones, and anything at all.
+        fn uuid_like() -> impl Strategy<Value = String> {
+            let real = (
+                any::<u128>(),
+                any::<bool>(),
+                prop::collection::vec(any::<bool>(), 36),
+            )
+                .prop_map(|(n, simple, upper)| {
+                    let u = Uuid::from_u128(n);
+                    let s = if simple {
+                        u.simple().to_string()
+                    } else {
+                        u.hyphenated().to_string()
+                    };
+                    s.chars()
+                        .zip(upper)
+                        .map(|(c, up)| if up { c.to_ascii_uppercase() } else { c })
+                        .collect::<String>()
+                });
+            let edited = (real.clone(), any::<Index>(), any::<char>(), 0..3u8).prop_map(
+                |(s, at, c, how)| {
+                    let mut chars: Vec<char> = s.chars().collect();
+                    let at = at.index(chars.len());
+                    match how {
+                        0 => chars[at] = c,
+                        1 => {
+                            chars.remove(at);
+                        }
+                        _ => chars.insert(at, c),
+                    }
+                    chars.into_iter().collect()
+                },
+            );
+            prop_oneof![
+                3 => real.clone(),
+                3 => edited,
+                1 => real.clone().prop_map(|s| format!("{{{s}}}")),
+                1 => real.prop_map(|s| format!("urn:uuid:{s}")),
+                1 => prop::sample::select(vec![
+                    "00000000-0000-0000-0000-000000000000",
+                    "00000000000000000000000000000000",
+                    "ffffffff-ffff-ffff-ffff-ffffffffffff",
+                    "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF",
+                ])
+                .prop_map(str::to_owned),
+                2 => any::<String>(),
+                1 => "[0-9a-fA-F-]{30,38}",
+            ]
+        }
+
+        proptest! {
+            /// A device id is accepted exactly in a documented form, and stands for the UUID
+            /// it spells: it displays as that, lowercase and hyphenated, and its display and
+            /// its 32-digit form both read back as the same id.
+            #[test]
+            fn a_device_id_is_accepted_exactly_in_a_documented_form(s in uuid_like()) {
+                let parsed = s.parse::<DeviceId>();
+                prop_assert_eq!(parsed.as_ref().ok().map(DeviceId::to_string), documented_uuid(&s));
+                match parsed {
+                    Ok(id) => {
+                        prop_assert_eq!(id.to_string().parse::<DeviceId>(), Ok(id));
+                        prop_assert_eq!(id.simple().parse::<DeviceId>(), Ok(id));
+                    }
+                    Err(e) => prop_assert!(e.to_string().len() < 200, "{}", e),
+                }
+            }
+
+            /// A host name is accepted exactly as `UUID`, `UUID.floto` or `UUID.balena`, with
+            /// any trailing dots of a fully qualified name, and names that UUID.
+            #[test]
+            fn a_host_is_accepted_exactly_as_a_uuid_with_a_documented_suffix(
+                uuid in uuid_like(),
+                suffix in prop::sample::select(vec![
+                    "", ".floto", ".balena", ".", ".floto.", ".balena..", ".FLOTO", ".Balena",
+                    ".example", ".floto.balena", ".balena.floto", "floto", "-floto", " .floto",
+                    ".floto ", "..floto",
+                ]),
+                anything in any::<String>(),
+            ) {
+                let host = format!("{uuid}{suffix}");
+                let bare = host.trim_end_matches('.');
+                let documented = [".floto", ".balena", ""]
+                    .iter()
+                    .find_map(|s| bare.strip_suffix(s))
+                    .and_then(documented_uuid);
+                let parsed = DeviceId::from_host(&host);
+                prop_assert_eq!(parsed.as_ref().ok().map(DeviceId::to_string), documented);
+                if let Ok(id) = parsed {
+                    prop_assert_eq!(DeviceId::from_host(&id.to_string()), Ok(id));
+                }
+                if let Ok(id) = DeviceId::from_host(&anything) {
+                    prop_assert_eq!(DeviceId::from_host(&id.to_string()), Ok(id));
+                }
+            }
+        }
+    }
 }

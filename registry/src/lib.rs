@@ -87,6 +87,9 @@ pub struct EnrollCommit {
     pub device_type: Option<String>,
     pub hostname: Option<String>,
     pub now: OffsetDateTime,
+    /// When no fresh overlay address is left, the address of a device revoked at or before
+    /// this time (and held by no live device) may be given again.
+    pub reuse_addresses_revoked_before: OffsetDateTime,
 }
 
 /// What an enrollment did.

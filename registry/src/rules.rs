@@ -193,6 +193,7 @@ mod tests {
             device_type: None,
             hostname: None,
             now: OffsetDateTime::UNIX_EPOCH + Duration::from_secs(100),
+            reuse_addresses_revoked_before: OffsetDateTime::UNIX_EPOCH,
         }
     }
 

@@ -212,6 +212,15 @@ fn broker_errors_are_distinct_and_clear() {
     // Bob sees no devices of fleet lab either.
     let listed = run(floto(&bob).args(["devices", "--json"]));
     assert_eq!(stdout(&listed), "[]");
+
+    // `floto ssh` says why once, without OpenSSH's noise after it.
+    let out = output(floto(&bob).args(["ssh", &s.device.uuid, "--", "true"]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no device"), "{err}");
+    for noise in ["kex_exchange_identification", "Connection closed"] {
+        assert!(!err.contains(noise), "ssh added {noise:?}: {err}");
+    }
 }
 
 #[test]
@@ -256,4 +265,13 @@ fn an_offline_device_is_reported_offline() {
         err.contains("is offline") && err.contains("last seen"),
         "{err}"
     );
+    // So does `floto ssh`, without OpenSSH's noise after it.
+    let out = output(floto(dir.path()).args(["ssh", &b.uuid, "--", "true"]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is offline") && err.contains("last seen"),
+        "{err}"
+    );
+    assert!(!err.contains("Connection closed"), "{err}");
 }

@@ -457,6 +457,51 @@ fn bad_enrollments_get_clear_errors_and_store_nothing() {
 }
 
 #[test]
+fn a_key_enrolling_too_fast_is_slowed_down() {
+    require(TOOLS);
+    // 1 a second, bursts of 10.
+    let server = Server::start(&["--enroll-rate-per-key", "1"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let fast = server.create_key("lab", None);
+    let other = server.create_key("lab", None);
+    let statuses: Vec<(u16, Value)> = (0..12)
+        .map(|i| {
+            let dev = openssl_device(tmp.path(), &format!("f{i}"), "f");
+            curl(
+                &server,
+                "/v1/enroll",
+                Some(&fast),
+                &enroll_body(None, &dev),
+                None,
+            )
+        })
+        .collect();
+    let created = statuses.iter().filter(|(s, _)| *s == 201).count();
+    let (_, shed) = statuses
+        .iter()
+        .find(|(s, _)| *s == 429)
+        .expect("no enrollment was slowed down");
+    assert!((10..12).contains(&created), "{created} created");
+    assert!(
+        shed["message"]
+            .as_str()
+            .unwrap()
+            .contains("--enroll-rate-per-key"),
+        "{shed}"
+    );
+    // Another key is not slowed by the first.
+    let dev = openssl_device(tmp.path(), "o", "o");
+    let (s, b) = curl(
+        &server,
+        "/v1/enroll",
+        Some(&other),
+        &enroll_body(None, &dev),
+        None,
+    );
+    assert_eq!(s, 201, "{b}");
+}
+
+#[test]
 fn concurrent_enrollments_race_and_exactly_one_wins() {
     require(TOOLS);
     let server = Arc::new(Server::start(&["--max-concurrent-enrollments", "1024"]));

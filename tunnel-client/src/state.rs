@@ -466,4 +466,69 @@ mod tests {
             .wg_quick_config()
             .contains("Address = 10.240.0.7/32\n"));
     }
+
+    /// `state.json` damaged in any way is refused, never read with a value made up.
+    mod proptests {
+        use proptest::prelude::*;
+        use serde_json::Value;
+
+        use super::*;
+
+        /// Fields of `state.json` that hold any string.
+        const TEXT_FIELDS: [&str; 3] = ["server", "overlay_network", "endpoint"];
+
+        /// A value that no field of `state.json` takes: a string ending in `!` is no
+        /// UUID, address, key or time.
+        fn junk() -> impl Strategy<Value = Option<Value>> {
+            prop_oneof![
+                Just(None),
+                Just(Some(Value::Null)),
+                any::<bool>().prop_map(|b| Some(Value::Bool(b))),
+                any::<i64>().prop_map(|n| Some(Value::from(n.min(-1)))),
+                (1u64 << 32..=u64::MAX).prop_map(|n| Some(Value::from(n))),
+                any::<f64>().prop_map(|x| Some(Value::from(x))),
+                Just(Some(Value::Array(vec![]))),
+                Just(Some(serde_json::json!({"value": 1}))),
+                ".{0,40}!".prop_map(|s| Some(Value::String(s))),
+            ]
+        }
+
+        proptest! {
+            /// Any bytes as `state.json` are refused without a panic.
+            #[test]
+            fn any_bytes_as_state_json_are_refused(
+                bytes in prop::collection::vec(any::<u8>(), 0..=600),
+            ) {
+                prop_assert!(serde_json::from_slice::<StateFile>(&bytes).is_err());
+            }
+
+            /// A good `state.json` with one field removed, or its value replaced by one of
+            /// another type (or a string the field cannot read), is refused.
+            #[test]
+            fn state_json_with_one_field_damaged_is_refused(
+                field in prop::sample::Index::arbitrary(),
+                junk in junk(),
+            ) {
+                let Value::Object(mut object) = serde_json::from_str(STATE_JSON_V1).unwrap() else {
+                    unreachable!("state.json is an object");
+                };
+                let names: Vec<String> = object.keys().cloned().collect();
+                let name = field.get(&names);
+                // A string is a valid value of the fields that hold any string.
+                let junk = match junk {
+                    Some(Value::String(_)) if TEXT_FIELDS.contains(&name.as_str()) => {
+                        Some(Value::Null)
+                    }
+                    other => other,
+                };
+                match junk.clone() {
+                    Some(v) => object.insert(name.clone(), v),
+                    None => object.remove(name),
+                };
+                let text = Value::Object(object).to_string();
+                let read = serde_json::from_str::<StateFile>(&text);
+                prop_assert!(read.is_err(), "{} = {:?} read as {:?}", name, junk, read);
+            }
+        }
+    }
 }

@@ -164,6 +164,22 @@ pub struct ServerSettings {
     )]
     pub client_idle_timeout: Option<Duration>,
 
+    /// When the overlay has no fresh address left, the address of a device revoked at least
+    /// this long ago is given to a new device.
+    #[arg(long, env = "FLOTO_ADDRESS_REUSE_AFTER", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub address_reuse_after: Option<Duration>,
+
+    /// Enrollments per second one provisioning key may make (bursts of ten seconds' worth);
+    /// more are answered 429 with Retry-After. Slows a leaked key down until it is revoked.
+    #[arg(long, env = "FLOTO_ENROLL_RATE_PER_KEY", value_name = "PER_SECOND")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enroll_rate_per_key: Option<u32>,
+
     /// Broker sessions one operator may have open at once (ssh, tunnels); more are refused
     /// with 429 until one closes.
     #[arg(long, env = "FLOTO_MAX_SESSIONS_PER_OPERATOR", value_name = "N")]
@@ -218,6 +234,8 @@ pub struct Config {
     pub max_concurrent_enrollments: usize,
     pub max_sessions_per_operator: usize,
     pub max_sessions_per_device: usize,
+    pub enroll_rate_per_key: u32,
+    pub address_reuse_after: Duration,
     pub max_connections: usize,
     pub max_connections_per_address: usize,
     pub client_idle_timeout: Duration,
@@ -290,6 +308,10 @@ impl Config {
             max_sessions_per_device: s
                 .max_sessions_per_device
                 .unwrap_or(DEFAULT_SESSIONS_PER_DEVICE),
+            enroll_rate_per_key: s.enroll_rate_per_key.unwrap_or(100),
+            address_reuse_after: s
+                .address_reuse_after
+                .unwrap_or(Duration::from_secs(30 * 24 * 3600)),
             max_connections: s.max_connections.unwrap_or(16_384),
             max_connections_per_address: s.max_connections_per_address.unwrap_or(256),
             client_idle_timeout: s.client_idle_timeout.unwrap_or(Duration::from_secs(30)),
@@ -343,6 +365,9 @@ impl Config {
         }
         if self.max_sessions_per_operator == 0 || self.max_sessions_per_device == 0 {
             bail!("max sessions per operator and per device must be at least 1");
+        }
+        if self.enroll_rate_per_key == 0 {
+            bail!("enroll rate per key must be at least 1 per second");
         }
         if self.max_connections == 0 || self.max_connections_per_address == 0 {
             bail!("max connections (in all and per address) must be at least 1");
@@ -409,6 +434,8 @@ impl ServerSettings {
             max_sessions_per_device: self
                 .max_sessions_per_device
                 .or(lower.max_sessions_per_device),
+            enroll_rate_per_key: self.enroll_rate_per_key.or(lower.enroll_rate_per_key),
+            address_reuse_after: self.address_reuse_after.or(lower.address_reuse_after),
             max_connections: self.max_connections.or(lower.max_connections),
             max_connections_per_address: self
                 .max_connections_per_address

@@ -210,4 +210,273 @@ mod tests {
             t0 + Duration::from_secs(60)
         );
     }
+
+    /// Enrollment requests from anyone: whatever the fields hold, a refusal names a field
+    /// that is wrong, and the JSON reader takes exactly the documented shape.
+    mod proptests {
+        use std::sync::LazyLock;
+
+        use base64::engine::general_purpose::STANDARD;
+        use base64::Engine as _;
+        use proptest::prelude::*;
+        use proptest::sample::Index;
+        use serde_json::{Map, Value};
+
+        use super::*;
+
+        const FIELDS: [&str; 5] = [
+            "uuid",
+            "wg_public_key",
+            "csr_pem",
+            "device_type",
+            "hostname",
+        ];
+
+        /// A request whose every field is valid.
+        static GOOD: LazyLock<EnrollRequest> = LazyLock::new(|| {
+            let key = floto_pki::generate_key().unwrap();
+            let wg = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([7u8; 32]));
+            EnrollRequest {
+                uuid: Some(DeviceId::new_random().to_string()),
+                csr_pem: floto_pki::make_csr(&key, "device").unwrap(),
+                wg_public_key: WgKey(wg.to_bytes()).to_base64(),
+                device_type: Some("raspberrypi4-64".into()),
+                hostname: Some("sensor-1".into()),
+            }
+        });
+
+        /// The DER of the good request's CSR.
+        static GOOD_DER: LazyLock<Vec<u8>> = LazyLock::new(|| {
+            let body: String = GOOD
+                .csr_pem
+                .lines()
+                .filter(|l| !l.starts_with("-----"))
+                .collect();
+            STANDARD.decode(body).unwrap()
+        });
+
+        /// The offsets of the good CSR's DER that its signature protects: the request info
+        /// it signs, and the signature value itself.
+        static SIGNED: LazyLock<Vec<usize>> = LazyLock::new(|| {
+            // (header length, content length) of the DER element at `at`.
+            let tlv = |at: usize| match GOOD_DER[at + 1] {
+                short @ 0..0x80 => (2, usize::from(short)),
+                long => {
+                    let n = usize::from(long & 0x7f);
+                    let len = GOOD_DER[at + 2..at + 2 + n]
+                        .iter()
+                        .fold(0, |len, b| len << 8 | usize::from(*b));
+                    (2 + n, len)
+                }
+            };
+            let info = tlv(0).0;
+            let algorithm = info + tlv(info).0 + tlv(info).1;
+            let signature = algorithm + tlv(algorithm).0 + tlv(algorithm).1;
+            (info..algorithm)
+                .chain(signature + tlv(signature).0..GOOD_DER.len())
+                .collect()
+        });
+
+        fn pem(der: &[u8]) -> String {
+            let b64 = STANDARD.encode(der);
+            let lines: Vec<&str> = b64
+                .as_bytes()
+                .chunks(64)
+                .map(|c| std::str::from_utf8(c).unwrap())
+                .collect();
+            format!(
+                "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+                lines.join("\n")
+            )
+        }
+
+        fn base64_of(len: impl Strategy<Value = usize>) -> impl Strategy<Value = String> {
+            len.prop_flat_map(|n| prop::collection::vec(any::<u8>(), n))
+                .prop_map(|b| STANDARD.encode(b))
+        }
+
+        fn uuid_junk() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                "[0-9a-fA-F-]{30,38}",
+                "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+                "[0-9a-fA-F]{32}",
+                Just("00000000-0000-0000-0000-000000000000".to_owned()),
+                ".{60,300}",
+            ]
+        }
+
+        fn wg_key_junk() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                base64_of(0usize..=64),
+                base64_of(Just(32)),
+                base64_of(Just(32)).prop_map(|k| format!(" {k}\n")),
+                "[A-Za-z0-9+/=]{40,48}",
+                // Low-order points.
+                Just(WgKey([0; 32]).to_base64()),
+                Just(WgKey(std::array::from_fn(|i| u8::from(i == 0))).to_base64()),
+            ]
+        }
+
+        fn csr_junk() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                base64_of(0usize..=800).prop_map(|b| format!(
+                    "-----BEGIN CERTIFICATE REQUEST-----\n{b}\n-----END CERTIFICATE REQUEST-----"
+                )),
+                prop::collection::vec(any::<u8>(), 0..=800).prop_map(|der| pem(&der)),
+                "-----BEGIN [^\n]{0,200}-----\n[A-Za-z0-9+/=\n]{0,200}(-----END [^\n]{0,40}-----)?",
+                // The good CSR with one byte of its DER changed.
+                (any::<Index>(), 1u8..=255).prop_map(|(i, x)| {
+                    let mut der = GOOD_DER.clone();
+                    let i = i.index(der.len());
+                    der[i] ^= x;
+                    pem(&der)
+                }),
+                Just(pem(&GOOD_DER[..GOOD_DER.len() - 1])),
+            ]
+        }
+
+        fn label_junk() -> impl Strategy<Value = String> {
+            prop_oneof![any::<String>(), "[ -~]{0,300}", "[\\x00-\\x7f]{1,20}"]
+        }
+
+        /// `None`: the good value; `Some(v)`: `v`, which may be valid or not.
+        fn junk_or_good<T: std::fmt::Debug + Clone>(
+            junk: impl Strategy<Value = T>,
+        ) -> impl Strategy<Value = Option<T>> {
+            prop::option::weighted(0.5, junk)
+        }
+
+        /// The good request with the fields that `junk` names set as it says.
+        fn request(junk: &[(&str, Option<String>)]) -> EnrollRequest {
+            let mut req = GOOD.clone();
+            for (field, value) in junk {
+                match *field {
+                    "uuid" => req.uuid = value.clone(),
+                    "wg_public_key" => req.wg_public_key = value.clone().unwrap_or_default(),
+                    "csr_pem" => req.csr_pem = value.clone().unwrap_or_default(),
+                    "device_type" => req.device_type = value.clone(),
+                    _ => req.hostname = value.clone(),
+                }
+            }
+            req
+        }
+
+        proptest! {
+            /// Whatever the fields hold, validation does not panic, and a refusal is a bad
+            /// request whose message starts with the name of a field that was sent wrong:
+            /// that field alone in an otherwise good request is refused the same way.
+            #[test]
+            fn a_refused_enrollment_names_a_field_that_is_wrong(
+                uuid in junk_or_good(prop::option::of(uuid_junk())),
+                wg_public_key in junk_or_good(wg_key_junk().prop_map(Some)),
+                csr_pem in junk_or_good(csr_junk().prop_map(Some)),
+                device_type in junk_or_good(prop::option::of(label_junk())),
+                hostname in junk_or_good(prop::option::of(label_junk())),
+            ) {
+                let junk: Vec<(&str, Option<String>)> = FIELDS
+                    .into_iter()
+                    .zip([uuid, wg_public_key, csr_pem, device_type, hostname])
+                    .filter_map(|(f, v)| Some((f, v?)))
+                    .collect();
+                let req = request(&junk);
+                let err = match validate_enroll_request(&req) {
+                    Ok(valid) => {
+                        prop_assert_eq!(valid.device_type, req.device_type);
+                        prop_assert_eq!(valid.hostname, req.hostname);
+                        prop_assert_eq!(
+                            valid.device.map(|d| d.simple()),
+                            req.uuid.map(|u| u.replace('-', "").to_lowercase())
+                        );
+                        return Ok(());
+                    }
+                    Err(err) => err,
+                };
+                prop_assert!(!junk.is_empty(), "the good request was refused: {}", err.message);
+                prop_assert_eq!(err.error, ErrorCode::BadRequest);
+                let named = junk.iter().find(|(f, _)| err.message.starts_with(&format!("{f}: ")));
+                let Some(named) = named else {
+                    let why = format!("names no field it was sent wrong: {:?}", err.message);
+                    return Err(TestCaseError::fail(why));
+                };
+                let alone = validate_enroll_request(&request(std::slice::from_ref(named)));
+                prop_assert!(
+                    alone.is_err_and(|e| e.message.starts_with(&format!("{}: ", named.0))),
+                    "{} alone is not refused as {:?}",
+                    named.0,
+                    err.message
+                );
+            }
+
+            /// The good CSR with any one byte changed in what it signs or in its signature
+            /// is refused. (Outside those, in the tags of the unsigned wrapper, x509-parser
+            /// lets some changes through, which alter nothing that is used.)
+            #[test]
+            fn a_csr_changed_in_what_it_signs_or_its_signature_is_refused(
+                i in any::<Index>(),
+                x in 1u8..=255,
+            ) {
+                let mut der = GOOD_DER.clone();
+                let i = *i.get(&SIGNED);
+                der[i] ^= x;
+                let err = parse_csr_field(&pem(&der)).map(|_| ()).unwrap_err();
+                prop_assert!(err.message.starts_with("csr_pem: "), "{}", err.message);
+            }
+
+            /// Any bytes as the body of `POST /v1/enroll`: the JSON reader does not panic.
+            #[test]
+            fn any_bytes_as_an_enrollment_body_do_not_panic(
+                body in prop::collection::vec(any::<u8>(), 0..=600),
+            ) {
+                let _ = serde_json::from_slice::<EnrollRequest>(&body);
+            }
+
+            /// A JSON object of known and unknown keys with values of any JSON type is read
+            /// exactly when it has only the five fields, `csr_pem` and `wg_public_key` as
+            /// strings, and the optional ones as strings or null; then its strings are taken
+            /// as sent.
+            #[test]
+            fn an_enrollment_body_is_read_exactly_when_its_shape_is_right(
+                fields in prop::collection::btree_map(
+                    prop_oneof![
+                        4 => prop::sample::select(FIELDS.to_vec()).prop_map(str::to_owned),
+                        1 => "[a-z_]{1,12}",
+                    ],
+                    prop_oneof![
+                        4 => any::<String>().prop_map(Value::String),
+                        1 => Just(Value::Null),
+                        1 => any::<bool>().prop_map(Value::Bool),
+                        1 => any::<i64>().prop_map(Value::from),
+                        1 => any::<f64>().prop_map(Value::from),
+                        1 => Just(Value::Array(vec![])),
+                        1 => Just(Value::Object(Map::new())),
+                    ],
+                    0..=6,
+                ),
+            ) {
+                let object: Map<String, Value> = fields.clone().into_iter().collect();
+                let body = serde_json::to_vec(&object).unwrap();
+                let read = serde_json::from_slice::<EnrollRequest>(&body);
+                let is_string = |k: &str| object.get(k).is_some_and(Value::is_string);
+                let optional = |k: &str| object.get(k).is_none_or(|v| v.is_string() || v.is_null());
+                let shape_right = object.keys().all(|k| FIELDS.contains(&k.as_str()))
+                    && is_string("csr_pem")
+                    && is_string("wg_public_key")
+                    && optional("uuid")
+                    && optional("device_type")
+                    && optional("hostname");
+                prop_assert_eq!(read.is_ok(), shape_right, "{:?}: {:?}", object, read);
+                if let Ok(req) = read {
+                    let text = |k: &str| object.get(k).and_then(Value::as_str).map(str::to_owned);
+                    prop_assert_eq!(Some(req.csr_pem), text("csr_pem"));
+                    prop_assert_eq!(Some(req.wg_public_key), text("wg_public_key"));
+                    prop_assert_eq!(req.uuid, text("uuid"));
+                    prop_assert_eq!(req.device_type, text("device_type"));
+                    prop_assert_eq!(req.hostname, text("hostname"));
+                }
+            }
+        }
+    }
 }

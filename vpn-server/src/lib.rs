@@ -290,6 +290,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         server_wg_public: concentrator.public_key(),
         identify: Arc::new(Identifier::new(store.clone(), revoked.clone())),
         crl: crl::CrlPublisher::new(store.clone(), ca.clone(), revoked),
+        enroll_rate: limits::PerKeyRate::new(config.enroll_rate_per_key),
         changes,
         audit,
         broker: broker.clone(),

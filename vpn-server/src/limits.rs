@@ -1,9 +1,10 @@
-//! Caps on how many of something one key may hold at once: broker sessions per operator and
-//! per device, API connections per source address. A place is taken with
-//! [`PerKeyCap::take`] and given back when the returned [`Place`] is dropped.
+//! Caps on how many of something one key may hold at once (broker sessions per operator and
+//! per device, API connections per source address: [`PerKeyCap`]) and how often one key may
+//! do something (enrollments per provisioning key: [`PerKeyRate`]). Time is an input.
 
 use std::hash::Hash;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 
@@ -63,9 +64,58 @@ impl<K: Hash + Eq + Clone> Drop for Place<K> {
     }
 }
 
+/// At most `per_second` a second per key, with bursts of up to ten seconds' worth (a token
+/// bucket per key).
+#[derive(Debug)]
+pub struct PerKeyRate<K: Hash + Eq> {
+    buckets: DashMap<K, (f64, Instant)>,
+    per_second: f64,
+    burst: f64,
+}
+
+impl<K: Hash + Eq> PerKeyRate<K> {
+    pub fn new(per_second: u32) -> Self {
+        let per_second = f64::from(per_second.max(1));
+        Self {
+            buckets: DashMap::new(),
+            per_second,
+            burst: per_second * 10.0,
+        }
+    }
+
+    /// Takes one go for `key` at `now`, or says how long until the next one.
+    pub fn take(&self, key: K, now: Instant) -> Result<(), Duration> {
+        let mut bucket = self.buckets.entry(key).or_insert((self.burst, now));
+        let (tokens, at) = *bucket;
+        let refilled = (tokens + now.saturating_duration_since(at).as_secs_f64() * self.per_second)
+            .min(self.burst);
+        if refilled >= 1.0 {
+            *bucket = (refilled - 1.0, now);
+            Ok(())
+        } else {
+            *bucket = (refilled, now);
+            Err(Duration::from_secs_f64((1.0 - refilled) / self.per_second))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_allow_a_burst_then_refill_per_key() {
+        let rate = PerKeyRate::new(2);
+        let t0 = Instant::now();
+        for _ in 0..20 {
+            assert!(rate.take("a", t0).is_ok());
+        }
+        let wait = rate.take("a", t0).unwrap_err();
+        assert_eq!(wait, Duration::from_millis(500));
+        assert!(rate.take("b", t0).is_ok(), "keys are separate");
+        assert!(rate.take("a", t0 + Duration::from_millis(500)).is_ok());
+        assert!(rate.take("a", t0 + Duration::from_millis(500)).is_err());
+    }
 
     #[test]
     fn places_are_capped_per_key_and_given_back_on_drop() {

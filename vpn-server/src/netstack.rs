@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use floto_netstack::{ConnectError, TcpStream};
 
-use crate::wg::{peers::MAX_DATAGRAM, Concentrator, Effects, HostPacket, SendBatch};
+use crate::wg::{peers::MAX_DATAGRAM, Concentrator, Effects, HostQueue, SendBatch};
 
 /// Dials devices.
 #[derive(Clone)]
@@ -63,9 +63,15 @@ impl floto_netstack::PacketSink for Sink {
     }
 }
 
-/// The stack's driver task.
+/// Packets handed from the fair host queue to the stack's driver at most at once.
+const TO_STACK: usize = 256;
+
+/// The stack's driver task, and the task that feeds it from the concentrator's fair
+/// per-device queue.
 pub struct Netstack {
     driver: floto_netstack::NetstackDriver,
+    from_devices: Arc<HostQueue>,
+    to_stack: mpsc::Sender<Vec<u8>>,
 }
 
 impl Netstack {
@@ -74,7 +80,7 @@ impl Netstack {
         server_ip: Ipv4Addr,
         overlay_prefix: u8,
         concentrator: Arc<Concentrator>,
-        from_devices: mpsc::Receiver<HostPacket>,
+        from_devices: Arc<HostQueue>,
     ) -> (NetstackHandle, Netstack) {
         let sink = Sink {
             concentrator,
@@ -82,15 +88,39 @@ impl Netstack {
             effects: Effects::new(),
             batch: SendBatch::new(),
         };
+        let (to_stack, stack_input) = mpsc::channel(TO_STACK);
         let (inner, driver) = floto_netstack::new(
             floto_netstack::Config::new(server_ip, overlay_prefix),
-            from_devices,
+            stack_input,
             sink,
         );
-        (NetstackHandle { inner }, Netstack { driver })
+        (
+            NetstackHandle { inner },
+            Netstack {
+                driver,
+                from_devices,
+                to_stack,
+            },
+        )
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
-        self.driver.run(shutdown).await;
+        let Netstack {
+            driver,
+            from_devices,
+            to_stack,
+        } = self;
+        let feed = async {
+            loop {
+                let packet = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    p = from_devices.pop() => p,
+                };
+                if to_stack.send(packet).await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::join!(driver.run(shutdown.clone()), feed);
     }
 }

@@ -8,7 +8,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
 use crate::StoreError;
 
 /// The registry schema this build reads and writes. Migrations run forward only.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 pub(super) const SCHEMA_V1: &str = r#"
 CREATE TABLE meta (
@@ -98,6 +98,52 @@ ALTER TABLE operators ADD COLUMN api_token_expires_at INTEGER;
 CREATE UNIQUE INDEX operators_api_token ON operators(api_token_hash) WHERE api_token_hash IS NOT NULL;
 "#;
 
+/// Version 3: an overlay address is unique among live devices only, so that the address of
+/// a device revoked long enough ago can be given again when no fresh one is left. SQLite
+/// cannot drop a column's UNIQUE, so the table is rebuilt (its triggers with it).
+const SCHEMA_V3: &str = r#"
+CREATE TABLE devices_v3 (
+    uuid            TEXT PRIMARY KEY,
+    fleet           TEXT NOT NULL,
+    wg_public_key   TEXT NOT NULL UNIQUE,
+    overlay_ip      INTEGER NOT NULL,
+    cert_serial     TEXT NOT NULL,
+    cert_public_key BLOB NOT NULL,
+    cert_expires_at INTEGER NOT NULL,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    revoked_at      INTEGER,
+    key_id          TEXT,
+    device_type     TEXT,
+    hostname        TEXT,
+    last_endpoint   TEXT,
+    last_seen       INTEGER
+);
+INSERT INTO devices_v3 (uuid, fleet, wg_public_key, overlay_ip, cert_serial, cert_public_key,
+    cert_expires_at, created_at, updated_at, revoked_at, key_id, device_type, hostname,
+    last_endpoint, last_seen)
+SELECT uuid, fleet, wg_public_key, overlay_ip, cert_serial, cert_public_key,
+    cert_expires_at, created_at, updated_at, revoked_at, key_id, device_type, hostname,
+    last_endpoint, last_seen FROM devices;
+DROP TABLE devices;
+ALTER TABLE devices_v3 RENAME TO devices;
+CREATE INDEX devices_fleet ON devices(fleet);
+CREATE INDEX devices_overlay_ip ON devices(overlay_ip);
+CREATE UNIQUE INDEX devices_live_overlay_ip ON devices(overlay_ip) WHERE revoked_at IS NULL;
+CREATE INDEX devices_revoked ON devices(revoked_at) WHERE revoked_at IS NOT NULL;
+CREATE TRIGGER device_certificate_on_insert AFTER INSERT ON devices BEGIN
+    INSERT INTO certificates(serial, kind, subject, issued_at, expires_at)
+        VALUES (NEW.cert_serial, 'device', NEW.uuid, NEW.updated_at, NEW.cert_expires_at);
+    UPDATE provisioning_keys SET uses_left = uses_left - 1
+        WHERE id = NEW.key_id AND uses_left > 0;
+END;
+CREATE TRIGGER device_certificate_on_update AFTER UPDATE OF cert_serial ON devices
+    WHEN NEW.cert_serial <> OLD.cert_serial BEGIN
+    INSERT INTO certificates(serial, kind, subject, issued_at, expires_at)
+        VALUES (NEW.cert_serial, 'device', NEW.uuid, NEW.updated_at, NEW.cert_expires_at);
+END;
+"#;
+
 /// What a snapshot of the registry holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SnapshotInfo {
@@ -170,6 +216,14 @@ pub(super) async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
         let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::raw_sql(SCHEMA_V2).execute(&mut *tx).await?;
         sqlx::raw_sql("PRAGMA user_version = 2")
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+    }
+    if version < 3 {
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::raw_sql(SCHEMA_V3).execute(&mut *tx).await?;
+        sqlx::raw_sql("PRAGMA user_version = 3")
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;

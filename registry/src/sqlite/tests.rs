@@ -15,6 +15,7 @@ fn commit(key: [u8; 32], device: DeviceId, wg: u8, now: OffsetDateTime) -> Enrol
         device_type: None,
         hostname: None,
         now,
+        reuse_addresses_revoked_before: now - Duration::from_secs(30 * 86_400),
     }
 }
 
@@ -130,6 +131,51 @@ async fn a_full_overlay_is_refused_without_writing() {
         refused,
         Err(EnrollRefusal::AddressPoolExhausted { .. })
     ));
+    assert_eq!(r.count_devices().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn a_revoked_devices_address_is_given_again_only_after_the_grace_period() {
+    let (_d, r) = registry("10.240.0.0/30").await;
+    let t0 = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+    key(&r, 1, None, t0).await;
+    let first = DeviceId::new_random();
+    let created = r
+        .enroll(commit([1; 32], first, 1, t0))
+        .await
+        .unwrap()
+        .unwrap();
+    let ip = created.device().overlay_ip;
+    let revoked_at = t0 + Duration::from_secs(60);
+    r.revoke_device(&first, revoked_at).await.unwrap().unwrap();
+    // Within the grace period the pool stays exhausted...
+    let mut early = commit(
+        [1; 32],
+        DeviceId::new_random(),
+        2,
+        t0 + Duration::from_secs(120),
+    );
+    early.reuse_addresses_revoked_before = revoked_at - Duration::from_secs(1);
+    assert!(matches!(
+        r.enroll(early).await.unwrap(),
+        Err(EnrollRefusal::AddressPoolExhausted { .. })
+    ));
+    // ...after it, the address goes to the next device, and only to one.
+    let second = DeviceId::new_random();
+    let mut later = commit([1; 32], second, 3, t0 + Duration::from_secs(7200));
+    later.reuse_addresses_revoked_before = revoked_at;
+    let reused = r.enroll(later.clone()).await.unwrap().unwrap();
+    assert_eq!(reused.device().overlay_ip, ip);
+    later.device = DeviceId::new_random();
+    later.wg_public_key = WgKey([4; 32]);
+    assert!(matches!(
+        r.enroll(later).await.unwrap(),
+        Err(EnrollRefusal::AddressPoolExhausted { .. })
+    ));
+    // The revoked device keeps its row (and its address in its history).
+    let old = r.device(&first).await.unwrap().unwrap();
+    assert!(old.is_revoked());
+    assert_eq!(old.overlay_ip, ip);
     assert_eq!(r.count_devices().await.unwrap(), 1);
 }
 

@@ -6,6 +6,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use sqlx::sqlite::SqlitePool;
 use sqlx::{Row as _, Sqlite, Transaction};
+use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
 use floto_proto::admin::KeyInfo;
@@ -105,7 +106,12 @@ async fn enroll_in(
     let expires = whole_seconds(c.cert_expires_at)?;
     match (decision, f.device) {
         (EnrollDecision::Create, _) => {
-            let Some(ip) = rules::next_overlay_address(overlay, f.max_ip) else {
+            let fresh = rules::next_overlay_address(overlay, f.max_ip);
+            let ip = match fresh {
+                Some(ip) => Some(ip),
+                None => reusable_address(tx, overlay, c.reuse_addresses_revoked_before).await?,
+            };
+            let Some(ip) = ip else {
                 return Ok(Err(EnrollRefusal::AddressPoolExhausted { overlay }));
             };
             sqlx::query(CREATE_SQL)
@@ -162,6 +168,24 @@ async fn enroll_in(
             "re-enrollment decided for a device that is not there".into(),
         )),
     }
+}
+
+/// The lowest address of a device revoked at or before `cutoff` that no live device holds,
+/// for when the overlay has no fresh address left.
+async fn reusable_address(
+    tx: &mut Transaction<'static, Sqlite>,
+    overlay: Ipv4Net,
+    cutoff: OffsetDateTime,
+) -> Result<Option<Ipv4Addr>, StoreError> {
+    let ip: Option<i64> = sqlx::query_scalar(
+        "SELECT MIN(d.overlay_ip) FROM devices AS d \
+         WHERE d.revoked_at IS NOT NULL AND d.revoked_at <= ?1 AND NOT EXISTS \
+         (SELECT 1 FROM devices AS l WHERE l.overlay_ip = d.overlay_ip AND l.revoked_at IS NULL)",
+    )
+    .bind(ts(cutoff))
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(ip.map(ip_from_db).filter(|ip| overlay.contains(ip)))
 }
 
 async fn recertify(tx: &mut Transaction<'static, Sqlite>, d: &Device) -> Result<(), StoreError> {

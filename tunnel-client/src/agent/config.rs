@@ -425,4 +425,166 @@ mod tests {
         };
         assert!(msg(FileConfig::default(), cap).contains("backoff cap"));
     }
+
+    /// The config file against any text: read exactly when it is what the docs describe.
+    mod proptests {
+        use proptest::prelude::*;
+        use toml::{Table, Value};
+
+        use super::*;
+
+        /// Keys whose value is any string.
+        const TEXT_KEYS: [&str; 8] = [
+            "server",
+            "ca",
+            "provisioning_key",
+            "provisioning_key_file",
+            "device_type",
+            "hostname",
+            "state_dir",
+            "tun_name",
+        ];
+        const KEYS: [&str; 13] = [
+            "server",
+            "ca",
+            "provisioning_key",
+            "provisioning_key_file",
+            "device_type",
+            "hostname",
+            "state_dir",
+            "tun_name",
+            "uuid",
+            "mode",
+            "forward",
+            "backoff_cap",
+            "keepalive",
+        ];
+
+        /// `bytes` as a config file, read as the agent reads it.
+        fn load(bytes: &[u8]) -> Result<FileConfig, ConfigError> {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("floto-tunnel.toml");
+            std::fs::write(&path, bytes).unwrap();
+            FileConfig::load(Some(&path))
+        }
+
+        /// Whether each value has the type its key documents.
+        fn well_typed(table: &Table) -> bool {
+            table.iter().all(|(k, v)| {
+                let text = v.as_str();
+                match k.as_str() {
+                    k if TEXT_KEYS.contains(&k) => text.is_some(),
+                    "uuid" => text.is_some_and(|s| s.parse::<DeviceId>().is_ok()),
+                    "mode" => matches!(text, Some("tun" | "userspace")),
+                    "forward" => v.as_array().is_some_and(|a| a.iter().all(Value::is_str)),
+                    "backoff_cap" | "keepalive" => {
+                        text.is_some_and(|s| humantime::parse_duration(s).is_ok())
+                    }
+                    _ => false,
+                }
+            })
+        }
+
+        /// A TOML value of any type, often one a key takes.
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                3 => any::<String>().prop_map(|s| Value::String(s).to_string()),
+                1 => prop::sample::select(vec![
+                    "\"tun\"", "\"userspace\"", "\"TUN\"", "\"30s\"", "\"5 min\"",
+                    "\"0s\"", "\"soon\"", "\"3f2a6b1c-0d4e-4f5a-8b6c-7d8e9f0a1b2c\"",
+                    "\"3f2a6b1c\"", "[\"22\", \"80=127.0.0.1:8080\"]", "[]", "[22]",
+                    "\"22\"", "22", "-1", "1.5", "true", "{ a = 1 }", "1979-05-27T07:32:00Z",
+                    "'literal'", "\"\"\"multi\nline\"\"\"",
+                ])
+                .prop_map(str::to_owned),
+                1 => "[^\n]{0,12}",
+            ]
+        }
+
+        /// Lines of `key = value`, keys known or not, and now and then a line of anything.
+        fn text() -> impl Strategy<Value = String> {
+            let key = prop_oneof![
+                4 => prop::sample::select(KEYS.to_vec()).prop_map(str::to_owned),
+                1 => "[a-z_]{1,10}",
+                1 => "[^\n=]{0,10}",
+            ];
+            let line = prop_oneof![
+                6 => (key, value()).prop_map(|(k, v)| format!("{k} = {v}")),
+                1 => "[^\n]{0,30}",
+                1 => Just("# a comment".to_owned()),
+                1 => Just("[section]".to_owned()),
+            ];
+            prop::collection::vec(line, 0..=8).prop_map(|lines| lines.join("\n"))
+        }
+
+        proptest! {
+            /// Any bytes as the config file: never a panic; not UTF-8 is a read error; and
+            /// otherwise the file is read exactly when it is TOML whose every key is one the
+            /// agent knows with a value of that key's type, giving those values.
+            #[test]
+            fn a_config_file_is_read_exactly_when_every_key_is_known_and_well_typed(
+                bytes in prop_oneof![
+                    text().prop_map(String::into_bytes),
+                    prop::collection::vec(any::<u8>(), 0..=300),
+                ],
+            ) {
+                let got = load(&bytes);
+                let Ok(text) = std::str::from_utf8(&bytes) else {
+                    prop_assert!(matches!(got, Err(ConfigError::Read { .. })), "{:?}", got);
+                    return Ok(());
+                };
+                let table = text.parse::<Table>();
+                let expected = table.as_ref().is_ok_and(well_typed);
+                match got {
+                    Ok(file) => {
+                        prop_assert!(expected, "read {:?} as {:?}", text, file);
+                        let table = table.unwrap();
+                        let text_of =
+                            |k: &str| table.get(k).and_then(Value::as_str).map(str::to_owned);
+                        prop_assert_eq!(file.server, text_of("server"));
+                        prop_assert_eq!(file.hostname, text_of("hostname"));
+                        prop_assert_eq!(file.mode.map(|m| m.to_string()), text_of("mode"));
+                        prop_assert_eq!(file.state_dir, text_of("state_dir").map(PathBuf::from));
+                    }
+                    Err(e) => {
+                        prop_assert!(!expected, "refused {:?}: {}", text, e);
+                        prop_assert!(matches!(e, ConfigError::Parse { .. }), "{}", e);
+                    }
+                }
+            }
+
+            /// A complete, valid config with any one value replaced by one of another type (or,
+            /// for a key that parses its string, a string it cannot parse) is refused, and the
+            /// error shows the key.
+            #[test]
+            fn a_config_with_one_wrong_value_is_refused_naming_its_key(
+                key in prop::sample::select(KEYS.to_vec()),
+                junk in prop_oneof![
+                    any::<i64>().prop_map(Value::Integer),
+                    any::<bool>().prop_map(Value::Boolean),
+                    Just(Value::Float(0.5)),
+                    Just(Value::Array(vec![Value::Integer(1)])),
+                    Just(Value::Table(Table::new())),
+                    "[a-z ]{0,10}!".prop_map(Value::String),
+                ],
+            ) {
+                let mut table: Table = toml::from_str(concat!(
+                    "server = \"https://vpn.example.org:8443\"\nca = \"/etc/floto/ca.pem\"\n",
+                    "provisioning_key = \"fpk_x\"\nprovisioning_key_file = \"/etc/floto/key\"\n",
+                    "uuid = \"3f2a6b1c-0d4e-4f5a-8b6c-7d8e9f0a1b2c\"\ndevice_type = \"pi\"\n",
+                    "hostname = \"sensor-17\"\nstate_dir = \"/var/lib/floto-tunnel\"\n",
+                    "mode = \"userspace\"\ntun_name = \"floto0\"\nforward = [\"22\"]\n",
+                    "backoff_cap = \"5m\"\nkeepalive = \"25s\"\n",
+                ))
+                .unwrap();
+                prop_assert_eq!(table.len(), KEYS.len());
+                prop_assert!(load(table.to_string().as_bytes()).is_ok());
+                // A string is a valid value of the keys that take any string.
+                prop_assume!(!(TEXT_KEYS.contains(&key) && junk.is_str()));
+                table.insert(key.to_owned(), junk);
+                let err = load(table.to_string().as_bytes()).unwrap_err().to_string();
+                prop_assert!(err.contains(key), "{}", err);
+            }
+        }
+    }
 }

@@ -143,8 +143,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             ssh_args,
         } => {
             let id = DeviceId::from_host(&device)?;
-            // Fail here with a clear message rather than inside ssh.
-            Operator::load_renewing(&dir).await?;
+            // Fail here with a clear message rather than inside ssh: a refusal reported by
+            // the ProxyCommand is followed by OpenSSH's own "Connection closed" noise.
+            let op = Operator::load_renewing(&dir).await?;
+            let info = op.api()?.device(&id).await?;
+            if !info.online {
+                let seen = info.last_seen.map_or("never seen".to_owned(), |t| {
+                    format!("last seen {}", rfc3339(t))
+                });
+                anyhow::bail!("device {id} is offline ({seen})");
+            }
             let exe = std::env::current_exe()?;
             let proxy = format!(
                 "{} --config-dir {} --transport {} proxy {id} %p",

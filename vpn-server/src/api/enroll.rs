@@ -2,7 +2,7 @@
 //! ([`crate::enroll`], [`floto_registry::rules`]), the CA, the registry and the applier.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -70,11 +70,23 @@ async fn enroll(
     })?;
     let key_hash = hash_secret(secret);
     let key = state.store.find_key(&key_hash).await?;
-    if let Err(refusal) = check_key(key.as_ref(), now) {
-        return Err(Failure::from(enroll_refusal(
-            &refusal,
-            &DeviceId::new_random(),
-        )));
+    let key = match check_key(key.as_ref(), now) {
+        Ok(key) => key,
+        Err(refusal) => {
+            return Err(Failure::from(enroll_refusal(
+                &refusal,
+                &DeviceId::new_random(),
+            )))
+        }
+    };
+    // A leaked key is slowed down (until an admin revokes it).
+    if let Err(wait) = state.enroll_rate.take(key.id.clone(), Instant::now()) {
+        let mut f = Failure::shed(format!(
+            "provisioning key {} is enrolling more than {} devices a second (--enroll-rate-per-key); retry after the given delay",
+            key.id, state.config.enroll_rate_per_key
+        ));
+        f.retry_after = Some(wait.max(Duration::from_secs(1)));
+        return Err(f);
     }
 
     // 2. The request.
@@ -111,6 +123,7 @@ async fn enroll(
         device_type: valid.device_type,
         hostname: valid.hostname,
         now,
+        reuse_addresses_revoked_before: now - state.config.address_reuse_after,
     };
     let outcome = state
         .store

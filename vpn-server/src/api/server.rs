@@ -214,7 +214,11 @@ impl Activity {
             if !busy && quiet.elapsed() >= limit {
                 return;
             }
-            let next = if busy { limit } else { limit - quiet.elapsed() };
+            let next = if busy {
+                limit
+            } else {
+                limit.saturating_sub(quiet.elapsed())
+            };
             tokio::time::sleep(next.max(Duration::from_millis(100))).await;
         }
     }

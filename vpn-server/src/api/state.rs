@@ -20,6 +20,7 @@ use crate::datadir::{Bound, DataDir};
 use crate::enroll::{device_endpoint, ServerFacts};
 use crate::events::EventHub;
 use crate::identify::Identifier;
+use crate::limits::PerKeyRate;
 use crate::metrics::Metrics;
 use crate::wg::Concentrator;
 
@@ -43,6 +44,8 @@ pub struct AppState {
     pub broker: Arc<Broker>,
     /// The published CRL.
     pub crl: CrlPublisher,
+    /// Enrollments per provisioning key (by key id).
+    pub enroll_rate: PerKeyRate<String>,
 }
 
 impl std::fmt::Debug for AppState {

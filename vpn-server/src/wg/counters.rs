@@ -52,6 +52,9 @@ drop_reasons! {
     /// A handshake initiation shed because the handshake queue was full, or it waited
     /// there so long that the device has retried since.
     Overloaded => "overloaded",
+    /// A packet for the server's own stack dropped because its device already had its
+    /// share of the queue waiting (or the queue was full).
+    HostQueueFull => "host_queue_full",
 }
 
 /// Counters of the core, read by the metrics exporter.

@@ -9,7 +9,10 @@ pub mod batch;
 pub mod counters;
 pub mod effects;
 pub mod handshake_queue;
+pub mod host_queue;
 pub mod peers;
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;
 pub mod timers;
@@ -21,7 +24,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -32,6 +34,7 @@ pub use batch::SendBatch;
 pub use counters::{Counters, DropReason};
 pub use effects::Effects;
 pub use handshake_queue::HandshakeQueue;
+pub use host_queue::HostQueue;
 pub use peers::{Peer, PeerConfig, PeerEvent, PeerStatus, PeerTable};
 
 /// Who hears of the concentrator's online-state transitions and endpoint changes.
@@ -41,9 +44,6 @@ pub trait PeerEventSink: Send + Sync {
 
 /// An IP packet from a device to the server's overlay address, for the netstack.
 pub type HostPacket = Vec<u8>;
-
-/// Packets waiting for the netstack; beyond this they are dropped (TCP retransmits).
-const HOST_QUEUE: usize = 4096;
 
 /// Handshake initiations waiting for a worker; beyond this they are dropped (the device
 /// retries after 5 s). About 5 s of work for this many handshake workers at full speed.
@@ -71,7 +71,7 @@ const HANDSHAKE_BACKLOG: Duration = Duration::from_secs(2);
 pub struct Concentrator {
     pub table: Arc<PeerTable>,
     sockets: Vec<Arc<UdpSocket>>,
-    to_host: mpsc::Sender<HostPacket>,
+    to_host: Arc<HostQueue>,
     events: Arc<dyn PeerEventSink>,
     local_addr: SocketAddr,
     handshakes: HandshakeQueue,
@@ -96,7 +96,7 @@ impl Concentrator {
         table: Arc<PeerTable>,
         events: Arc<dyn PeerEventSink>,
         handshake_seconds: Histogram,
-    ) -> anyhow::Result<(Self, mpsc::Receiver<HostPacket>)> {
+    ) -> anyhow::Result<(Self, Arc<HostQueue>)> {
         let mut sockets = Vec::with_capacity(workers.max(1));
         let first = reuseport_socket(listen)
             .with_context(|| format!("binding the WireGuard socket on UDP {listen}"))?;
@@ -105,7 +105,8 @@ impl Concentrator {
         for _ in 1..workers.max(1) {
             sockets.push(Arc::new(reuseport_socket(local_addr)?));
         }
-        let (to_host, from_devices) = mpsc::channel(HOST_QUEUE);
+        let to_host = Arc::new(HostQueue::default());
+        let from_devices = to_host.clone();
         Ok((
             Self {
                 table,
@@ -150,9 +151,9 @@ impl Concentrator {
 
     /// Host packets to the netstack, events to the sink.
     fn deliver(&self, fx: &mut Effects) {
-        while let Some((_, packet)) = fx.poll_host_packet() {
-            if self.to_host.try_send(packet).is_err() {
-                debug!("netstack queue full; packet dropped");
+        while let Some((from, packet)) = fx.poll_host_packet() {
+            if !self.to_host.push(from, packet) {
+                self.table.count_drop(DropReason::HostQueueFull);
             }
         }
         while let Some(event) = fx.poll_event() {

@@ -2,8 +2,10 @@
 //! talk to a [`PeerTable`] through queues; the table's own time is virtual.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
@@ -15,15 +17,15 @@ use super::effects::Effects;
 use super::peers::*;
 use super::timers::TUNN_IDLE_DROP;
 
-const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 1);
-const WINDOW: Duration = Duration::from_secs(85);
+pub(super) const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 1);
+pub(super) const WINDOW: Duration = Duration::from_secs(85);
 /// `--handshake-rate-limit` in these tests.
 const RATE: u64 = 4000;
 
 /// Everything the table produced: its [`Effects`], drained into lists that tests read
 /// through the accessors.
 #[derive(Default)]
-struct Collected {
+pub(super) struct Collected {
     fx: Effects,
     datagrams: Vec<(SocketAddr, Vec<u8>)>,
     host: Vec<(DeviceId, Vec<u8>)>,
@@ -43,17 +45,17 @@ impl Collected {
         }
     }
 
-    fn datagrams(&mut self) -> &mut Vec<(SocketAddr, Vec<u8>)> {
+    pub(super) fn datagrams(&mut self) -> &mut Vec<(SocketAddr, Vec<u8>)> {
         self.drain();
         &mut self.datagrams
     }
 
-    fn host(&mut self) -> &mut Vec<(DeviceId, Vec<u8>)> {
+    pub(super) fn host(&mut self) -> &mut Vec<(DeviceId, Vec<u8>)> {
         self.drain();
         &mut self.host
     }
 
-    fn events(&mut self) -> &mut Vec<PeerEvent> {
+    pub(super) fn events(&mut self) -> &mut Vec<PeerEvent> {
         self.drain();
         &mut self.events
     }
@@ -72,16 +74,16 @@ impl std::ops::DerefMut for Collected {
     }
 }
 
-struct Server {
-    table: PeerTable,
-    public: PublicKey,
-    scratch: Vec<u8>,
-    out: Collected,
-    now: Instant,
+pub(super) struct Server {
+    pub(super) table: PeerTable,
+    pub(super) public: PublicKey,
+    pub(super) scratch: Vec<u8>,
+    pub(super) out: Collected,
+    pub(super) now: Instant,
 }
 
 impl Server {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         let private = StaticSecret::from([3u8; 32]);
         let public = PublicKey::from(&private);
         Self {
@@ -100,28 +102,40 @@ impl Server {
         }
     }
 
-    fn enroll(&mut self, n: u8) -> Device {
+    /// Enrolls device `n` (1 to 245): its own key, overlay address `10.240.0.(10+n)` and
+    /// source address `192.0.2.n`.
+    pub(super) fn enroll(&mut self, n: u8) -> Device {
         let private = StaticSecret::from([n.wrapping_add(100); 32]);
-        let public = PublicKey::from(&private);
         let id = DeviceId::new_random();
         let ip = Ipv4Addr::new(10, 240, 0, 10 + n);
+        self.serve(id, &PublicKey::from(&private), ip);
+        Device {
+            id,
+            ip,
+            addr: SocketAddr::from(([192, 0, 2, n], 40000 + u16::from(n))),
+            tunn: device_tunn(private, self.public, u32::from(n)),
+            buf: vec![0; MAX_DATAGRAM],
+        }
+    }
+
+    /// Tells the table to serve device `id` with `key` at `ip` (adding or re-keying it).
+    fn serve(&mut self, id: DeviceId, key: &PublicKey, ip: Ipv4Addr) {
         self.table.upsert(
             PeerConfig {
                 id,
                 fleet: "lab".into(),
-                public_key: WgKey(public.to_bytes()),
+                public_key: WgKey(key.to_bytes()),
                 overlay_ip: ip,
             },
             self.now,
             &mut self.out,
         );
-        Device {
-            id,
-            ip,
-            addr: SocketAddr::from(([192, 0, 2, n], 40000 + u16::from(n))),
-            tunn: Tunn::new(private, self.public, None, None, u32::from(n), None),
-            buf: vec![0; MAX_DATAGRAM],
-        }
+    }
+
+    /// Serves `d` with the key of `private` from now on, as a renewal with a new WireGuard
+    /// key does; `d` itself keeps its old `Tunn` (swap it for one with the new key).
+    pub(super) fn rekey(&mut self, d: &Device, private: &StaticSecret) {
+        self.serve(d.id, &PublicKey::from(private), d.ip);
     }
 
     /// A device with the key `[seed; 32]`, which the server does not know.
@@ -130,20 +144,13 @@ impl Server {
             id: DeviceId::new_random(),
             ip: Ipv4Addr::new(10, 240, 255, seed),
             addr: SocketAddr::from(([198, 51, 100, seed], 5000)),
-            tunn: Tunn::new(
-                StaticSecret::from([seed; 32]),
-                self.public,
-                None,
-                None,
-                u32::from(seed),
-                None,
-            ),
+            tunn: device_tunn(StaticSecret::from([seed; 32]), self.public, u32::from(seed)),
             buf: vec![0; MAX_DATAGRAM],
         }
     }
 
     /// Feeds one datagram from `from`; returns what the server sent back to it.
-    fn receive(&mut self, from: SocketAddr, datagram: &[u8]) -> Vec<Vec<u8>> {
+    pub(super) fn receive(&mut self, from: SocketAddr, datagram: &[u8]) -> Vec<Vec<u8>> {
         let before = self.out.datagrams().len();
         self.table
             .route_datagram(from, datagram, self.now, &mut self.scratch, &mut self.out);
@@ -154,29 +161,29 @@ impl Server {
             .collect()
     }
 
-    fn advance(&mut self, d: Duration) {
+    pub(super) fn advance(&mut self, d: Duration) {
         self.now += d;
         self.table
             .handle_timeout(self.now, &mut self.scratch, &mut self.out);
     }
 
-    fn dropped(&self, why: DropReason) -> u64 {
+    pub(super) fn dropped(&self, why: DropReason) -> u64 {
         self.table.counters.dropped(why)
     }
 }
 
-struct Device {
-    id: DeviceId,
-    ip: Ipv4Addr,
-    addr: SocketAddr,
-    tunn: Tunn,
+pub(super) struct Device {
+    pub(super) id: DeviceId,
+    pub(super) ip: Ipv4Addr,
+    pub(super) addr: SocketAddr,
+    pub(super) tunn: Tunn,
     buf: Vec<u8>,
 }
 
 impl Device {
     /// Handshake, then the initiator's confirming keepalive: the device is online after.
     /// Completes a handshake with `server`; returns the initiation it sent (for replays).
-    fn connect(&mut self, server: &mut Server) -> Vec<u8> {
+    pub(super) fn connect(&mut self, server: &mut Server) -> Vec<u8> {
         let init = self.initiation();
         let replies = server.receive(self.addr, &init);
         assert_eq!(replies.len(), 1, "expected one handshake response");
@@ -190,7 +197,7 @@ impl Device {
         init
     }
 
-    fn initiation(&mut self) -> Vec<u8> {
+    pub(super) fn initiation(&mut self) -> Vec<u8> {
         match self.tunn.format_handshake_initiation(&mut self.buf, true) {
             TunnResult::WriteToNetwork(p) => p.to_vec(),
             other => panic!("no initiation: {other:?}"),
@@ -198,7 +205,7 @@ impl Device {
     }
 
     /// Feeds a datagram from the server; returns datagrams the device sends back.
-    fn receive(&mut self, datagram: &[u8]) -> Vec<Vec<u8>> {
+    pub(super) fn receive(&mut self, datagram: &[u8]) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         let mut input = datagram;
         while let TunnResult::WriteToNetwork(p) = self.tunn.decapsulate(None, input, &mut self.buf)
@@ -210,14 +217,14 @@ impl Device {
     }
 
     /// Decrypts a datagram from the server into an IP packet.
-    fn decrypt(&mut self, datagram: &[u8]) -> Option<Vec<u8>> {
+    pub(super) fn decrypt(&mut self, datagram: &[u8]) -> Option<Vec<u8>> {
         match self.tunn.decapsulate(None, datagram, &mut self.buf) {
             TunnResult::WriteToTunnelV4(p, _) => Some(p.to_vec()),
             _ => None,
         }
     }
 
-    fn encrypt(&mut self, ip_packet: &[u8]) -> Vec<u8> {
+    pub(super) fn encrypt(&mut self, ip_packet: &[u8]) -> Vec<u8> {
         match self.tunn.encapsulate(ip_packet, &mut self.buf) {
             TunnResult::WriteToNetwork(p) => p.to_vec(),
             other => panic!("no session to encrypt with: {other:?}"),
@@ -225,8 +232,15 @@ impl Device {
     }
 }
 
+/// A simulated device's `Tunn`, without boringtun's limit of 10 incoming handshake messages
+/// a second: it counts them in real time, and these tests make many handshakes in one.
+pub(super) fn device_tunn(private: StaticSecret, server: PublicKey, index: u32) -> Tunn {
+    let limiter = Arc::new(RateLimiter::new(&PublicKey::from(&private), u64::MAX));
+    Tunn::new(private, server, None, None, index, Some(limiter))
+}
+
 /// A minimal IPv4/UDP packet.
-fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+pub(super) fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
     let total = 20 + 8 + payload.len();
     let mut p = vec![0u8; total];
     p[0] = 0x45;
@@ -469,22 +483,12 @@ fn a_rotated_key_replaces_the_old_one() {
     let mut d = s.enroll(1);
     d.connect(&mut s);
     let new_private = StaticSecret::from([201u8; 32]);
-    let new_public = PublicKey::from(&new_private);
-    s.table.upsert(
-        PeerConfig {
-            id: d.id,
-            fleet: "lab".into(),
-            public_key: WgKey(new_public.to_bytes()),
-            overlay_ip: d.ip,
-        },
-        s.now,
-        &mut s.out,
-    );
+    s.rekey(&d, &new_private);
     // The old key is gone.
     let old_init = d.initiation();
     assert!(s.receive(d.addr, &old_init).is_empty());
     // The new key works, same address and id, generation continues.
-    d.tunn = Tunn::new(new_private, s.public, None, None, 50, None);
+    d.tunn = device_tunn(new_private, s.public, 50);
     d.connect(&mut s);
     let st = s.table.status(&d.id).unwrap();
     assert!(st.online);
