@@ -218,14 +218,18 @@ pub fn start_sshd(ns: &Netns, dir: &Path, authorized_key: &str, listen: &[&str])
         .iter()
         .map(|l| format!("ListenAddress {l}\n"))
         .collect();
+    // Sessions get the test's dir as HOME, so they do not read the machine's own
+    // dotfiles (root's .bashrc may run slow or blocking tools, such as pyenv's rehash
+    // waiting a minute on a stale lock).
     std::fs::write(
         &config,
         format!(
             "{listen_lines}HostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin prohibit-password\n\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\n\
-             LogLevel VERBOSE\n",
+             LogLevel VERBOSE\nSetEnv HOME={}\n",
             host_key.display(),
-            auth.display()
+            auth.display(),
+            dir.display()
         ),
     )
     .expect("sshd_config");

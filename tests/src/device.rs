@@ -189,14 +189,18 @@ impl WgGoDevice {
         let auth = d.join("authorized_keys");
         std::fs::write(&auth, authorized_key).expect("authorized_keys");
         let config = d.join("sshd_config");
+        // Sessions get the test's dir as HOME, so they do not read the machine's own
+        // dotfiles (root's .bashrc may run slow or blocking tools, such as pyenv's rehash
+        // waiting a minute on a stale lock).
         std::fs::write(
             &config,
             format!(
                 "Port 22\nListenAddress 0.0.0.0\nHostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin prohibit-password\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\n\
-                 Subsystem sftp internal-sftp\nLogLevel VERBOSE\n",
+                 Subsystem sftp internal-sftp\nLogLevel VERBOSE\nSetEnv HOME={}\n",
                 host_key.display(),
-                auth.display()
+                auth.display(),
+                d.display()
             ),
         )
         .expect("sshd_config");

@@ -256,7 +256,8 @@ mod tests {
         });
 
         /// The offsets of the good CSR's DER that its signature protects: the request info
-        /// it signs, and the signature value itself.
+        /// it signs, and the signature value itself (the BIT STRING's bytes after its count
+        /// of unused bits).
         static SIGNED: LazyLock<Vec<usize>> = LazyLock::new(|| {
             // (header length, content length) of the DER element at `at`.
             let tlv = |at: usize| match GOOD_DER[at + 1] {
@@ -273,7 +274,7 @@ mod tests {
             let algorithm = info + tlv(info).0 + tlv(info).1;
             let signature = algorithm + tlv(algorithm).0 + tlv(algorithm).1;
             (info..algorithm)
-                .chain(signature + tlv(signature).0..GOOD_DER.len())
+                .chain(signature + tlv(signature).0 + 1..GOOD_DER.len())
                 .collect()
         });
 
@@ -411,8 +412,9 @@ mod tests {
             }
 
             /// The good CSR with any one byte changed in what it signs or in its signature
-            /// is refused. (Outside those, in the tags of the unsigned wrapper, x509-parser
-            /// lets some changes through, which alter nothing that is used.)
+            /// is refused. (Outside those, x509-parser lets some changes through that alter
+            /// nothing that is used: the class of the wrapper's tags, the tag of the
+            /// algorithm's OID, a count of unused bits whose bits are zero.)
             #[test]
             fn a_csr_changed_in_what_it_signs_or_its_signature_is_refused(
                 i in any::<Index>(),

@@ -238,12 +238,16 @@ impl PeerTable {
     /// its session (the device handshakes again with its new key). Returns `true` if
     /// anything changed.
     pub fn upsert(&self, config: PeerConfig, now: Instant, fx: &mut Effects) -> bool {
+        // A replaced peer's generation carries over, so that the device's generation never
+        // goes down (consumers of its events keep the highest).
+        let mut generation = 0;
         if let Some(existing) = self.by_id.get(&config.id).map(|p| p.clone()) {
             if existing.public_key == config.public_key && existing.overlay_ip == config.overlay_ip
             {
                 return false;
             }
             self.remove(&config.id, now, fx);
+            generation = existing.state.lock().generation;
         }
         if let Some(holder) = self.by_key.get(config.public_key.as_bytes()).map(|p| p.id) {
             // The registry guarantees one key per device; a stale holder can only be a
@@ -255,7 +259,10 @@ impl PeerTable {
             fleet: config.fleet,
             public_key: config.public_key,
             overlay_ip: config.overlay_ip,
-            state: Mutex::new(PeerState::default()),
+            state: Mutex::new(PeerState {
+                generation,
+                ..PeerState::default()
+            }),
         });
         self.by_key
             .insert(*config.public_key.as_bytes(), peer.clone());
