@@ -75,6 +75,20 @@ pub enum IdentifyError {
     Store(#[from] StoreError),
 }
 
+impl IdentifyError {
+    /// What the caller is told: the refusal, or for a registry fault (logged here with
+    /// its detail) a pointer to the server's log.
+    pub fn into_api_error(self) -> ApiError {
+        match self {
+            Self::Refused(error) => error,
+            Self::Store(e) => {
+                tracing::error!(error = %e, "identifying a caller failed");
+                ApiError::internal()
+            }
+        }
+    }
+}
+
 fn refused(code: ErrorCode, message: impl Into<String>) -> IdentifyError {
     IdentifyError::Refused(ApiError::new(code, message))
 }

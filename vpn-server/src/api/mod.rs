@@ -101,10 +101,7 @@ impl From<StoreError> for Failure {
 
 impl From<IdentifyError> for Failure {
     fn from(e: IdentifyError) -> Self {
-        match e {
-            IdentifyError::Refused(error) => Self::from(error),
-            IdentifyError::Store(e) => Self::internal(e),
-        }
+        Self::from(e.into_api_error())
     }
 }
 

@@ -102,14 +102,7 @@ async fn serve_connection(
     let op = match state.identify.operator(&peer_cert, None, now).await {
         Ok(op) => op,
         Err(e) => {
-            let error = match e {
-                IdentifyError::Refused(error) => error,
-                IdentifyError::Store(e) => {
-                    tracing::error!(error = %e, "identifying a QUIC operator failed");
-                    ApiError::internal()
-                }
-            };
-            close_refused(&conn, &error);
+            close_refused(&conn, &e.into_api_error());
             return;
         }
     };
@@ -156,9 +149,9 @@ async fn serve_connection(
                 close_refused(&conn, &why);
                 return;
             }
-            Err(IdentifyError::Store(e)) => {
-                tracing::error!(error = %e, "identifying a QUIC operator failed");
-                let _ = respond(&mut send, Err(ApiError::internal())).await;
+            // A registry fault refuses this stream only.
+            Err(e) => {
+                let _ = respond(&mut send, Err(e.into_api_error())).await;
                 continue;
             }
         };
