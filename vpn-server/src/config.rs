@@ -520,6 +520,12 @@ mod tests {
             ("endpoint = \"host:0\"", "HOST:PORT"),
             ("cert_lifetime = \"1s\"", "too short"),
             ("shutdown_grace = \"2h\"", "at most 1h"),
+            ("max_sessions_per_operator = 0", "at least 1"),
+            ("max_sessions_per_device = 0", "at least 1"),
+            ("max_connections = 0", "at least 1"),
+            ("max_connections_per_address = 0", "at least 1"),
+            ("client_idle_timeout = \"500ms\"", "at least 1s"),
+            ("enroll_rate_per_key = 0", "at least 1 per second"),
         ];
         for (toml_text, want) in cases {
             let s: ServerSettings = toml::from_str(toml_text).unwrap();
