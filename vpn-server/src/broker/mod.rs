@@ -246,10 +246,13 @@ impl Broker {
     /// Closes every session and front-end connection of an operator (it was revoked).
     /// Returns the number of sessions closed.
     pub fn close_operator(&self, name: &str) -> usize {
+        // Sessions first: by the time closing a connection can break a session's stream,
+        // the session knows it was cancelled (and is audited so).
+        let closed = self.close_where(|s| s.operator == name);
         for c in self.connections.iter().filter(|c| c.value().0 == name) {
             c.value().1.cancel();
         }
-        self.close_where(|s| s.operator == name)
+        closed
     }
 
     fn close_where(&self, pred: impl Fn(&SessionHandle) -> bool) -> usize {
@@ -553,9 +556,12 @@ impl Broker {
             if !leftover.is_empty() {
                 stream.write_all(leftover).await?;
             }
+            // A cancelled session is `cancelled`, even when its streams break at the same
+            // time (revoking an operator also closes its QUIC connections).
             tokio::select! {
-                r = tokio::io::copy_bidirectional(&mut client, &mut stream) => r.map(|_| "closed"),
+                biased;
                 _ = cancel.cancelled() => Ok("cancelled"),
+                r = tokio::io::copy_bidirectional(&mut client, &mut stream) => r.map(|_| "closed"),
             }
         }
         .await;
