@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Long runs of the property tests: everything that parses input from the network or from
 # disk (WireGuard datagrams, enrollment JSON and CSRs, broker headers and CONNECT targets,
-# the agent's config and state files) under random input, and the concentrator's state
+# the events stream's Last-Event-ID, the agent's config and state files) under random input, and the concentrator's state
 # machine against its model. `cargo test` runs the same tests with a few hundred cases each;
 # this runs PROPTEST_CASES cases each (default 100000), optimised but with overflow checks
 # and debug assertions kept. On 2 cores: about 4 minutes of release build the first time,

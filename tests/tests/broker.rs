@@ -71,6 +71,14 @@ fn floto_ssh_runs_a_command_on_a_wireguard_go_device() {
         );
         assert_eq!(stdout(&out), "hello-from-device", "over {transport}");
     }
+    // ssh's exit status is floto's.
+    let out = output(
+        floto(&cfg)
+            .args(["ssh", &s.device.uuid, "--"])
+            .args(ssh_opts(&s.key))
+            .args(["exit", "7"]),
+    );
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
     // The device's sshd saw the connection come from the server's overlay address.
     let out = output(
         floto(&cfg)
@@ -89,7 +97,7 @@ fn floto_ssh_runs_a_command_on_a_wireguard_go_device() {
                 .lines()
                 .filter(|l| l.contains("broker.session") && l.contains("bytes_from_device"))
                 .count();
-            (n >= 3).then_some(())
+            (n >= 4).then_some(())
         },
     );
 }
@@ -180,6 +188,27 @@ fn broker_errors_are_distinct_and_clear() {
             closed.contains("port 2323") && closed.contains("unreachable"),
             "{transport}: {closed}"
         );
+        // `floto ssh` to the closed port: the broker's reason, once, and nothing from
+        // OpenSSH after it.
+        let out = output(floto(&cfg).args([
+            "--transport",
+            transport,
+            "ssh",
+            "-p",
+            "2323",
+            &s.device.uuid,
+            "--",
+            "true",
+        ]));
+        assert_eq!(out.status.code(), Some(255), "{transport}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.matches("unreachable").count(), 1, "{transport}: {err}");
+        for noise in ["kex_exchange_identification", "Connection closed"] {
+            assert!(
+                !err.contains(noise),
+                "{transport}: ssh added {noise:?}: {err}"
+            );
+        }
     }
 
     // An operator of another fleet is refused exactly as for a device that does not exist

@@ -49,18 +49,38 @@ pub async fn proxy_stdio(
     port: u16,
     transport: Transport,
 ) -> Result<(), BrokerError> {
+    let stream = broker::open(target, device, port, transport).await?;
+    let (stream, result) = splice_stdio(stream).await;
+    stream.close().await;
+    result.map_err(|e| BrokerError::Transport(format!("forwarding: {e}")))
+}
+
+/// Splices stdin/stdout with a stream that `floto ssh` already opened and hands over on the
+/// Unix socket at `socket` (see [`crate::ssh`]).
+pub async fn attach_stdio(socket: &std::path::Path) -> std::io::Result<()> {
+    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("connecting to {}: {e}", socket.display()))
+    })?;
+    splice_stdio(stream).await.1
+}
+
+/// The copy loop of [`proxy_stdio`], for any stream; gives the stream back for closing.
+async fn splice_stdio<S>(stream: S) -> (S, std::io::Result<()>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     use tokio::io::AsyncWriteExt as _;
     use tokio::signal::unix::{signal, SignalKind};
-    let stream = broker::open(target, device, port, transport).await?;
-    let handler = |kind| {
-        signal(kind)
-            .map_err(|e| BrokerError::Transport(format!("installing a signal handler: {e}")))
+    let signals = [
+        SignalKind::hangup(),
+        SignalKind::terminate(),
+        SignalKind::interrupt(),
+    ]
+    .map(signal);
+    let [Ok(mut hup), Ok(mut term), Ok(mut int)] = signals else {
+        let e = std::io::Error::other("cannot install signal handlers");
+        return (stream, Err(e));
     };
-    let (mut hup, mut term, mut int) = (
-        handler(SignalKind::hangup())?,
-        handler(SignalKind::terminate())?,
-        handler(SignalKind::interrupt())?,
-    );
     let (mut from_device, mut to_device) = tokio::io::split(stream);
     let mut stdin = tokio::io::stdin();
     let mut stdout = tokio::io::stdout();
@@ -91,8 +111,7 @@ pub async fn proxy_stdio(
             }
         }
     };
-    from_device.unsplit(to_device).close().await;
-    result.map_err(|e| BrokerError::Transport(format!("forwarding: {e}")))
+    (from_device.unsplit(to_device), result)
 }
 
 /// Binds every spec, then forwards each accepted connection through its own broker

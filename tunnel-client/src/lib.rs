@@ -7,6 +7,7 @@ pub mod agent;
 pub mod enroll;
 pub mod forward;
 pub mod operator;
+pub mod ssh;
 pub mod state;
 
 /// Logging to stderr, filtered by `FLOTO_LOG` (or `RUST_LOG`), `default` otherwise.

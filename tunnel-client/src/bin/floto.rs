@@ -1,17 +1,17 @@
 //! `floto`: the operator's command line.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use floto_client::broker::Transport;
+use floto_client::broker::{self, Transport};
 use floto_client::cli::Program;
 use floto_proto::{rfc3339, DeviceId};
 use floto_tunnel_client::forward::{self, ForwardSpec};
 use floto_tunnel_client::operator::{self, default_config_dir, Operator};
+use floto_tunnel_client::ssh;
 
 #[derive(Parser)]
 #[command(
@@ -45,13 +45,6 @@ impl TransportArg {
             Self::Connect => Transport::Connect,
         }
     }
-    fn name(self) -> &'static str {
-        match self {
-            Self::Auto => "auto",
-            Self::Quic => "quic",
-            Self::Connect => "connect",
-        }
-    }
 }
 
 #[derive(Subcommand)]
@@ -74,7 +67,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// ssh into a device through the broker (runs the system `ssh`).
+    /// ssh into a device through the broker (runs the system `ssh`). Exits with ssh's
+    /// status, or 255 when the broker refuses, as ssh does when it cannot connect.
     Ssh {
         device: String,
         /// Remote user.
@@ -88,7 +82,14 @@ enum Command {
         ssh_args: Vec<String>,
     },
     /// Connect stdin/stdout to a device port (for ssh's ProxyCommand).
-    Proxy { device: String, port: u16 },
+    Proxy {
+        device: String,
+        port: u16,
+        /// Internal to `floto ssh`: splice with the stream it opened, handed over on this
+        /// Unix socket.
+        #[arg(long, hide = true)]
+        attach: Option<PathBuf>,
+    },
     /// Forward local ports to device ports: [LOCAL_ADDR:]LOCAL_PORT:REMOTE_PORT...
     Tunnel {
         device: String,
@@ -105,6 +106,12 @@ fn main() -> ExitCode {
     // `floto proxy` reads stdin on a blocking thread that cannot be cancelled; waiting for it
     // would keep ssh's ProxyCommand alive after the device side has ended.
     Program::new("floto")
+        // As ssh does when it cannot connect, so scripts tell "not reached" from a remote
+        // command's failure.
+        .exit_code(|e| match e.downcast_ref::<broker::BrokerError>() {
+            Some(_) => ExitCode::from(255),
+            None => ExitCode::FAILURE,
+        })
         .abandon_blocking_tasks()
         .run(dispatch(cli))
 }
@@ -143,25 +150,24 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             ssh_args,
         } => {
             let id = DeviceId::from_host(&device)?;
-            // Fail here with a clear message rather than inside ssh: a refusal reported by
-            // the ProxyCommand is followed by OpenSSH's own "Connection closed" noise.
             let op = Operator::load_renewing(&dir).await?;
-            let info = op.api()?.device(&id).await?;
-            if !info.online {
-                let seen = info.last_seen.map_or("never seen".to_owned(), |t| {
-                    format!("last seen {}", rfc3339(t))
-                });
-                anyhow::bail!("device {id} is offline ({seen})");
-            }
+            let stream = broker::open(
+                &op.broker_target()?,
+                &id.to_string(),
+                port,
+                transport.transport(),
+            )
+            .await?;
+            let handover = ssh::Handover::new()?;
             let exe = std::env::current_exe()?;
             let proxy = format!(
-                "{} --config-dir {} --transport {} proxy {id} %p",
+                "{} proxy --attach {} {id} %p",
                 shell_quote(&exe.to_string_lossy()),
-                shell_quote(&dir.to_string_lossy()),
-                transport.name()
+                shell_quote(&handover.socket().to_string_lossy()),
             );
             let host = format!("{id}.floto");
-            let err = std::process::Command::new("ssh")
+            let mut command = std::process::Command::new("ssh");
+            command
                 .arg("-o")
                 .arg(format!("ProxyCommand={proxy}"))
                 .arg("-o")
@@ -171,11 +177,24 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 .arg("-l")
                 .arg(&user)
                 .arg(&host)
-                .args(&ssh_args)
-                .exec();
-            anyhow::bail!("cannot run ssh: {err}");
+                .args(&ssh_args);
+            let status = handover.run(stream, command).await?;
+            return Ok(ExitCode::from(ssh::exit_code(status)));
         }
-        Command::Proxy { device, port } => {
+        Command::Proxy {
+            device,
+            port,
+            attach: Some(socket),
+        } => {
+            // `device` and `port` are only for ssh's %n and %p; the stream is already open.
+            let _ = (device, port);
+            forward::attach_stdio(&socket).await?;
+        }
+        Command::Proxy {
+            device,
+            port,
+            attach: None,
+        } => {
             let op = Operator::load_renewing(&dir).await?;
             forward::proxy_stdio(&op.broker_target()?, &device, port, transport.transport())
                 .await?;

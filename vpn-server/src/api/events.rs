@@ -32,11 +32,7 @@ pub async fn stream(
     conn: axum::Extension<ConnInfo>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Failure> {
-    let last_seen = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    let (backlog, live) = state.events.subscribe(last_seen);
+    let (backlog, live) = state.events.subscribe(last_event_id(&headers));
     let visible =
         move |e: &DeviceEvent| allowed(op.role, &op.fleets, Action::ViewDevice, Some(&e.fleet));
     let backlog = stream::iter(backlog.into_iter().filter(visible.clone()).map(to_sse));
@@ -79,6 +75,16 @@ pub async fn stream(
     )
 }
 
+/// The `Last-Event-ID` a reconnecting client sends: one of our sequence numbers. Anything
+/// else (not ASCII, not a number, out of range) is no ID at all, and the client gets the
+/// whole buffer, as a new client does: a bad header costs a replay, never an error or a gap.
+fn last_event_id(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
 /// What a stream's caller presented, to check it again while the stream is open.
 struct Credential {
     state: Arc<AppState>,
@@ -113,4 +119,80 @@ fn to_sse(e: DeviceEvent) -> Result<Event, Infallible> {
         .id(e.seq.to_string())
         .event(kind)
         .data(data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+    use proptest::prelude::*;
+
+    fn with_id(value: &[u8]) -> Option<HeaderMap> {
+        let mut headers = HeaderMap::new();
+        headers.insert("last-event-id", HeaderValue::from_bytes(value).ok()?);
+        Some(headers)
+    }
+
+    #[test]
+    fn ids_we_sent_come_back() {
+        for (value, id) in [
+            (&b"0"[..], Some(0)),
+            (b"42", Some(42)),
+            (b" 42 ", Some(42)),
+            (b"18446744073709551615", Some(u64::MAX)),
+            (b"18446744073709551616", None),
+            (b"-1", None),
+            (b"4 2", None),
+            (b"", None),
+            (b"\xff", None),
+        ] {
+            let headers = with_id(value).unwrap();
+            assert_eq!(last_event_id(&headers), id, "{value:?}");
+        }
+        assert_eq!(last_event_id(&HeaderMap::new()), None);
+    }
+
+    mod proptests {
+        use super::*;
+
+        proptest! {
+            /// Any header value a client can send: no panic, and a number back only for the
+            /// decimal form of one.
+            #[test]
+            fn any_header_value(value in proptest::collection::vec(any::<u8>(), 0..64)) {
+                if let Some(headers) = with_id(&value) {
+                    if last_event_id(&headers).is_some() {
+                        let text = std::str::from_utf8(&value).unwrap().trim();
+                        let digits = text.strip_prefix('+').unwrap_or(text);
+                        prop_assert!(!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()));
+                    }
+                }
+            }
+
+            /// Whatever the ID, the replay is the buffered events after it, in order.
+            #[test]
+            fn replay_is_what_follows_the_id(
+                published in 0usize..300,
+                id in prop_oneof![any::<u64>(), 0u64..320],
+            ) {
+                use crate::events::{EventHub, WallClock};
+                use crate::wg::PeerEvent;
+                let hub = EventHub::new(WallClock::new());
+                let device = floto_proto::DeviceId::new_random();
+                for generation in 0..published as u64 {
+                    hub.publish_peer(PeerEvent::Offline {
+                        id: device,
+                        fleet: "lab".into(),
+                        generation,
+                        at: std::time::Instant::now(),
+                    });
+                }
+                let (all, _) = hub.subscribe(None);
+                let (after, _) = hub.subscribe(Some(id));
+                prop_assert!(after.windows(2).all(|w| w[0].seq < w[1].seq));
+                prop_assert!(after.iter().all(|e| e.seq > id));
+                prop_assert_eq!(after.len(), all.iter().filter(|e| e.seq > id).count());
+            }
+        }
+    }
 }
