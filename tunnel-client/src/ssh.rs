@@ -19,7 +19,11 @@ pub struct Handover {
 
 impl Handover {
     pub fn new() -> std::io::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("floto-ssh-").tempdir()?;
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::Builder::new()
+            .prefix("floto-ssh-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir()?;
         let socket = dir.path().join("s");
         let listener = UnixListener::bind(&socket).map_err(|e| {
             std::io::Error::new(e.kind(), format!("binding {}: {e}", socket.display()))
