@@ -1,13 +1,20 @@
 //! floto-registry: what the floto-connect server knows and must not forget. Devices,
 //! provisioning keys (hashed), issued certificates, operators and the audit log, behind the
 //! [`Registry`] trait, with the refusals a write can meet and the [`rules`] a commit is
-//! checked against. SQLite ([`sqlite::SqliteRegistry`]) is the embedded default.
+//! checked against. SQLite ([`sqlite::SqliteRegistry`]) is the embedded default;
+//! PostgreSQL ([`postgres::PgRegistry`]) serves a cluster of nodes.
 //!
-//! No HTTP and no running server here: a write returns what it committed (a [`Change`]),
-//! and the server decides who hears of it.
+//! No HTTP and no running server here: a write returns what it committed (a [`Change`])
+//! and appends to the change feed in the same transaction ([`Registry::changes_after`]);
+//! the server decides who hears of it.
 
+mod commit;
+pub mod postgres;
+mod rows;
 pub mod rules;
 pub mod sqlite;
+#[cfg(test)]
+mod tests;
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -152,7 +159,7 @@ pub enum CertKind {
 }
 
 impl CertKind {
-    pub(crate) fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Device => "device",
             Self::Operator => "operator",
@@ -261,6 +268,60 @@ impl Renewed {
     }
 }
 
+/// What a change-feed entry is about; the entry names its subject (a device UUID or an
+/// operator name), and a reader reads the subject as it is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    Device,
+    Operator,
+}
+
+impl ChangeKind {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Device => "device",
+            Self::Operator => "operator",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Result<Self, StoreError> {
+        match s {
+            "device" => Ok(Self::Device),
+            "operator" => Ok(Self::Operator),
+            other => Err(StoreError::Corrupt(format!("change kind {other:?}"))),
+        }
+    }
+}
+
+/// One entry of the change feed as stored: its sequence number and subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeRow {
+    pub seq: u64,
+    pub kind: ChangeKind,
+    pub subject: String,
+}
+
+/// One change of the feed, with its subject as the registry holds it now. Reading the
+/// subject's present state (rather than a copy made at write time) makes applying the feed
+/// converge: a late or repeated entry can only bring a node to the present, never back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedEntry {
+    pub seq: u64,
+    /// `None` when the change asks nothing of a running server (an operator that is not
+    /// revoked) or its subject is gone.
+    pub change: Option<Change>,
+}
+
+/// A page of the change feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Feed {
+    /// The entries after the asked-for sequence number, oldest first.
+    Entries(Vec<FeedEntry>),
+    /// Entries after the asked-for number have been pruned: the reader must load the whole
+    /// registry again (and continue from `resume_after`, read before that load).
+    Pruned { resume_after: u64 },
+}
+
 /// Persisted presence of one device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Presence {
@@ -336,6 +397,77 @@ pub trait Registry: Send + Sync + 'static {
         name: &str,
         now: OffsetDateTime,
     ) -> Result<Option<OperatorRevocation>, StoreError>;
+
+    // change feed
+    /// The newest sequence number of the change feed (0 when it is empty). A reader that
+    /// loads the whole registry reads this first and follows the feed after it.
+    async fn last_change(&self) -> Result<u64, StoreError>;
+    /// Up to `limit` stored entries after `seq`, oldest first; `Err(resume_after)` when
+    /// entries after `seq` have been pruned.
+    async fn change_rows_after(
+        &self,
+        seq: u64,
+        limit: u32,
+    ) -> Result<Result<Vec<ChangeRow>, u64>, StoreError>;
+    /// Serials of the revoked certificates of one device or operator.
+    async fn revoked_serials_of(
+        &self,
+        kind: CertKind,
+        subject: &str,
+    ) -> Result<Vec<String>, StoreError>;
+    /// Drops feed entries older than `before` (a reader that was away longer reloads).
+    async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64, StoreError>;
+    /// Waits until another writer may have appended to the feed, or `timeout` passes.
+    /// Backends without other writers just wait.
+    async fn wait_for_changes(&self, timeout: std::time::Duration) {
+        tokio::time::sleep(timeout).await;
+    }
+
+    /// Up to `limit` changes after `seq`, oldest first, each with its subject as it is now.
+    async fn changes_after(&self, seq: u64, limit: u32) -> Result<Feed, StoreError> {
+        let rows = match self.change_rows_after(seq, limit).await? {
+            Ok(rows) => rows,
+            Err(resume_after) => return Ok(Feed::Pruned { resume_after }),
+        };
+        let mut entries = Vec::with_capacity(rows.len());
+        for row in rows {
+            let change = match row.kind {
+                ChangeKind::Device => {
+                    let id = rows::parse_device_id(&row.subject)?;
+                    match self.device(&id).await? {
+                        Some(device) if device.is_revoked() => {
+                            let serials = self
+                                .revoked_serials_of(CertKind::Device, &row.subject)
+                                .await?;
+                            Some(Change::DeviceRevoked(DeviceRevocation { device, serials }))
+                        }
+                        Some(device) => Some(Change::DeviceUpdated {
+                            device,
+                            previous_wg_key: None,
+                        }),
+                        None => None,
+                    }
+                }
+                ChangeKind::Operator => match self.operator(&row.subject).await? {
+                    Some(operator) if operator.revoked_at.is_some() => {
+                        let serials = self
+                            .revoked_serials_of(CertKind::Operator, &row.subject)
+                            .await?;
+                        Some(Change::OperatorRevoked(OperatorRevocation {
+                            operator,
+                            serials,
+                        }))
+                    }
+                    _ => None,
+                },
+            };
+            entries.push(FeedEntry {
+                seq: row.seq,
+                change,
+            });
+        }
+        Ok(Feed::Entries(entries))
+    }
 
     // audit
     async fn append_audit(&self, record: AuditRecord) -> Result<(), StoreError>;

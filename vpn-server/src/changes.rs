@@ -1,8 +1,11 @@
-//! The one applier: a committed registry change reaches the running server here and only
-//! here. Enrollment, renewal and revocation handlers (and, in a cluster, the change feed
-//! from other nodes) commit to the registry and hand the [`Change`] it returns to
-//! [`Applier::apply`], which brings the concentrator, the broker and the set of revoked
-//! certificates in line with it.
+//! The one path from "the registry changed" to the running server. Every write a running
+//! server must follow appends to the registry's change feed in its own transaction; the
+//! [`Feed`] reads the feed in sequence order and hands each change to the [`Applier`],
+//! which brings the concentrator, the broker and the set of revoked certificates in line
+//! with it. A node's own writes and other nodes' writes take the same path: a handler that
+//! has committed calls [`Feed::after_write`], which reads everything up to and including
+//! its write; other nodes' writes arrive by [`Feed::follow`] (woken by the registry, and
+//! reading at least every [`POLL_EVERY`] whatever the wake-ups say).
 //!
 //! Revocation is final: once a device's revocation is applied, a change that would serve
 //! the device again (a renewal or re-enrollment committed just before the revocation and
@@ -10,11 +13,15 @@
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use dashmap::DashSet;
-use tracing::{debug, info_span};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn};
 
 use floto_proto::DeviceId;
-use floto_registry::{Change, Device};
+use floto_registry::{Change, Device, DeviceRevocation, Feed as Page, Registry, StoreError};
 
 use crate::broker::Broker;
 use crate::identify::RevokedSerials;
@@ -25,6 +32,12 @@ use crate::wg::{Concentrator, PeerConfig};
 pub struct Applied {
     /// Broker sessions closed because of it.
     pub sessions_closed: usize,
+}
+
+impl std::ops::AddAssign for Applied {
+    fn add_assign(&mut self, other: Self) {
+        self.sessions_closed += other.sessions_closed;
+    }
 }
 
 /// Applies committed registry changes to the running parts of the server.
@@ -105,6 +118,162 @@ impl Applier {
     pub fn revoke_serials(&self, serials: &[String]) {
         for serial in serials {
             self.revoked.insert(serial.clone());
+        }
+    }
+}
+
+/// How often the feed is read even when no wake-up came (a lost NOTIFY, SQLite).
+pub const POLL_EVERY: Duration = Duration::from_secs(2);
+/// Feed entries read per query.
+const PAGE: u32 = 1024;
+/// Feed entries older than this are pruned; a node away longer loads everything again.
+const KEEP_CHANGES: Duration = Duration::from_secs(24 * 3600);
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Follows the registry's change feed, applying each change once and in order.
+pub struct Feed {
+    registry: Arc<dyn Registry>,
+    applier: Arc<Applier>,
+    /// The sequence number of the last change applied; held while reading and applying, so
+    /// changes are applied by one reader at a time and in order.
+    applied: tokio::sync::Mutex<u64>,
+}
+
+impl std::fmt::Debug for Feed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Feed").finish_non_exhaustive()
+    }
+}
+
+impl Feed {
+    pub fn new(registry: Arc<dyn Registry>, applier: Arc<Applier>) -> Self {
+        Self {
+            registry,
+            applier,
+            applied: tokio::sync::Mutex::new(0),
+        }
+    }
+
+    /// Loads the whole registry through the applier and continues the feed after what it
+    /// held then. Returns the live devices with their last known endpoints, to call back.
+    pub async fn load(
+        &self,
+        now: OffsetDateTime,
+    ) -> Result<Vec<(DeviceId, std::net::SocketAddr)>, StoreError> {
+        let mut applied = self.applied.lock().await;
+        self.load_locked(&mut applied, now).await
+    }
+
+    async fn load_locked(
+        &self,
+        applied: &mut u64,
+        now: OffsetDateTime,
+    ) -> Result<Vec<(DeviceId, std::net::SocketAddr)>, StoreError> {
+        // Read first: a change committed during the load is read again afterwards, and
+        // applying it twice brings the node to the same place.
+        let start = self.registry.last_change().await?;
+        let serials: Vec<String> = self
+            .registry
+            .revoked_certificates(now)
+            .await?
+            .into_iter()
+            .map(|c| c.serial)
+            .collect();
+        self.applier.revoke_serials(&serials);
+        let mut call_back = Vec::new();
+        for device in self.registry.devices().await? {
+            if let (false, Some(endpoint)) = (device.is_revoked(), device.last_endpoint) {
+                call_back.push((device.id, endpoint));
+            }
+            let change = if device.is_revoked() {
+                Change::DeviceRevoked(DeviceRevocation {
+                    device,
+                    serials: Vec::new(),
+                })
+            } else {
+                Change::DeviceUpdated {
+                    device,
+                    previous_wg_key: None,
+                }
+            };
+            self.applier.apply(&change);
+        }
+        *applied = start;
+        Ok(call_back)
+    }
+
+    /// Applies every change committed so far that this node has not applied.
+    pub async fn catch_up(&self) -> Result<Applied, StoreError> {
+        let mut applied = self.applied.lock().await;
+        let mut total = Applied::default();
+        loop {
+            match self.registry.changes_after(*applied, PAGE).await? {
+                Page::Entries(entries) if entries.is_empty() => return Ok(total),
+                Page::Entries(entries) => {
+                    for entry in entries {
+                        if let Some(change) = &entry.change {
+                            total += self.applier.apply(change);
+                        }
+                        *applied = entry.seq;
+                    }
+                }
+                Page::Pruned { .. } => {
+                    warn!(
+                        after = *applied,
+                        "the change feed was pruned past this node; loading the registry again"
+                    );
+                    self.load_locked(&mut applied, OffsetDateTime::now_utc())
+                        .await?;
+                }
+            }
+        }
+    }
+
+    /// After a handler committed `own`: applies the feed up to and including it. If the
+    /// feed cannot be read just now, `own` is applied directly (applying converges, and
+    /// [`Feed::follow`] reads the feed again shortly), so the node never lags its own
+    /// writes.
+    pub async fn after_write(&self, own: &Change) -> Applied {
+        match self.catch_up().await {
+            Ok(applied) => applied,
+            Err(e) => {
+                warn!(error = %e, "cannot read the change feed; applying this node's write directly");
+                self.applier.apply(own)
+            }
+        }
+    }
+
+    /// Reads the feed whenever the registry says another writer may have appended, and
+    /// every [`POLL_EVERY`] regardless; prunes old entries now and then.
+    pub async fn follow(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut failing = false;
+        let mut pruned_at = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.registry.wait_for_changes(POLL_EVERY) => {}
+            }
+            match self.catch_up().await {
+                Ok(_) if failing => {
+                    failing = false;
+                    info!("reading the change feed again");
+                }
+                Ok(_) => {}
+                Err(e) if !failing => {
+                    failing = true;
+                    warn!(error = %e, "cannot read the change feed; retrying");
+                }
+                Err(_) => {}
+            }
+            if pruned_at.elapsed() >= PRUNE_EVERY {
+                pruned_at = tokio::time::Instant::now();
+                let before = OffsetDateTime::now_utc() - KEEP_CHANGES;
+                match self.registry.prune_changes(before).await {
+                    Ok(n) if n > 0 => debug!(pruned = n, "old change-feed entries pruned"),
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "cannot prune the change feed"),
+                }
+            }
         }
     }
 }

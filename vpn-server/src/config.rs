@@ -191,6 +191,18 @@ pub struct ServerSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_sessions_per_device: Option<usize>,
 
+    /// The registry of a cluster of nodes: `postgres://USER[:PASSWORD]@HOST[:PORT]/DB`
+    /// (any libpq-style URL sqlx accepts, e.g. `?host=/run/postgresql` for a socket).
+    /// Without it the registry is SQLite in the data dir, for a single node.
+    #[arg(
+        long,
+        env = "FLOTO_DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+
     /// Log format.
     #[arg(long, env = "FLOTO_LOG_FORMAT", value_enum)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -239,7 +251,58 @@ pub struct Config {
     pub max_connections: usize,
     pub max_connections_per_address: usize,
     pub client_idle_timeout: Duration,
+    /// PostgreSQL for a cluster; `None`: SQLite in the data dir.
+    pub database_url: Option<DatabaseUrl>,
     pub log_format: LogFormat,
+}
+
+/// A PostgreSQL URL, whose password never reaches a log or an error message.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn parse(url: &str) -> anyhow::Result<Self> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            bail!(
+                "database URL {:?} is not a postgres:// URL; leave it out to use SQLite in the data dir",
+                Self(url.to_owned()).redacted()
+            );
+        }
+        Ok(Self(url.to_owned()))
+    }
+
+    /// The URL to connect with.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        let url = &self.0;
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return url.clone();
+        };
+        let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+                None => url.clone(),
+            },
+            None => url.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl std::fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
 }
 
 impl Config {
@@ -315,6 +378,11 @@ impl Config {
             max_connections: s.max_connections.unwrap_or(16_384),
             max_connections_per_address: s.max_connections_per_address.unwrap_or(256),
             client_idle_timeout: s.client_idle_timeout.unwrap_or(Duration::from_secs(30)),
+            database_url: s
+                .database_url
+                .as_deref()
+                .map(DatabaseUrl::parse)
+                .transpose()?,
             log_format: s.log_format.unwrap_or_default(),
         };
         config.validate()?;
@@ -441,6 +509,7 @@ impl ServerSettings {
                 .max_connections_per_address
                 .or(lower.max_connections_per_address),
             client_idle_timeout: self.client_idle_timeout.or(lower.client_idle_timeout),
+            database_url: self.database_url.or(lower.database_url),
             log_format: self.log_format.or(lower.log_format),
         }
     }
@@ -548,5 +617,26 @@ mod tests {
         for bad in ["", ":51820", "host:", "host:70000", "ho st:1", "a..b:1"] {
             assert!(validate_endpoint(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn database_urls_are_postgres_and_never_show_their_password() {
+        let url = DatabaseUrl::parse("postgres://floto:s3cret@db.example:5432/floto").unwrap();
+        assert_eq!(
+            url.expose(),
+            "postgres://floto:s3cret@db.example:5432/floto"
+        );
+        for shown in [format!("{url}"), format!("{url:?}")] {
+            assert_eq!(shown, "postgres://floto:***@db.example:5432/floto");
+        }
+        let socket = DatabaseUrl::parse("postgresql://floto@localhost/floto?host=/run/postgresql");
+        assert!(socket.is_ok());
+        let err = DatabaseUrl::parse("mysql://u:hunter2@h/db")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a postgres:// URL"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = DatabaseUrl::parse("sqlite://x.db").unwrap_err().to_string();
+        assert!(err.contains("SQLite in the data dir"), "{err}");
     }
 }

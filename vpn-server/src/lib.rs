@@ -66,13 +66,14 @@ use tracing::{info, warn};
 use floto_pki::{Ca, Serial};
 use floto_proto::admin::Role;
 use floto_proto::DeviceId;
+use floto_registry::postgres::PgRegistry;
 use floto_registry::sqlite::SqliteRegistry;
-use floto_registry::{CertKind, Change, DeviceRevocation, IssuedCertRecord, NewOperator, Registry};
+use floto_registry::{CertKind, IssuedCertRecord, NewOperator, Registry};
 
 use crate::api::AppState;
 use crate::audit::Auditor;
 use crate::broker::{Broker, BrokerDeps};
-use crate::changes::Applier;
+use crate::changes::{Applier, Feed};
 use crate::config::Config;
 use crate::datadir::{DataDir, InitOptions, LOCAL_ADMIN};
 use crate::events::{EventHub, WallClock};
@@ -175,10 +176,18 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     }
     let ca = Arc::new(data.load_ca()?);
     let wg_private = data.load_wg_key()?;
-    let registry = SqliteRegistry::open(&data.database(), config.overlay)
-        .await
-        .with_context(|| format!("opening the registry {}", data.database().display()))?;
-    let store: Arc<dyn Registry> = Arc::new(registry);
+    let store: Arc<dyn Registry> = match &config.database_url {
+        None => Arc::new(
+            SqliteRegistry::open(&data.database(), config.overlay)
+                .await
+                .with_context(|| format!("opening the registry {}", data.database().display()))?,
+        ),
+        Some(url) => Arc::new(
+            PgRegistry::connect(url.expose(), config.overlay)
+                .await
+                .with_context(|| format!("opening the registry at {url}"))?,
+        ),
+    };
     ensure_local_admin(&data, &ca, store.as_ref()).await?;
 
     // The concentrator, with every enrolled device as a peer.
@@ -251,39 +260,14 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         audit: audit.clone(),
     }));
     let revoked = Arc::new(RevokedSerials::default());
-    let changes = Arc::new(Applier::new(
+    let applier = Arc::new(Applier::new(
         concentrator.clone(),
         broker.clone(),
         revoked.clone(),
     ));
-
     // What the registry holds, through the same applier as every later change.
-    let now = OffsetDateTime::now_utc();
-    let serials: Vec<String> = store
-        .revoked_certificates(now)
-        .await?
-        .into_iter()
-        .map(|c| c.serial)
-        .collect();
-    changes.revoke_serials(&serials);
-    let mut call_back = Vec::new();
-    for device in store.devices().await? {
-        if let (false, Some(endpoint)) = (device.is_revoked(), device.last_endpoint) {
-            call_back.push((device.id, endpoint));
-        }
-        let change = if device.is_revoked() {
-            Change::DeviceRevoked(DeviceRevocation {
-                device,
-                serials: Vec::new(),
-            })
-        } else {
-            Change::DeviceUpdated {
-                device,
-                previous_wg_key: None,
-            }
-        };
-        changes.apply(&change);
-    }
+    let changes = Arc::new(Feed::new(store.clone(), applier));
+    let call_back = changes.load(OffsetDateTime::now_utc()).await?;
 
     let state = Arc::new(AppState {
         enroll_slots: Arc::new(Semaphore::new(config.max_concurrent_enrollments)),
@@ -329,6 +313,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         shutdown.clone(),
     ));
     tasks.spawn(presence_loop(state.clone(), shutdown.clone()));
+    tasks.spawn(state.changes.clone().follow(shutdown.clone()));
     tasks.spawn(
         state
             .broker

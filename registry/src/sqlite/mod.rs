@@ -2,7 +2,6 @@
 //! API answers), one writer connection (transactions start `IMMEDIATE`, so writers queue
 //! instead of failing busy) and a small pool of readers.
 
-mod rows;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -18,17 +17,17 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row as _, Sqlite, Transaction};
 use time::OffsetDateTime;
-use tokio::sync::{mpsc, oneshot};
 
 use floto_proto::admin::{KeyInfo, OperatorInfo, TokenKind};
 use floto_proto::DeviceId;
 
 pub use schema::{inspect, snapshot, SnapshotInfo, SCHEMA_VERSION};
 
+use crate::commit::{CommitTx as _, EnrollResult, Jobs, RenewResult};
+use crate::rows::*;
 use crate::*;
-use rows::*;
 use schema::migrate;
-use writer::{group_commit, EnrollResult, Job, RenewResult, MAX_BATCH};
+use writer::SqliteWriter;
 
 /// The SQLite registry.
 #[derive(Debug, Clone)]
@@ -36,8 +35,8 @@ pub struct SqliteRegistry {
     writer: SqlitePool,
     reader: SqlitePool,
     overlay: Ipv4Net,
-    /// Enrollments and renewals, committed in groups by [`group_commit`].
-    jobs: mpsc::Sender<Job>,
+    /// Enrollments and renewals, committed in groups by [`crate::commit`].
+    jobs: Jobs,
 }
 
 impl SqliteRegistry {
@@ -65,8 +64,7 @@ impl SqliteRegistry {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(opts)
             .await?;
-        let (jobs, queue) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(group_commit(writer.clone(), overlay, queue));
+        let jobs = Jobs::start(SqliteWriter(writer.clone()), overlay);
         let registry = Self {
             writer,
             reader,
@@ -176,23 +174,11 @@ impl Registry for SqliteRegistry {
     }
 
     async fn enroll(&self, c: EnrollCommit) -> EnrollResult {
-        let (tx, rx) = oneshot::channel();
-        self.jobs
-            .send(Job::Enroll(c, tx))
-            .await
-            .map_err(|_| StoreError::Inconsistent("the registry writer stopped".into()))?;
-        rx.await
-            .map_err(|_| StoreError::Inconsistent("the registry writer stopped".into()))?
+        self.jobs.enroll(c).await
     }
 
     async fn renew(&self, c: RenewCommit) -> RenewResult {
-        let (tx, rx) = oneshot::channel();
-        self.jobs
-            .send(Job::Renew(c, tx))
-            .await
-            .map_err(|_| StoreError::Inconsistent("the registry writer stopped".into()))?;
-        rx.await
-            .map_err(|_| StoreError::Inconsistent("the registry writer stopped".into()))?
+        self.jobs.renew(c).await
     }
 
     async fn device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
@@ -239,6 +225,10 @@ impl Registry for SqliteRegistry {
             .map(device_from_row)
             .transpose()?;
         let serials = revoked_serials(&mut tx, CertKind::Device, &id.to_string()).await?;
+        if device.is_some() {
+            tx.record_change(ChangeKind::Device, &id.to_string(), now)
+                .await?;
+        }
         tx.commit().await?;
         Ok(device.map(|device| DeviceRevocation { device, serials }))
     }
@@ -433,8 +423,82 @@ impl Registry for SqliteRegistry {
             .map(operator_from_row)
             .transpose()?;
         let serials = revoked_serials(&mut tx, CertKind::Operator, name).await?;
+        if op.is_some() {
+            tx.record_change(ChangeKind::Operator, name, now).await?;
+        }
         tx.commit().await?;
         Ok(op.map(|operator| OperatorRevocation { operator, serials }))
+    }
+
+    async fn last_change(&self) -> Result<u64, StoreError> {
+        let n: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM changes")
+            .fetch_one(&self.reader)
+            .await?;
+        let pruned = pruned_through(&self.reader).await?;
+        Ok(n.map_or(0, |n| n.max(0) as u64).max(pruned))
+    }
+
+    async fn change_rows_after(
+        &self,
+        seq: u64,
+        limit: u32,
+    ) -> Result<Result<Vec<ChangeRow>, u64>, StoreError> {
+        // One read transaction: the pruning mark and the rows agree.
+        let mut tx = self.reader.begin().await?;
+        let pruned = pruned_through(&mut *tx).await?;
+        if seq < pruned {
+            return Ok(Err(self.last_change().await?));
+        }
+        let rows = sqlx::query(
+            "SELECT seq, kind, subject FROM changes WHERE seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(seq as i64)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Ok(rows
+            .iter()
+            .map(|r| {
+                Ok(ChangeRow {
+                    seq: r.int("seq")?.max(0) as u64,
+                    kind: ChangeKind::parse(&r.text("kind")?)?,
+                    subject: r.text("subject")?,
+                })
+            })
+            .collect::<Result<_, StoreError>>()?))
+    }
+
+    async fn revoked_serials_of(
+        &self,
+        kind: CertKind,
+        subject: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut tx = self.reader.begin().await?;
+        let serials = revoked_serials(&mut tx, kind, subject).await?;
+        tx.commit().await?;
+        Ok(serials)
+    }
+
+    async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        let mut tx = self.begin().await?;
+        let through: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM changes WHERE at < ?")
+            .bind(ts(before))
+            .fetch_one(&mut *tx)
+            .await?;
+        let Some(through) = through else {
+            return Ok(0);
+        };
+        let done = sqlx::query("DELETE FROM changes WHERE seq <= ?")
+            .bind(through)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE meta SET value = ? WHERE key = 'changes_pruned_through'")
+            .bind(through.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
     }
 
     async fn append_audit(&self, r: AuditRecord) -> Result<(), StoreError> {
@@ -470,4 +534,52 @@ impl Registry for SqliteRegistry {
         .map(audit_from_row)
         .collect()
     }
+}
+
+/// The highest sequence number pruned from the feed (0 when none).
+async fn pruned_through<'c>(
+    conn: impl sqlx::Executor<'c, Database = Sqlite>,
+) -> Result<u64, StoreError> {
+    let v: Option<String> =
+        sqlx::query_scalar("SELECT value FROM meta WHERE key = 'changes_pruned_through'")
+            .fetch_optional(conn)
+            .await?;
+    v.as_deref()
+        .unwrap_or("0")
+        .parse()
+        .map_err(|_| StoreError::Corrupt(format!("changes_pruned_through {v:?}")))
+}
+
+pub(super) async fn insert_cert(
+    tx: &mut Transaction<'static, Sqlite>,
+    cert: &IssuedCertRecord,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO certificates(serial, kind, subject, issued_at, expires_at, revoked_at) \
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&cert.serial)
+    .bind(cert.kind.as_str())
+    .bind(&cert.subject)
+    .bind(ts(cert.issued_at))
+    .bind(ts(cert.expires_at))
+    .bind(cert.revoked_at.map(ts))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Serials of the revoked certificates of one subject.
+pub(super) async fn revoked_serials(
+    tx: &mut Transaction<'static, Sqlite>,
+    kind: CertKind,
+    subject: &str,
+) -> Result<Vec<String>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT serial FROM certificates WHERE subject = ? AND kind = ? AND revoked_at IS NOT NULL",
+    )
+    .bind(subject)
+    .bind(kind.as_str())
+    .fetch_all(&mut **tx)
+    .await?)
 }

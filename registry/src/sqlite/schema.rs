@@ -8,7 +8,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
 use crate::StoreError;
 
 /// The registry schema this build reads and writes. Migrations run forward only.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 pub(super) const SCHEMA_V1: &str = r#"
 CREATE TABLE meta (
@@ -144,6 +144,18 @@ CREATE TRIGGER device_certificate_on_update AFTER UPDATE OF cert_serial ON devic
 END;
 "#;
 
+/// Version 4: the change feed. Every write a running server must follow appends a row in
+/// its own transaction; SQLite's single writer makes sequence order commit order.
+const SCHEMA_V4: &str = r#"
+CREATE TABLE changes (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    at      INTEGER NOT NULL,
+    kind    TEXT NOT NULL,
+    subject TEXT NOT NULL
+);
+INSERT INTO meta(key, value) VALUES ('changes_pruned_through', '0');
+"#;
+
 /// What a snapshot of the registry holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SnapshotInfo {
@@ -224,6 +236,14 @@ pub(super) async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
         let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::raw_sql(SCHEMA_V3).execute(&mut *tx).await?;
         sqlx::raw_sql("PRAGMA user_version = 3")
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+    }
+    if version < 4 {
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::raw_sql(SCHEMA_V4).execute(&mut *tx).await?;
+        sqlx::raw_sql("PRAGMA user_version = 4")
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;

@@ -359,7 +359,8 @@ pub async fn revoke_operator(
     let op = revocation.operator.clone();
     let closed = state
         .changes
-        .apply(&Change::OperatorRevoked(revocation))
+        .after_write(&Change::OperatorRevoked(revocation))
+        .await
         .sessions_closed;
     state
         .audit
@@ -441,7 +442,10 @@ pub async fn revoke_device(
         .await?
         .ok_or_else(|| unknown_device(&id))?;
     let device = revocation.device.clone();
-    state.changes.apply(&Change::DeviceRevoked(revocation));
+    state
+        .changes
+        .after_write(&Change::DeviceRevoked(revocation))
+        .await;
     state
         .audit
         .record(AuditRecord {

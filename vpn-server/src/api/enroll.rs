@@ -132,7 +132,7 @@ async fn enroll(
         .map_err(|refusal| Failure::from(enroll_refusal(&refusal, &device)))?;
 
     // 5. The running server follows what was committed.
-    state.changes.apply(&outcome.change());
+    state.changes.after_write(&outcome.change()).await;
     let (status, action) = match &outcome {
         EnrollOutcome::Created(_) => (StatusCode::CREATED, "device.enrolled"),
         EnrollOutcome::Reenrolled { .. } => (StatusCode::OK, "device.reenrolled"),
@@ -212,7 +212,7 @@ async fn renew(
         }
         Failure::from(renew_refusal(&refusal, &device))
     })?;
-    state.changes.apply(&renewed.change());
+    state.changes.after_write(&renewed.change()).await;
     state
         .audit
         .record(AuditRecord {

@@ -13,7 +13,7 @@ use super::devices::device_info;
 use super::ConnInfo;
 use crate::audit::Auditor;
 use crate::broker::Broker;
-use crate::changes::Applier;
+use crate::changes::Feed;
 use crate::config::Config;
 use crate::crl::CrlPublisher;
 use crate::datadir::{Bound, DataDir};
@@ -35,7 +35,7 @@ pub struct AppState {
     /// Who is calling (certificates, tokens, the revoked set).
     pub identify: Arc<Identifier>,
     /// Where committed registry changes reach the running server.
-    pub changes: Arc<Applier>,
+    pub changes: Arc<Feed>,
     pub audit: Auditor,
     pub metrics: Arc<Metrics>,
     pub enroll_slots: Arc<Semaphore>,

@@ -1,0 +1,116 @@
+//! Several server nodes on one PostgreSQL (a throwaway server started here, as the
+//! `postgres` user): what one node commits reaches the others through the change feed.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use floto_e2e::device::WgGoDevice;
+use floto_e2e::net::Netns;
+use floto_e2e::ping::Ping;
+use floto_e2e::server::Server;
+use floto_e2e::{require, require_root, run, wait_for};
+use floto_pgtest::Postgres;
+
+/// A second node's data dir: the first node's identity (CA, WireGuard key, TLS and admin
+/// credentials, config), without its registry file or runtime state.
+fn same_identity(from: &Path) -> tempfile::TempDir {
+    let dir = Server::temp_dir();
+    let to = dir.path().join("data");
+    std::fs::create_dir(&to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("registry.db") || name == "server.json" {
+            continue;
+        }
+        run(std::process::Command::new("cp")
+            .arg("-a")
+            .arg(entry.path())
+            .arg(&to));
+    }
+    dir
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// A device enrolled through node B and served by node A (A learns of it only from the
+/// feed); revoked through B, its tunnel on A stops within a second.
+#[test]
+fn two_nodes_on_one_postgres_apply_each_others_changes() {
+    require_root();
+    require(&["wireguard-go", "wg", "ping", "ip", "cp"]);
+    let pg = Postgres::start();
+    let url = pg.create_database("floto");
+    let ns = Netns::new();
+    let tls = ns.host_ip().to_string();
+    let args = ["--database-url", url.as_str(), "--tls-name", tls.as_str()];
+    let a = Server::start(&args);
+    let b = Server::start_on(same_identity(&a.data_dir()), &args);
+
+    // A key made on A enrolls a device through B.
+    let key = a.create_key("lab", None);
+    let mut device = WgGoDevice::enroll(ns, &b, &key);
+    assert_eq!(b.device(&device.uuid)["fleet"], "lab");
+    // The device is configured for B's WireGuard port; point it at A's.
+    let conf = run(device
+        .ns
+        .command(floto_e2e::bin("floto-tunnel"))
+        .args(["wg-config", "--state-dir"])
+        .arg(device.state_dir()));
+    let conf = String::from_utf8_lossy(&conf.stdout).replace(
+        &format!(":{}\n", b.bound.wg.port()),
+        &format!(":{}\n", a.bound.wg.port()),
+    );
+    assert!(
+        conf.contains(&format!(":{}\n", a.bound.wg.port())),
+        "{conf}"
+    );
+    device.up_with(&conf);
+    a.wait_online(&device.uuid, true, Duration::from_secs(20));
+
+    let logs = tempfile::tempdir().unwrap();
+    let ping = Ping::start(
+        &device.ns,
+        Ipv4Addr::new(10, 240, 0, 1),
+        Duration::from_millis(100),
+        logs.path(),
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let revoked_at = unix_now();
+    let out = b.admin(&["device", "revoke", &device.uuid]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let report = ping.stop();
+    let last = report
+        .last_reply
+        .expect("replies through node A before the revocation");
+    assert!(
+        last - revoked_at < 1.0,
+        "node A still served the device {:.2} s after node B revoked it\n{}",
+        last - revoked_at,
+        a.child.log()
+    );
+    let on_a = a.device(&device.uuid);
+    assert_eq!(on_a["online"], false, "{on_a}");
+    assert!(on_a["revoked_at"].is_string(), "{on_a}");
+    // Both nodes decided on one registry: the key's use and the device row are shared.
+    wait_for(Duration::from_secs(5), "the device in A's list", || {
+        let out = a.admin(&["device", "list", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v.as_array()?
+            .iter()
+            .any(|d| d["uuid"] == device.uuid.as_str())
+            .then_some(())
+    });
+}
