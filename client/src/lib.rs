@@ -215,6 +215,14 @@ impl ApiClient {
             .1)
     }
 
+    /// `GET /v1/nodes`
+    pub async fn nodes(&self) -> Result<Vec<floto_proto::admin::NodeInfo>, ClientError> {
+        Ok(self
+            .call::<(), _>(Method::GET, paths::NODES, None, None)
+            .await?
+            .1)
+    }
+
     /// `POST /v1/keys/{id}/revoke`
     pub async fn revoke_key(&self, id: &str) -> Result<KeyInfo, ClientError> {
         Ok(self

@@ -76,6 +76,7 @@ mod tests {
             revoked_at: None,
             device_type: None,
             hostname: None,
+            node: None,
         }
     }
 

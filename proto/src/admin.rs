@@ -175,6 +175,26 @@ pub struct KeyInfo {
     pub revoked_at: Option<OffsetDateTime>,
 }
 
+/// A server node as `GET /v1/nodes` lists it. A single node lists itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Unique per process start (a restarted node is a new node); `local` on a single node.
+    pub id: String,
+    pub name: String,
+    /// Where other nodes reach it.
+    pub address: String,
+    /// Whether its lease is alive.
+    pub alive: bool,
+    /// The node answering the request.
+    pub this: bool,
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub started_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub lease_expires_at: Option<OffsetDateTime>,
+    /// Devices whose session it holds.
+    pub devices: u64,
+}
+
 /// Fleet names: what `--fleet` accepts.
 pub fn validate_fleet_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()

@@ -41,6 +41,10 @@ pub struct DeviceInfo {
     pub revoked_at: Option<OffsetDateTime>,
     pub device_type: Option<String>,
     pub hostname: Option<String>,
+    /// In a cluster: the node holding the device's session (absent on a single node, and
+    /// for a device that is offline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl DeviceInfo {

@@ -53,6 +53,7 @@ pub mod paths {
     pub const KEYS: &str = "/v1/keys";
     pub const OPERATORS: &str = "/v1/operators";
     pub const AUDIT: &str = "/v1/audit";
+    pub const NODES: &str = "/v1/nodes";
     pub const HEALTHZ: &str = "/healthz";
     pub const READYZ: &str = "/readyz";
     pub const METRICS: &str = "/metrics";

@@ -8,6 +8,7 @@
 //! and appends to the change feed in the same transaction ([`Registry::changes_after`]);
 //! the server decides who hears of it.
 
+pub mod cluster;
 mod commit;
 pub mod postgres;
 mod rows;

@@ -114,3 +114,119 @@ fn two_nodes_on_one_postgres_apply_each_others_changes() {
             .then_some(())
     });
 }
+
+/// Three nodes; devices held by node A. A is killed with SIGKILL: its devices come back on
+/// B and C by themselves (lease expiry, takeover, call-back) within 15 s, pass traffic, and
+/// the cluster counts each device once.
+#[test]
+fn a_killed_nodes_devices_come_back_on_the_others() {
+    require_root();
+    require(&["wireguard-go", "wg", "ping", "ip", "cp"]);
+    let pg = Postgres::start();
+    let url = pg.create_database("floto");
+    let nss: Vec<Netns> = (0..3).map(|_| Netns::new()).collect();
+    let names = nss
+        .iter()
+        .map(|ns| ns.host_ip().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let args = |name: &'static str| {
+        [
+            "--database-url",
+            url.as_str(),
+            "--tls-name",
+            names.as_str(),
+            "--online-window",
+            "10s",
+            "--node-name",
+            name,
+        ]
+    };
+    let mut a = Server::start(&args("a"));
+    let b = Server::start_on(same_identity(&a.data_dir()), &args("b"));
+    let c = Server::start_on(same_identity(&a.data_dir()), &args("c"));
+    let key = a.create_key("lab", None);
+    let mut devices: Vec<WgGoDevice> = nss
+        .into_iter()
+        .map(|ns| WgGoDevice::enroll(ns, &a, &key))
+        .collect();
+    for d in &mut devices {
+        d.set_keepalive(2);
+        d.up();
+    }
+    for d in &devices {
+        a.wait_online(&d.uuid, true, Duration::from_secs(20));
+        // The other nodes see it online too, held by A.
+        let seen = b.wait_online(&d.uuid, true, Duration::from_secs(10));
+        assert_eq!(seen["node"], "a", "{seen}");
+    }
+    let cluster_online =
+        |s: &Server| floto_e2e::server::metric(&s.metrics(), "floto_cluster_devices_online");
+    wait_for(Duration::from_secs(10), "the cluster count on B", || {
+        (cluster_online(&b) == Some(3.0)).then_some(())
+    });
+
+    let held =
+        |s: &Server| floto_e2e::server::metric(&s.metrics(), "floto_devices_online").unwrap_or(0.0);
+    let killed = std::time::Instant::now();
+    a.kill();
+    wait_for(
+        Duration::from_secs(30),
+        "the devices held by B and C",
+        || (held(&b) + held(&c) == 3.0).then_some(()),
+    );
+    let took = killed.elapsed();
+    eprintln!(
+        "takeover of {} devices: {took:?} after SIGKILL",
+        devices.len()
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "the devices took {took:?} to come back\nB: {}\nC: {}",
+        b.child.log(),
+        c.child.log()
+    );
+    // They pass traffic through their new nodes.
+    for d in &devices {
+        run(d
+            .ns
+            .command("ping")
+            .args(["-c", "1", "-W", "2", "10.240.0.1"]));
+    }
+    // Each device is held by exactly one node, and every node's view says which (session
+    // rows are written within a second of a change).
+    assert_eq!(
+        held(&b) + held(&c),
+        3.0,
+        "every device held by exactly one node"
+    );
+    for d in &devices {
+        wait_for(Duration::from_secs(5), "C's view of the device", || {
+            let v = c.device(&d.uuid);
+            (v["online"] == true && (v["node"] == "b" || v["node"] == "c")).then_some(())
+        });
+    }
+    // The cluster counts each device once: the node list (read from the database) and
+    // the metric every node exports.
+    wait_for(
+        Duration::from_secs(10),
+        "the node list after the takeover",
+        || {
+            let out = b.admin(&["node", "list", "--json"]);
+            let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let nodes = nodes.as_array()?;
+            let alive: Vec<&serde_json::Value> =
+                nodes.iter().filter(|n| n["alive"] == true).collect();
+            let held: u64 = alive.iter().filter_map(|n| n["devices"].as_u64()).sum();
+            let dead_held: u64 = nodes
+                .iter()
+                .filter(|n| n["alive"] == false)
+                .filter_map(|n| n["devices"].as_u64())
+                .sum();
+            (alive.len() == 2 && held == 3 && dead_held == 0).then_some(())
+        },
+    );
+    wait_for(Duration::from_secs(10), "exact cluster counts", || {
+        (cluster_online(&b) == Some(3.0) && cluster_online(&c) == Some(3.0)).then_some(())
+    });
+}

@@ -14,7 +14,36 @@ use floto_proto::DeviceId;
 use floto_vpn_server::datadir::DataDir;
 use floto_vpn_server::RuntimeInfo;
 
-use crate::cli::{DeviceCommand, KeyCommand, OperatorCommand};
+use crate::cli::{DeviceCommand, KeyCommand, NodeCommand, OperatorCommand};
+
+pub(crate) async fn node(command: NodeCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        NodeCommand::List { dir, json } => {
+            let nodes = admin_client(&dir.data_dir)?.nodes().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&nodes)?);
+            } else {
+                println!(
+                    "{:<38} {:<20} {:<6} {:<8} {:<22} ADDRESS",
+                    "ID", "NAME", "ALIVE", "DEVICES", "LEASE UNTIL"
+                );
+                for n in nodes {
+                    println!(
+                        "{:<38} {:<20} {:<6} {:<8} {:<22} {}{}",
+                        n.id,
+                        n.name,
+                        if n.alive { "yes" } else { "no" },
+                        n.devices,
+                        n.lease_expires_at.map_or("-".to_owned(), rfc3339),
+                        n.address,
+                        if n.this { "  (this node)" } else { "" }
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
 
 pub(crate) async fn key(command: KeyCommand) -> anyhow::Result<ExitCode> {
     match command {

@@ -74,6 +74,11 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: DeviceCommand,
     },
+    /// The nodes of a cluster (a single node lists itself).
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
     /// Write a consistent snapshot of the data dir (registry, CA, WireGuard key, settings)
     /// to FILE, a gzipped tar readable only by its owner. Safe while the server runs.
     Backup {
@@ -166,6 +171,17 @@ pub(crate) enum OperatorCommand {
         name: String,
     },
     /// List operators.
+    List {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum NodeCommand {
+    /// List nodes: lease, whether alive, devices held.
     List {
         #[command(flatten)]
         dir: DataDirArg,

@@ -203,6 +203,12 @@ pub struct ServerSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
 
+    /// This node's name in a cluster (`node list`, the device views); the host name by
+    /// default. Only with `--database-url`.
+    #[arg(long, env = "FLOTO_NODE_NAME", value_name = "NAME")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+
     /// Log format.
     #[arg(long, env = "FLOTO_LOG_FORMAT", value_enum)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -253,6 +259,7 @@ pub struct Config {
     pub client_idle_timeout: Duration,
     /// PostgreSQL for a cluster; `None`: SQLite in the data dir.
     pub database_url: Option<DatabaseUrl>,
+    pub node_name: String,
     pub log_format: LogFormat,
 }
 
@@ -383,6 +390,11 @@ impl Config {
                 .as_deref()
                 .map(DatabaseUrl::parse)
                 .transpose()?,
+            node_name: s
+                .node_name
+                .clone()
+                .or_else(crate::tls::local_hostname)
+                .unwrap_or_else(|| "node".to_owned()),
             log_format: s.log_format.unwrap_or_default(),
         };
         config.validate()?;
@@ -448,6 +460,18 @@ impl Config {
                 bail!("TLS name {name:?} is not a DNS name or IP address");
             }
         }
+        if self.node_name.is_empty()
+            || self.node_name.len() > 64
+            || !self
+                .node_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        {
+            bail!(
+                "node name {:?} must be 1 to 64 letters, digits, '-', '.' or '_'",
+                self.node_name
+            );
+        }
         if self.api_listen == self.metrics_listen && self.api_listen.port() != 0 {
             bail!("API and metrics cannot both listen on {}", self.api_listen);
         }
@@ -510,6 +534,7 @@ impl ServerSettings {
                 .or(lower.max_connections_per_address),
             client_idle_timeout: self.client_idle_timeout.or(lower.client_idle_timeout),
             database_url: self.database_url.or(lower.database_url),
+            node_name: self.node_name.or(lower.node_name),
             log_format: self.log_format.or(lower.log_format),
         }
     }

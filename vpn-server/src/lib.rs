@@ -37,6 +37,7 @@ pub mod authz;
 pub mod backup;
 pub mod broker;
 pub mod changes;
+pub mod cluster;
 pub mod config;
 pub mod crl;
 pub mod datadir;
@@ -66,6 +67,7 @@ use tracing::{info, warn};
 use floto_pki::{Ca, Serial};
 use floto_proto::admin::Role;
 use floto_proto::DeviceId;
+use floto_registry::cluster::Cluster;
 use floto_registry::postgres::PgRegistry;
 use floto_registry::sqlite::SqliteRegistry;
 use floto_registry::{CertKind, IssuedCertRecord, NewOperator, Registry};
@@ -176,17 +178,26 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     }
     let ca = Arc::new(data.load_ca()?);
     let wg_private = data.load_wg_key()?;
-    let store: Arc<dyn Registry> = match &config.database_url {
-        None => Arc::new(
-            SqliteRegistry::open(&data.database(), config.overlay)
-                .await
-                .with_context(|| format!("opening the registry {}", data.database().display()))?,
+    let (store, cluster): (Arc<dyn Registry>, Option<Arc<dyn Cluster>>) = match &config.database_url
+    {
+        None => (
+            Arc::new(
+                SqliteRegistry::open(&data.database(), config.overlay)
+                    .await
+                    .with_context(|| {
+                        format!("opening the registry {}", data.database().display())
+                    })?,
+            ),
+            None,
         ),
-        Some(url) => Arc::new(
-            PgRegistry::connect(url.expose(), config.overlay)
-                .await
-                .with_context(|| format!("opening the registry at {url}"))?,
-        ),
+        Some(url) => {
+            let pg = Arc::new(
+                PgRegistry::connect(url.expose(), config.overlay)
+                    .await
+                    .with_context(|| format!("opening the registry at {url}"))?,
+            );
+            (pg.clone(), Some(pg))
+        }
     };
     ensure_local_admin(&data, &ca, store.as_ref()).await?;
 
@@ -267,7 +278,26 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     ));
     // What the registry holds, through the same applier as every later change.
     let changes = Arc::new(Feed::new(store.clone(), applier));
-    let call_back = changes.load(OffsetDateTime::now_utc()).await?;
+    let mut call_back = changes.load(OffsetDateTime::now_utc()).await?;
+    // In a cluster, this node's share of a dead node's devices comes from the takeover;
+    // the others are held by live nodes and must not be called away from them.
+    let node = match &cluster {
+        Some(cluster) => {
+            call_back.clear();
+            let address = format!("{}:{}", config.node_name, bound.quic.port());
+            Some(
+                cluster::Node::join(
+                    cluster.clone(),
+                    config.node_name.clone(),
+                    address,
+                    broker.clone(),
+                    metrics.clone(),
+                )
+                .await?,
+            )
+        }
+        None => None,
+    };
 
     let state = Arc::new(AppState {
         enroll_slots: Arc::new(Semaphore::new(config.max_concurrent_enrollments)),
@@ -276,6 +306,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         crl: crl::CrlPublisher::new(store.clone(), ca.clone(), revoked),
         enroll_rate: limits::PerKeyRate::new(config.enroll_rate_per_key),
         changes,
+        node: node.clone(),
+        cluster,
         audit,
         broker: broker.clone(),
         config,
@@ -314,6 +346,15 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     ));
     tasks.spawn(presence_loop(state.clone(), shutdown.clone()));
     tasks.spawn(state.changes.clone().follow(shutdown.clone()));
+    if let Some(node) = node {
+        tasks.spawn(node.run(
+            table.clone(),
+            concentrator.clone(),
+            clock,
+            state.config.online_window,
+            shutdown.clone(),
+        ));
+    }
     tasks.spawn(
         state
             .broker

@@ -45,6 +45,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Key { command } => admin_cli::key(command).await,
         Command::Operator { command } => admin_cli::operator(command).await,
         Command::Device { command } => admin_cli::device(command).await,
+        Command::Node { command } => admin_cli::node(command).await,
         Command::Audit {
             dir,
             device,

@@ -30,6 +30,36 @@ pub struct Metrics {
     handshake_seconds: Histogram,
     broker_sessions: Family<ResultLabel, Counter>,
     broker_active: Gauge,
+    cluster: Arc<ClusterCounts>,
+}
+
+/// What a cluster node last read of the whole cluster; exported only in a cluster.
+#[derive(Debug, Default)]
+struct ClusterCounts {
+    known: std::sync::atomic::AtomicBool,
+    nodes: std::sync::atomic::AtomicI64,
+    online: std::sync::atomic::AtomicI64,
+}
+
+impl Collector for ClusterCounts {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.known.load(Relaxed) {
+            return Ok(());
+        }
+        gauge(
+            &mut encoder,
+            "floto_cluster_nodes",
+            "Nodes of the cluster whose lease is alive (the same on every node)",
+            self.nodes.load(Relaxed),
+        )?;
+        gauge(
+            &mut encoder,
+            "floto_cluster_devices_online",
+            "Devices online on any node of the cluster (the same on every node: take one, do not sum)",
+            self.online.load(Relaxed),
+        )
+    }
 }
 
 impl Metrics {
@@ -74,7 +104,10 @@ impl Metrics {
             broker_active.clone(),
         );
         registry.register_collector(Box::new(LiveCollector { table }));
+        let cluster = Arc::new(ClusterCounts::default());
+        registry.register_collector(Box::new(SharedCounts(cluster.clone())));
         Self {
+            cluster,
             registry,
             enrollments,
             enrollment_seconds,
@@ -106,6 +139,14 @@ impl Metrics {
         self.broker_sessions
             .get_or_create(&ResultLabel { result })
             .inc();
+    }
+
+    /// What a cluster node read of the whole cluster: live nodes and devices online.
+    pub fn cluster_counts(&self, nodes: u64, online: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.cluster.nodes.store(nodes as i64, Relaxed);
+        self.cluster.online.store(online as i64, Relaxed);
+        self.cluster.known.store(true, Relaxed);
     }
 
     /// A broker request refused before a session started.
@@ -158,6 +199,16 @@ impl Collector for CertWatch {
             }
         }
         Ok(())
+    }
+}
+
+/// The cluster counts, shared between the metrics and the registry they are registered in.
+#[derive(Debug)]
+struct SharedCounts(Arc<ClusterCounts>);
+
+impl Collector for SharedCounts {
+    fn encode(&self, encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
     }
 }
 

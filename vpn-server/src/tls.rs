@@ -212,7 +212,8 @@ pub fn server_names(config: &Config) -> Vec<String> {
     names
 }
 
-fn local_hostname() -> Option<String> {
+/// The machine's host name, when it is a usable DNS name.
+pub fn local_hostname() -> Option<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
     let name = name.trim();
     let valid = !name.is_empty()

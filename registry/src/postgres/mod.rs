@@ -6,6 +6,9 @@
 //! pool freely. Other nodes' changes arrive as `LISTEN/NOTIFY` wake-ups carrying only a
 //! sequence number (see [`PgRegistry::wait_for_changes`]).
 
+mod cluster;
+#[cfg(test)]
+mod cluster_tests;
 mod schema;
 mod writer;
 

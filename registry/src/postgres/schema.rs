@@ -8,7 +8,7 @@ use crate::StoreError;
 
 /// The PostgreSQL schema this build reads and writes (numbered on its own: it began at the
 /// SQLite schema's version 4).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Held while migrating, so that nodes starting together do not race.
 const MIGRATION_LOCK: i64 = 0x666c_6f74_6f01;
@@ -118,6 +118,26 @@ CREATE TRIGGER notify_change AFTER INSERT ON changes
     FOR EACH ROW EXECUTE FUNCTION notify_change();
 "#;
 
+/// Version 2: the cluster's node leases and device sessions (see `crate::cluster`). Times
+/// in milliseconds on the database's clock.
+const SCHEMA_V2: &str = r#"
+CREATE TABLE nodes (
+    id               TEXT PRIMARY KEY,
+    name             TEXT NOT NULL,
+    address          TEXT NOT NULL,
+    started_at       BIGINT NOT NULL,
+    lease_expires_at BIGINT NOT NULL
+);
+CREATE TABLE sessions (
+    device       TEXT PRIMARY KEY,
+    node         TEXT NOT NULL,
+    epoch        BIGINT NOT NULL,
+    endpoint     TEXT,
+    refreshed_at BIGINT NOT NULL
+);
+CREATE INDEX sessions_node ON sessions(node);
+"#;
+
 pub(super) async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -150,6 +170,9 @@ pub(super) async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     }
     if version < 1 {
         sqlx::raw_sql(SCHEMA_V1).execute(&mut *tx).await?;
+    }
+    if version < 2 {
+        sqlx::raw_sql(SCHEMA_V2).execute(&mut *tx).await?;
     }
     sqlx::query(
         "INSERT INTO meta(key, value) VALUES ('schema_version', $1) \

@@ -14,7 +14,7 @@ use floto_pki::Serial;
 use floto_proto::admin::{
     validate_fleet_name, validate_operator_name, AddOperatorRequest, AddOperatorResponse,
     AuditEntry, CreateKeyRequest, CreateKeyResponse, KeyInfo, LoginRequest, LoginResponse,
-    OperatorInfo, RenewLoginRequest, Role, TokenKind,
+    NodeInfo, OperatorInfo, RenewLoginRequest, Role, TokenKind,
 };
 use floto_proto::devices::DeviceInfo;
 use floto_proto::ErrorCode;
@@ -102,6 +102,45 @@ pub async fn list_keys(
 ) -> Result<Json<Vec<KeyInfo>>, Failure> {
     caller.require(Action::Administer, None)?;
     Ok(Json(state.store.list_keys().await?))
+}
+
+/// `GET /v1/nodes` (admin): the cluster's nodes with their leases and the devices each
+/// holds; a single node lists itself.
+pub async fn nodes(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+) -> Result<Json<Vec<NodeInfo>>, Failure> {
+    caller.require(Action::Administer, None)?;
+    let (Some(node), Some(cluster)) = (&state.node, &state.cluster) else {
+        return Ok(Json(vec![NodeInfo {
+            id: "local".into(),
+            name: state.config.node_name.clone(),
+            address: state.bound.api.to_string(),
+            alive: true,
+            this: true,
+            started_at: None,
+            lease_expires_at: None,
+            devices: state.wg.table.online_count(),
+        }]));
+    };
+    let me = node.id();
+    Ok(Json(
+        cluster
+            .nodes()
+            .await?
+            .into_iter()
+            .map(|n| NodeInfo {
+                this: *n.id == *me,
+                id: n.id,
+                name: n.name,
+                address: n.address,
+                alive: n.alive,
+                started_at: Some(n.started_at),
+                lease_expires_at: Some(n.lease_expires_at),
+                devices: n.sessions,
+            })
+            .collect(),
+    ))
 }
 
 /// `POST /v1/keys/{id}/revoke` (admin): the key enrolls nothing more (a leaked key is
@@ -458,7 +497,8 @@ pub async fn revoke_device(
         })
         .await;
     info!(device = %id, by = %admin.name, "device revoked");
-    Ok(Json(state.live_info(&device)))
+    let elsewhere = state.elsewhere(Some(&device.id)).await;
+    Ok(Json(state.live_info(&device, &elsewhere)))
 }
 
 /// `GET /v1/ca`: the CA certificate, PEM.

@@ -8,6 +8,7 @@ use axum::Json;
 use serde::Deserialize;
 
 use floto_proto::devices::DeviceInfo;
+use floto_registry::cluster::SessionRecord;
 use floto_registry::{Device, OperatorInfo};
 
 use super::{parse_uuid, unknown_device, AppState, Caller, Failure};
@@ -15,11 +16,18 @@ use crate::authz::Action;
 use crate::events::WallClock;
 use crate::wg::PeerStatus;
 
-/// Joins a registry row with its live status (absent when the server is not running or
-/// the device is revoked).
-pub fn device_info(d: &Device, live: Option<&PeerStatus>, clock: &WallClock) -> DeviceInfo {
-    let (online, online_since, last_seen, endpoint, generation, rx, tx) = match live {
-        Some(s) => (
+/// Joins a registry row with its live status here (absent when the server is not running
+/// or the device is revoked) and, in a cluster, its session on another node.
+pub fn device_info(
+    d: &Device,
+    live: Option<&PeerStatus>,
+    clock: &WallClock,
+    here: Option<&str>,
+    elsewhere: Option<&SessionRecord>,
+) -> DeviceInfo {
+    let held_here = live.is_some_and(|s| s.online);
+    let (online, online_since, last_seen, endpoint, generation, rx, tx) = match (live, elsewhere) {
+        (Some(s), _) if s.online => (
             s.online,
             s.online_since.map(|t| clock.wall(t)),
             s.last_seen.map(|t| clock.wall(t)).or(d.last_seen),
@@ -28,7 +36,32 @@ pub fn device_info(d: &Device, live: Option<&PeerStatus>, clock: &WallClock) -> 
             s.rx_bytes,
             s.tx_bytes,
         ),
-        None => (false, None, d.last_seen, d.last_endpoint, 0, 0, 0),
+        (_, Some(e)) if d.revoked_at.is_none() => (
+            true,
+            None,
+            Some(e.refreshed_at),
+            e.endpoint.or(d.last_endpoint),
+            0,
+            0,
+            0,
+        ),
+        (Some(s), _) => (
+            s.online,
+            s.online_since.map(|t| clock.wall(t)),
+            s.last_seen.map(|t| clock.wall(t)).or(d.last_seen),
+            s.endpoint.or(d.last_endpoint),
+            s.generation,
+            s.rx_bytes,
+            s.tx_bytes,
+        ),
+        (None, _) => (false, None, d.last_seen, d.last_endpoint, 0, 0, 0),
+    };
+    let node = if held_here {
+        here.map(str::to_owned)
+    } else if online {
+        elsewhere.map(|e| e.node_name.clone().unwrap_or_else(|| e.node.clone()))
+    } else {
+        None
     };
     DeviceInfo {
         uuid: d.id,
@@ -48,6 +81,7 @@ pub fn device_info(d: &Device, live: Option<&PeerStatus>, clock: &WallClock) -> 
         revoked_at: d.revoked_at,
         device_type: d.device_type.clone(),
         hostname: d.hostname.clone(),
+        node,
     }
 }
 
@@ -71,11 +105,12 @@ pub async fn list(
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<DeviceInfo>>, Failure> {
     let devices = state.store.devices().await?;
+    let elsewhere = state.elsewhere(None).await;
     let out = devices
         .iter()
         .filter(|d| may_see(&op, &d.fleet))
         .filter(|d| q.fleet.as_ref().is_none_or(|f| *f == d.fleet))
-        .map(|d| state.live_info(d))
+        .map(|d| state.live_info(d, &elsewhere))
         .filter(|i| q.online.is_none_or(|want| i.online == want))
         .collect();
     Ok(Json(out))
@@ -96,5 +131,6 @@ pub async fn show(
         .await?
         .filter(|d| may_see(&caller.0, &d.fleet))
         .ok_or_else(|| unknown_device(&id))?;
-    Ok(Json(state.live_info(&device)))
+    let elsewhere = state.elsewhere(Some(&device.id)).await;
+    Ok(Json(state.live_info(&device, &elsewhere)))
 }

@@ -241,6 +241,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(paths::LOGIN, post(admin::login))
         .route(paths::LOGIN_RENEW, post(admin::renew_login))
         .route(paths::AUDIT, get(admin::audit))
+        .route(paths::NODES, get(admin::nodes))
         .route(paths::EVENTS, get(events::stream))
         .route(paths::CA, get(admin::ca_pem))
         .route(paths::CRL, get(admin::crl_pem))

@@ -308,6 +308,13 @@ async fn ready(
         )
             .into_response();
     }
+    if state.node.as_ref().is_some_and(|n| n.is_fenced()) {
+        return (
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "fenced: this node cannot renew its lease on the cluster's database\n",
+        )
+            .into_response();
+    }
     match state.store.count_devices().await {
         Ok(_) => "ready\n".into_response(),
         Err(e) => (

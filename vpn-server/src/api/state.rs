@@ -1,12 +1,14 @@
 //! What the request handlers share: the server's parts, as `start` wired them.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
 use floto_pki::Ca;
 use floto_proto::devices::DeviceInfo;
-use floto_proto::WgKey;
+use floto_proto::{DeviceId, WgKey};
+use floto_registry::cluster::{Cluster, SessionRecord};
 use floto_registry::{Device, Registry};
 
 use super::devices::device_info;
@@ -14,6 +16,7 @@ use super::ConnInfo;
 use crate::audit::Auditor;
 use crate::broker::Broker;
 use crate::changes::Feed;
+use crate::cluster::Node;
 use crate::config::Config;
 use crate::crl::CrlPublisher;
 use crate::datadir::{Bound, DataDir};
@@ -46,7 +49,14 @@ pub struct AppState {
     pub crl: CrlPublisher,
     /// Enrollments per provisioning key (by key id).
     pub enroll_rate: PerKeyRate<String>,
+    /// In a cluster: this node, and the cluster's leases and sessions.
+    pub node: Option<Arc<Node>>,
+    pub cluster: Option<Arc<dyn Cluster>>,
 }
+
+/// Devices online in the cluster, by UUID (see [`AppState::elsewhere`]).
+#[derive(Debug, Default)]
+pub struct Elsewhere(HashMap<DeviceId, SessionRecord>);
 
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -58,8 +68,37 @@ impl std::fmt::Debug for AppState {
 
 impl AppState {
     /// A device's registry row joined with its live state.
-    pub fn live_info(&self, d: &Device) -> DeviceInfo {
-        device_info(d, self.wg.table.status(&d.id).as_ref(), self.events.clock())
+    pub fn live_info(&self, d: &Device, elsewhere: &Elsewhere) -> DeviceInfo {
+        device_info(
+            d,
+            self.wg.table.status(&d.id).as_ref(),
+            self.events.clock(),
+            self.node.as_ref().map(|n| n.name()),
+            elsewhere.0.get(&d.id),
+        )
+    }
+
+    /// In a cluster, the devices online on any node (one device, or all): for the device
+    /// views. Empty on a single node; a database fault shows this node's view alone.
+    pub async fn elsewhere(&self, device: Option<&DeviceId>) -> Elsewhere {
+        let Some(cluster) = &self.cluster else {
+            return Elsewhere::default();
+        };
+        let window = self.config.online_window;
+        let read = match device {
+            Some(id) => cluster
+                .online_session(id, window)
+                .await
+                .map(|s| s.into_iter().collect()),
+            None => cluster.online_sessions(window).await,
+        };
+        match read {
+            Ok(sessions) => Elsewhere(sessions.into_iter().map(|s| (s.device, s)).collect()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the cluster's sessions; showing this node's");
+                Elsewhere::default()
+            }
+        }
     }
 
     /// What an enrolling device on connection `conn` is told about this server.

@@ -92,6 +92,8 @@ pub struct Broker {
     slots: Arc<Semaphore>,
     /// Set at shutdown: open sessions may finish, new ones are refused.
     draining: AtomicBool,
+    /// Set while this node of a cluster has no live lease: new sessions are refused.
+    fenced: AtomicBool,
     /// Woken whenever a session ends, for the drain.
     ended: tokio::sync::Notify,
     /// Front-end connections that carry an operator's identity for their whole life (QUIC),
@@ -183,6 +185,7 @@ impl Broker {
             next_id: AtomicU64::new(1),
             slots: Arc::new(Semaphore::new(MAX_SESSIONS)),
             draining: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
             ended: tokio::sync::Notify::new(),
             connections: DashMap::new(),
             per_operator: PerKeyCap::new(deps.caps.per_operator),
@@ -213,6 +216,11 @@ impl Broker {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// In a cluster: refuse new sessions while this node holds no live lease.
+    pub fn set_fenced(&self, fenced: bool) {
+        self.fenced.store(fenced, Ordering::SeqCst);
     }
 
     /// Returns once no session is open.
@@ -341,6 +349,14 @@ impl Broker {
                 "shutting_down",
                 ErrorCode::Unavailable,
                 "the server is shutting down and takes no new sessions; try again in a few seconds",
+            );
+            return Err(refuse(f, DeviceId::from_host(target).ok()).await);
+        }
+        if self.fenced.load(Ordering::SeqCst) {
+            let f = Refusal::new(
+                "fenced",
+                ErrorCode::Unavailable,
+                "this node has lost its lease on the cluster's database and takes no new sessions; try another node",
             );
             return Err(refuse(f, DeviceId::from_host(target).ok()).await);
         }

@@ -347,6 +347,18 @@ impl PeerTable {
             .collect()
     }
 
+    /// Peers online now: when their session came up and where they are, for a cluster's
+    /// session rows.
+    pub fn online_sessions(&self) -> Vec<(DeviceId, Instant, Option<SocketAddr>)> {
+        self.by_id
+            .iter()
+            .filter_map(|p| {
+                let st = p.state.lock();
+                st.online.then_some((p.id, st.online_since?, st.endpoint))
+            })
+            .collect()
+    }
+
     // ---- network input ------------------------------------------------------------
 
     /// Handles one datagram from the network. `scratch` must hold at least

@@ -1,0 +1,162 @@
+//! Leases and sessions on a throwaway PostgreSQL: conditional writes never let a late
+//! event undo a newer session, and a dead node's devices turn offline by themselves.
+
+use std::time::Duration;
+
+use floto_pgtest::Postgres;
+use floto_proto::DeviceId;
+
+use super::PgRegistry;
+use crate::cluster::{Cluster, SessionWrite};
+
+async fn registry() -> (Postgres, PgRegistry) {
+    let pg = Postgres::start();
+    let url = pg.create_database("cluster");
+    let r = PgRegistry::connect(&url, "10.240.0.0/16".parse().unwrap())
+        .await
+        .unwrap();
+    (pg, r)
+}
+
+fn claim(device: DeviceId, epoch: i64) -> SessionWrite {
+    SessionWrite::Claim {
+        device,
+        epoch,
+        endpoint: Some("192.0.2.1:51820".parse().unwrap()),
+    }
+}
+
+const LONG: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn a_lost_lease_cannot_be_renewed_under_the_same_id() {
+    let (_pg, r) = registry().await;
+    assert!(r
+        .renew_lease("a", "node-a", "127.0.0.1:1", LONG)
+        .await
+        .unwrap());
+    assert!(r
+        .renew_lease("a", "node-a", "127.0.0.1:1", LONG)
+        .await
+        .unwrap());
+    assert!(r
+        .renew_lease("b", "node-b", "127.0.0.1:2", Duration::from_millis(200))
+        .await
+        .unwrap());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        !r.renew_lease("b", "node-b", "127.0.0.1:2", LONG)
+            .await
+            .unwrap(),
+        "an expired lease came back"
+    );
+    let nodes = r.nodes().await.unwrap();
+    let alive: Vec<(&str, bool)> = nodes.iter().map(|n| (n.id.as_str(), n.alive)).collect();
+    assert_eq!(alive, [("a", true), ("b", false)]);
+    r.end_lease("a").await.unwrap();
+    assert!(r.nodes().await.unwrap().iter().all(|n| !n.alive));
+}
+
+#[tokio::test]
+async fn a_late_event_from_an_old_node_never_undoes_a_newer_session() {
+    let (_pg, r) = registry().await;
+    for id in ["a", "b"] {
+        r.renew_lease(id, id, "127.0.0.1:1", LONG).await.unwrap();
+    }
+    let d = DeviceId::new_random();
+    r.write_sessions("a", &[claim(d, 100)]).await.unwrap();
+    // The device moves to b with a newer session.
+    r.write_sessions("b", &[claim(d, 200)]).await.unwrap();
+    // a's late claim refresh and its late release change nothing.
+    r.write_sessions("a", &[claim(d, 100)]).await.unwrap();
+    r.write_sessions(
+        "a",
+        &[SessionWrite::Release {
+            device: d,
+            epoch: 100,
+        }],
+    )
+    .await
+    .unwrap();
+    let s = r.online_session(&d, LONG).await.unwrap().expect("online");
+    assert_eq!((s.node.as_str(), s.epoch), ("b", 200));
+    // A release by the holder of another epoch changes nothing either...
+    r.write_sessions(
+        "b",
+        &[SessionWrite::Release {
+            device: d,
+            epoch: 199,
+        }],
+    )
+    .await
+    .unwrap();
+    assert!(r.online_session(&d, LONG).await.unwrap().is_some());
+    // ...the holder's own release ends it.
+    r.write_sessions(
+        "b",
+        &[SessionWrite::Release {
+            device: d,
+            epoch: 200,
+        }],
+    )
+    .await
+    .unwrap();
+    assert!(r.online_session(&d, LONG).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_dead_nodes_devices_turn_offline_by_themselves_and_are_orphans() {
+    let (_pg, r) = registry().await;
+    r.renew_lease("a", "a", "127.0.0.1:1", LONG).await.unwrap();
+    r.renew_lease("b", "b", "127.0.0.1:2", Duration::from_millis(300))
+        .await
+        .unwrap();
+    let on_a: Vec<DeviceId> = (0..3).map(|_| DeviceId::new_random()).collect();
+    let on_b: Vec<DeviceId> = (0..5).map(|_| DeviceId::new_random()).collect();
+    let batch = |ds: &[DeviceId]| ds.iter().map(|d| claim(*d, 1)).collect::<Vec<_>>();
+    r.write_sessions("a", &batch(&on_a)).await.unwrap();
+    r.write_sessions("b", &batch(&on_b)).await.unwrap();
+    assert_eq!(r.online_sessions(LONG).await.unwrap().len(), 8);
+    assert!(r.orphaned_sessions().await.unwrap().is_empty());
+    // b stops renewing: its devices are offline and orphaned, with no write by anyone.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let online = r.online_sessions(LONG).await.unwrap();
+    assert_eq!(online.len(), 3);
+    assert!(online.iter().all(|s| s.node == "a"));
+    let mut orphans: Vec<DeviceId> = r
+        .orphaned_sessions()
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.device)
+        .collect();
+    orphans.sort_by_key(|d| d.to_string());
+    let mut expected = on_b.clone();
+    expected.sort_by_key(|d| d.to_string());
+    assert_eq!(orphans, expected);
+    // A row not refreshed within the window is not online either.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(r
+        .online_sessions(Duration::from_millis(200))
+        .await
+        .unwrap()
+        .is_empty());
+    // Another node takes one over with a newer epoch, and one with the same epoch (the dead
+    // node's claim no longer holds): they are no orphans any more.
+    r.write_sessions("a", &[claim(on_b[0], 2), claim(on_b[1], 1)])
+        .await
+        .unwrap();
+    assert_eq!(r.orphaned_sessions().await.unwrap().len(), 3);
+    let counts: Vec<(String, u64)> = r
+        .nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| (n.id, n.sessions))
+        .collect();
+    assert_eq!(counts, [("a".to_owned(), 5), ("b".to_owned(), 3)]);
+    assert_eq!(r.counts(LONG).await.unwrap(), (1, 5));
+    // Long-dead nodes are pruned with their rows.
+    assert_eq!(r.prune_nodes(Duration::from_millis(100)).await.unwrap(), 1);
+    assert!(r.orphaned_sessions().await.unwrap().is_empty());
+}
