@@ -230,3 +230,92 @@ fn a_killed_nodes_devices_come_back_on_the_others() {
         (cluster_online(&b) == Some(3.0) && cluster_online(&c) == Some(3.0)).then_some(())
     });
 }
+
+/// PostgreSQL crashes and comes back under two running nodes: the devices' traffic never
+/// stops, both nodes fence themselves within their lease while the database is gone, and
+/// serve again when it returns; a device enrolled through one node afterwards is served by
+/// the other (the feed resumes after the listener reconnects).
+#[test]
+fn postgres_restarted_under_the_nodes() {
+    require_root();
+    require(&["wireguard-go", "wg", "ping", "ip", "cp"]);
+    let mut pg = Postgres::start();
+    let url = pg.create_database("floto");
+    let (ns1, ns2) = (Netns::new(), Netns::new());
+    let names = format!("{},{}", ns1.host_ip(), ns2.host_ip());
+    let args = |name: &'static str| {
+        [
+            "--database-url",
+            url.as_str(),
+            "--tls-name",
+            names.as_str(),
+            "--node-name",
+            name,
+        ]
+    };
+    let a = Server::start(&args("a"));
+    let b = Server::start_on(same_identity(&a.data_dir()), &args("b"));
+    let key = a.create_key("lab", None);
+    let mut first = WgGoDevice::enroll(ns1, &a, &key);
+    first.set_keepalive(2);
+    first.up();
+    a.wait_online(&first.uuid, true, Duration::from_secs(20));
+    let logs = tempfile::tempdir().unwrap();
+    let ping = Ping::start(
+        &first.ns,
+        Ipv4Addr::new(10, 240, 0, 1),
+        Duration::from_millis(100),
+        logs.path(),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+
+    let crashed = std::time::Instant::now();
+    pg.kill();
+    let ready = |s: &Server| floto_e2e::server::http_get(s.bound.metrics, "/readyz");
+    for s in [&a, &b] {
+        wait_for(Duration::from_secs(15), "the node to fence itself", || {
+            ready(s).contains("fenced").then_some(())
+        });
+    }
+    let fenced = crashed.elapsed();
+    eprintln!("both nodes fenced {fenced:?} after PostgreSQL went away");
+    assert!(
+        fenced < Duration::from_secs(10),
+        "fencing took {fenced:?} (lease 7 s)"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    pg.restart();
+    for s in [&a, &b] {
+        wait_for(Duration::from_secs(20), "the node to serve again", || {
+            ready(s).starts_with("ready").then_some(())
+        });
+    }
+    let report = ping.stop();
+    assert!(
+        report.max_gap < Duration::from_secs(1),
+        "the device's traffic stopped for {:?} while the database was away",
+        report.max_gap
+    );
+    // A change made after the database returned reaches the other node.
+    let mut second = WgGoDevice::enroll(ns2, &b, &key);
+    let conf = run(second
+        .ns
+        .command(floto_e2e::bin("floto-tunnel"))
+        .args(["wg-config", "--state-dir"])
+        .arg(second.state_dir()));
+    let conf = String::from_utf8_lossy(&conf.stdout).replace(
+        &format!(":{}\n", b.bound.wg.port()),
+        &format!(":{}\n", a.bound.wg.port()),
+    );
+    second.up_with(&conf);
+    a.wait_online(&second.uuid, true, Duration::from_secs(20));
+    // And the first device is still held by exactly one node, under A's new lease.
+    wait_for(
+        Duration::from_secs(10),
+        "the sessions written again",
+        || {
+            let v = b.device(&first.uuid);
+            (v["online"] == true && v["node"] == "a").then_some(())
+        },
+    );
+}

@@ -684,3 +684,124 @@ fn the_deploy_files_agree_with_the_server() {
     }
     assert!(df.contains(&format!("FLOTO_DATA_DIR={data_dir}")));
 }
+
+/// The cluster's manifests and the Grafana dashboard agree with the server: every setting
+/// they pass is one the server has, their ports are the server's, and every metric the
+/// dashboard queries is one a cluster node exports.
+#[test]
+fn the_cluster_deploy_files_and_dashboard_agree_with_the_server() {
+    require(&["curl"]);
+    let deploy = repo().join("deploy");
+    let k8s = deploy.join("kubernetes");
+    let docs = yaml_docs(&k8s.join("cluster/deployment.yaml"));
+    let services = yaml_docs(&k8s.join("cluster/services.yaml"));
+    let base = yaml_docs(&k8s.join("base/statefulset.yaml"));
+    let dep = find(&docs, "Deployment", "floto-vpn-server");
+    let pod = &dep["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let help = stdout(&output(
+        Command::new(bin("floto-vpn-server")).args(["run", "--help"]),
+    ))
+    .split_whitespace()
+    .collect::<Vec<_>>()
+    .join(" ");
+    let names: Vec<&str> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    for name in &names {
+        assert!(
+            help.contains(&format!("env: {name}")),
+            "{name} is not a server setting"
+        );
+    }
+    assert!(names.contains(&"FLOTO_DATABASE_URL") && names.contains(&"FLOTO_NODE_NAME"));
+    // The same ports as the single node's, and the services route to them.
+    let base_c = &find(&base, "StatefulSet", "floto-vpn-server")["spec"]["template"]["spec"]
+        ["containers"][0];
+    assert_eq!(c["ports"], base_c["ports"]);
+    assert_eq!(c["readinessProbe"], base_c["readinessProbe"]);
+    let port_names: Vec<&str> = c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    for svc in &services {
+        for p in svc["spec"]["ports"].as_array().unwrap() {
+            let target = p["targetPort"].as_str().unwrap();
+            assert!(port_names.contains(&target), "service port {target}");
+        }
+    }
+    // The init container restores the identity with a real subcommand, into the data dir
+    // the server uses.
+    let init = &pod["initContainers"][0];
+    let sub = init["args"][0].as_str().unwrap();
+    let out = output(Command::new(bin("floto-vpn-server")).args([sub, "--help"]));
+    assert!(out.status.success(), "{sub}: {out:?}");
+    assert_eq!(
+        init["env"][0], c["env"][0],
+        "the init container restores into the data dir"
+    );
+
+    // A cluster node (one is enough) exports every metric the dashboard queries.
+    let pg = floto_pgtest::Postgres::start();
+    let url = pg.create_database("floto");
+    let server = Server::start(&["--database-url", &url, "--node-name", "n1"]);
+    let refused = sh(&format!(
+        "curl -sk -o /dev/null -w '%{{http_code}}' -X POST -H 'Authorization: Bearer fpk_nope' \
+         -H 'Content-Type: application/json' -d '{{}}' https://127.0.0.1:{}/v1/enroll",
+        server.bound.api.port()
+    ));
+    assert_eq!(refused, "401");
+    // A refused broker session makes the session counter appear.
+    let op = tempfile::tempdir().unwrap();
+    server.login_operator("grafana-check", "admin", &[], op.path());
+    let out =
+        output(floto(op.path()).args(["proxy", "00000000-1111-4222-8333-444444444444", "22"]));
+    assert!(!out.status.success(), "{out:?}");
+    let exposition = wait_for(Duration::from_secs(15), "the cluster gauges", || {
+        let text = server.metrics();
+        text.contains("floto_cluster_nodes").then_some(text)
+    });
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy.join("grafana/floto-connect.json")).unwrap(),
+    )
+    .unwrap();
+    let mut used = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            used.extend(
+                expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .filter(|w| w.starts_with("floto_"))
+                    .map(str::to_owned),
+            );
+        }
+    }
+    used.sort();
+    used.dedup();
+    assert!(used.len() >= 8, "{used:?}");
+    for name in used {
+        assert!(
+            exposition
+                .lines()
+                .any(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{"))),
+            "the dashboard queries {name}, which the server does not export"
+        );
+    }
+    if floto_e2e::which("kubectl").is_some() {
+        let out = output(
+            Command::new("kubectl")
+                .arg("kustomize")
+                .arg(k8s.join("cluster")),
+        );
+        assert!(out.status.success(), "kubectl kustomize cluster: {out:?}");
+    } else {
+        eprintln!(
+            "NOTE: kubectl not installed: the cluster kustomization was parsed, not rendered"
+        );
+    }
+}
