@@ -26,8 +26,9 @@ pub mod defaults {
     pub const API_PORT: u16 = 8443;
     /// Plain-HTTP metrics and health.
     pub const METRICS_PORT: u16 = 9090;
-    /// Overlay network.
-    pub const OVERLAY: &str = "10.240.0.0/16";
+    /// Overlay network: 10.240.0.0 to 10.255.255.255, room for 1,048,573 devices (DESIGN.md:
+    /// "large enough for a million devices").
+    pub const OVERLAY: &str = "10.240.0.0/12";
     /// Server data directory.
     pub const DATA_DIR: &str = "./floto-data";
     /// Device state directory.

@@ -579,7 +579,8 @@ mod tests {
     #[test]
     fn defaults_match_the_design() {
         let c = Config::from_settings(Path::new("d"), &ServerSettings::default()).unwrap();
-        assert_eq!(c.overlay.to_string(), "10.240.0.0/16");
+        assert_eq!(c.overlay.to_string(), "10.240.0.0/12");
+        assert!(floto_registry::rules::overlay_capacity(c.overlay) >= 1_000_000);
         assert_eq!(c.server_overlay_ip(), Ipv4Addr::new(10, 240, 0, 1));
         assert_eq!(c.wg_listen.port(), 51820);
         assert_eq!(c.api_listen.port(), 8443);
