@@ -383,6 +383,45 @@ impl Ca {
         now: OffsetDateTime,
         lifetime: std::time::Duration,
     ) -> Result<(IssuedCert, String), PkiError> {
+        self.issue_named(names, None, serial, now, lifetime)
+    }
+
+    /// Issues a node certificate, for the nodes of a cluster to authenticate to each other
+    /// (both ends): as [`Ca::issue_server`] for `names` (where other nodes reach this one),
+    /// plus the SAN `URI:urn:floto:node:<node>`. It is its own kind: no device UUID and no
+    /// operator name, so it is refused as either credential.
+    pub fn issue_node(
+        &self,
+        node: &str,
+        names: &[String],
+        serial: &Serial,
+        now: OffsetDateTime,
+        lifetime: std::time::Duration,
+    ) -> Result<(IssuedCert, String), PkiError> {
+        let valid = !node.is_empty()
+            && node.len() <= 64
+            && node
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+        if !valid {
+            return Err(PkiError::BadName {
+                kind: "node name",
+                name: describe::sanitize(node),
+                reason: "use 1 to 64 letters, digits, '-', '.' or '_'".to_owned(),
+            });
+        }
+        let uri = format!("{}{node}", crate::cert::NODE_URI_PREFIX);
+        self.issue_named(names, Some(uri), serial, now, lifetime)
+    }
+
+    fn issue_named(
+        &self,
+        names: &[String],
+        uri: Option<String>,
+        serial: &Serial,
+        now: OffsetDateTime,
+        lifetime: std::time::Duration,
+    ) -> Result<(IssuedCert, String), PkiError> {
         if names.is_empty() {
             return Err(PkiError::BadName {
                 kind: "server name list",
@@ -417,6 +456,15 @@ impl Ca {
                 sans.push(san);
             }
             first.get_or_insert(text);
+        }
+        if let Some(uri) = uri {
+            sans.push(SanType::URI(uri.as_str().try_into().map_err(
+                |e: rcgen::Error| PkiError::BadName {
+                    kind: "URI",
+                    name: describe::sanitize(&uri),
+                    reason: e.to_string(),
+                },
+            )?));
         }
         let cn = first.filter(|cn| cn.len() <= 64);
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
@@ -1152,6 +1200,41 @@ mod tests {
             .issue_server(&["node1.example".to_owned()], &Serial::random(), NOW, DAY)
             .unwrap();
         assert!(ca.verify_client_cert(&server.der, NOW).is_ok());
+    }
+
+    #[test]
+    fn node_certificates_are_their_own_kind() {
+        let ca = test_ca(NOW);
+        let (node, key_pem) = ca
+            .issue_node(
+                "node-2",
+                &["10.0.0.2".to_owned(), "node2.example".to_owned()],
+                &Serial::random(),
+                NOW,
+                DAY,
+            )
+            .unwrap();
+        let info = ca.verify_client_cert(&node.der, NOW).unwrap();
+        assert_eq!(info.node_name(), Some("node-2"));
+        assert_eq!(info.operator_name(), None, "not an operator credential");
+        assert_eq!(info.device_id(), None, "not a device credential");
+        assert_eq!(info.ip_sans, ["10.0.0.2".parse::<IpAddr>().unwrap()]);
+        assert_eq!(info.dns_sans, ["node2.example"]);
+        assert!(key_matches_cert(&key_pem, &node.pem).unwrap());
+        // Neither is an operator's or a device's certificate a node's, nor a server's.
+        let (server, _) = ca
+            .issue_server(&["10.0.0.2".to_owned()], &Serial::random(), NOW, DAY)
+            .unwrap();
+        assert_eq!(parse_cert_der(&server.der).unwrap().node_name(), None);
+        let operator = ca
+            .sign_operator(&plain_csr(), "node-2", &Serial::random(), NOW, DAY)
+            .unwrap();
+        assert_eq!(parse_cert_der(&operator.der).unwrap().node_name(), None);
+        for bad in ["", "a b", "x/y", &"n".repeat(65)] {
+            assert!(ca
+                .issue_node(bad, &["10.0.0.2".to_owned()], &Serial::random(), NOW, DAY)
+                .is_err());
+        }
     }
 
     #[test]

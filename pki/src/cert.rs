@@ -16,6 +16,8 @@ use crate::{PkiError, Serial};
 pub(crate) const DEVICE_URI_PREFIX: &str = "urn:uuid:";
 /// URI SAN prefix of operator certificates.
 pub(crate) const OPERATOR_URI_PREFIX: &str = "urn:floto:operator:";
+/// URI SAN prefix of node certificates (the nodes of a cluster, to each other).
+pub(crate) const NODE_URI_PREFIX: &str = "urn:floto:node:";
 /// Facts read from a certificate, used by the server for renewal and revocation and by
 /// clients to inspect their own certificate. Nothing here says the certificate is trusted:
 /// [`crate::Ca::verify_client_cert`] does that.
@@ -71,6 +73,20 @@ impl CertInfo {
         let name = uri.strip_prefix(OPERATOR_URI_PREFIX)?;
         (validate_operator_name(name).is_ok() && self.common_name.as_deref() == Some(name))
             .then_some(name)
+    }
+
+    /// The node name of a node certificate: its only URI SAN is `urn:floto:node:<name>`
+    /// and it is not a CA. Such a certificate names no device and no operator, so it is
+    /// refused wherever those are asked for. `None` for anything else.
+    pub fn node_name(&self) -> Option<&str> {
+        if self.is_ca {
+            return None;
+        }
+        let [uri] = self.uri_sans.as_slice() else {
+            return None;
+        };
+        let name = uri.strip_prefix(NODE_URI_PREFIX)?;
+        (!name.is_empty()).then_some(name)
     }
 
     pub(crate) fn from_x509(cert: &X509Certificate<'_>) -> Result<Self, PkiError> {

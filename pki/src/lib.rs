@@ -11,6 +11,7 @@
 //! | device ([`Ca::sign_device`]) | `CN=<uuid>` | `URI:urn:uuid:<uuid>` | clientAuth | digitalSignature | CA:FALSE |
 //! | operator ([`Ca::sign_operator`]) | `CN=<name>` | `URI:urn:floto:operator:<name>` | clientAuth | digitalSignature | CA:FALSE |
 //! | server ([`Ca::issue_server`]) | `CN=<first name>` | DNS / IP names | serverAuth, clientAuth | digitalSignature | CA:FALSE |
+//! | node ([`Ca::issue_node`]) | `CN=<first name>` | DNS / IP names, `URI:urn:floto:node:<name>` | serverAuth, clientAuth | digitalSignature | CA:FALSE |
 //!
 //! Leaf certificates carry SKI and AKI, `not_before = now - 5 min`, and
 //! `not_after = min(now + lifetime, CA not_after)`. Nothing a CSR asks for is copied except

@@ -11,6 +11,9 @@ use crate::ApiError;
 /// QUIC ALPN of the broker.
 pub const ALPN: &[u8] = b"floto-broker/1";
 
+/// QUIC ALPN of the node-to-node link of a cluster (on the broker's port: no new port).
+pub const ALPN_NODE: &[u8] = b"floto-node/1";
+
 /// Longest header line accepted, newline included.
 pub const MAX_HEADER: usize = 4096;
 
@@ -21,6 +24,20 @@ pub struct BrokerRequest {
     /// Device UUID (also accepts `UUID.floto` / `UUID.balena`).
     pub device: String,
     pub port: u16,
+}
+
+/// What a node asks the node holding a device's session, on the node link: dial this port
+/// of this device for an operator whom the asking node has authorized and audited. The
+/// node asked never relays further (the loop guard): it dials only a device it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeRequest {
+    pub device: crate::DeviceId,
+    pub port: u16,
+    /// For the log of the node asked.
+    pub operator: String,
+    /// The asking node's session number, for the logs of both nodes.
+    pub session: u64,
 }
 
 /// The broker's answer: `{"ok":true}` and then raw bytes, or an error and the stream ends.

@@ -57,8 +57,9 @@ pub enum SessionWrite {
 pub struct SessionRecord {
     pub device: DeviceId,
     pub node: String,
-    /// The holding node's name, while the node is known.
+    /// The holding node's name and address, while the node is known.
     pub node_name: Option<String>,
+    pub node_address: Option<String>,
     pub epoch: i64,
     pub endpoint: Option<SocketAddr>,
     /// When the holding node last wrote the row (the database's clock).

@@ -6,11 +6,13 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use floto_e2e::device::WgGoDevice;
+use std::sync::Arc;
+
+use floto_e2e::device::{client_key, WgGoDevice};
 use floto_e2e::net::Netns;
 use floto_e2e::ping::Ping;
 use floto_e2e::server::Server;
-use floto_e2e::{require, require_root, run, wait_for};
+use floto_e2e::{floto, output, require, require_root, run, ssh_opts, stdout, wait_for};
 use floto_pgtest::Postgres;
 
 /// A second node's data dir: the first node's identity (CA, WireGuard key, TLS and admin
@@ -33,6 +35,56 @@ fn same_identity(from: &Path) -> tempfile::TempDir {
     dir
 }
 
+/// Connects to the node link of the node on loopback `port` with a client certificate,
+/// asks for a device, and returns the reason the node closed the connection with.
+fn node_link_refusal(cert: &Path, key: &Path, ca: &Path, port: u16) -> String {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(ca).unwrap())
+            .unwrap();
+        let chain = CertificateDer::pem_file_iter(cert)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(key).unwrap();
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+        tls.alpn_protocols = vec![b"floto-node/1".to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+        let conn = endpoint
+            .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)), "127.0.0.1")
+            .unwrap()
+            .await
+            .expect("the TLS handshake itself succeeds: the refusal comes after it");
+        if let Ok((mut send, _recv)) = conn.open_bi().await {
+            let _ = send
+                .write_all(b"{\"device\":\"00000000-1111-4222-8333-444444444444\",\"port\":22,\"operator\":\"x\",\"session\":1}\n")
+                .await;
+        }
+        match tokio::time::timeout(Duration::from_secs(5), conn.closed()).await {
+            Ok(quinn::ConnectionError::ApplicationClosed(close)) => {
+                String::from_utf8_lossy(&close.reason).into_owned()
+            }
+            other => format!("not refused: {other:?}"),
+        }
+    })
+}
+
 fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -45,14 +97,34 @@ fn unix_now() -> f64 {
 #[test]
 fn two_nodes_on_one_postgres_apply_each_others_changes() {
     require_root();
-    require(&["wireguard-go", "wg", "ping", "ip", "cp"]);
+    require(&[
+        "wireguard-go",
+        "wg",
+        "ping",
+        "ip",
+        "cp",
+        "sshd",
+        "ssh",
+        "ssh-keygen",
+    ]);
     let pg = Postgres::start();
     let url = pg.create_database("floto");
     let ns = Netns::new();
     let tls = ns.host_ip().to_string();
-    let args = ["--database-url", url.as_str(), "--tls-name", tls.as_str()];
-    let a = Server::start(&args);
-    let b = Server::start_on(same_identity(&a.data_dir()), &args);
+    let args = |name: &'static str| {
+        [
+            "--database-url",
+            url.as_str(),
+            "--tls-name",
+            tls.as_str(),
+            "--node-name",
+            name,
+            "--node-address",
+            "127.0.0.1",
+        ]
+    };
+    let a = Server::start(&args("a"));
+    let b = Server::start_on(same_identity(&a.data_dir()), &args("b"));
 
     // A key made on A enrolls a device through B.
     let key = a.create_key("lab", None);
@@ -74,6 +146,61 @@ fn two_nodes_on_one_postgres_apply_each_others_changes() {
     );
     device.up_with(&conf);
     a.wait_online(&device.uuid, true, Duration::from_secs(20));
+
+    // An operator logged in on B reaches the device A holds: B authorizes and audits, A
+    // dials the device, over the node link (real OpenSSH, real sshd).
+    let operator = tempfile::tempdir().unwrap();
+    let (ssh_key, public) = client_key(operator.path());
+    device.start_sshd(&public);
+    let cfg = operator.path().join("cfg");
+    b.login_operator("alice", "admin", &[], &cfg);
+    wait_for(
+        Duration::from_secs(5),
+        "B to see the device held by A",
+        || (b.device(&device.uuid)["node"] == "a").then_some(()),
+    );
+    for transport in ["quic", "connect"] {
+        let out = output(
+            floto(&cfg)
+                .args(["--transport", transport, "ssh", &device.uuid, "--"])
+                .args(ssh_opts(&ssh_key))
+                .args(["echo", "held-by-a"]),
+        );
+        assert_eq!(
+            stdout(&out),
+            "held-by-a",
+            "floto ssh over {transport} through B: {}\nB: {}",
+            String::from_utf8_lossy(&out.stderr),
+            b.child.log()
+        );
+    }
+    assert!(
+        a.child.log().contains("dialling for another node"),
+        "A dialled the device for B"
+    );
+    // A node certificate is no operator credential...
+    let forged = operator.path().join("forged");
+    run(std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&cfg)
+        .arg(&forged));
+    std::fs::copy(b.data_dir().join("node.pem"), forged.join("operator.pem")).unwrap();
+    std::fs::copy(b.data_dir().join("node.key"), forged.join("operator.key")).unwrap();
+    for transport in ["quic", "connect"] {
+        let out =
+            output(floto(&forged).args(["--transport", transport, "proxy", &device.uuid, "22"]));
+        assert!(!out.status.success(), "{transport}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not an operator"), "{transport}: {err}");
+    }
+    // ...and an operator's certificate is no node credential on the node link.
+    let refused = node_link_refusal(
+        &cfg.join("operator.pem"),
+        &cfg.join("operator.key"),
+        &a.ca_path(),
+        a.bound.quic.port(),
+    );
+    assert!(refused.contains("node certificates only"), "{refused}");
 
     let logs = tempfile::tempdir().unwrap();
     let ping = Ping::start(

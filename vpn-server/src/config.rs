@@ -209,6 +209,13 @@ pub struct ServerSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
 
+    /// Where the other nodes of a cluster reach this one (a name or an IP address; the port
+    /// is the QUIC port): for broker sessions to devices this node holds. The host name by
+    /// default; in Kubernetes, the pod IP. Only with `--database-url`.
+    #[arg(long, env = "FLOTO_NODE_ADDRESS", value_name = "HOST")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_address: Option<String>,
+
     /// Log format.
     #[arg(long, env = "FLOTO_LOG_FORMAT", value_enum)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -260,6 +267,7 @@ pub struct Config {
     /// PostgreSQL for a cluster; `None`: SQLite in the data dir.
     pub database_url: Option<DatabaseUrl>,
     pub node_name: String,
+    pub node_address: String,
     pub log_format: LogFormat,
 }
 
@@ -395,6 +403,11 @@ impl Config {
                 .clone()
                 .or_else(crate::tls::local_hostname)
                 .unwrap_or_else(|| "node".to_owned()),
+            node_address: s
+                .node_address
+                .clone()
+                .or_else(crate::tls::local_hostname)
+                .unwrap_or_else(|| "localhost".to_owned()),
             log_format: s.log_format.unwrap_or_default(),
         };
         config.validate()?;
@@ -472,6 +485,12 @@ impl Config {
                 self.node_name
             );
         }
+        if self.node_address.is_empty() || self.node_address.contains(char::is_whitespace) {
+            bail!(
+                "node address {:?} is not a host name or IP address",
+                self.node_address
+            );
+        }
         if self.api_listen == self.metrics_listen && self.api_listen.port() != 0 {
             bail!("API and metrics cannot both listen on {}", self.api_listen);
         }
@@ -535,6 +554,7 @@ impl ServerSettings {
             client_idle_timeout: self.client_idle_timeout.or(lower.client_idle_timeout),
             database_url: self.database_url.or(lower.database_url),
             node_name: self.node_name.or(lower.node_name),
+            node_address: self.node_address.or(lower.node_address),
             log_format: self.log_format.or(lower.log_format),
         }
     }

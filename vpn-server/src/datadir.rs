@@ -73,6 +73,13 @@ impl DataDir {
     pub fn tls_key(&self) -> PathBuf {
         self.root.join("tls.key")
     }
+    /// In a cluster: this node's certificate for the node link, issued at every start.
+    pub fn node_cert(&self) -> PathBuf {
+        self.root.join("node.pem")
+    }
+    pub fn node_key(&self) -> PathBuf {
+        self.root.join("node.key")
+    }
     /// The local admin's operator certificate, used by the admin subcommands.
     pub fn admin_cert(&self) -> PathBuf {
         self.root.join("admin.pem")

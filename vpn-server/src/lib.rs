@@ -248,7 +248,17 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         metrics: metrics_listener.local_addr()?,
     };
     let https = tls::https_config(server_cert.clone())?;
-    let quic = tls::quic_config(server_cert.clone())?;
+    // In a cluster, the QUIC port also carries the node link, with a node certificate.
+    let node_cert = match config.database_url {
+        Some(_) => Some(tls::NodeCert::issue(
+            &ca,
+            &config.node_name,
+            &config.node_address,
+            &data,
+        )?),
+        None => None,
+    };
+    let quic = tls::quic_config(server_cert.clone(), node_cert.as_ref())?;
 
     let shutdown = CancellationToken::new();
     let (netstack, netstack_task) = netstack::Netstack::new(
@@ -284,7 +294,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let node = match &cluster {
         Some(cluster) => {
             call_back.clear();
-            let address = format!("{}:{}", config.node_name, bound.quic.port());
+            let address = match config.node_address.parse::<std::net::Ipv6Addr>() {
+                Ok(v6) => format!("[{v6}]:{}", bound.quic.port()),
+                Err(_) => format!("{}:{}", config.node_address, bound.quic.port()),
+            };
             Some(
                 cluster::Node::join(
                     cluster.clone(),
@@ -335,6 +348,17 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         shutdown.clone(),
     ));
     let quic_endpoint = broker::quic::endpoint(quic_socket, quic)?;
+    if let (Some(node), Some(cluster), Some(cert)) = (&state.node, &state.cluster, &node_cert) {
+        let this = node.clone();
+        let link = broker::relay::NodeLink::new(
+            quic_endpoint.clone(),
+            cert.client_config(&ca)?,
+            cluster.clone(),
+            state.config.online_window,
+            Box::new(move || this.id()),
+        )?;
+        state.broker.set_relay(Arc::new(link));
+    }
     tasks.spawn(broker::quic::serve(
         quic_endpoint,
         broker::quic::QuicFrontEnd {

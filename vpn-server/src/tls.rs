@@ -299,14 +299,104 @@ pub fn https_config(cert: Arc<ServerCert>) -> anyhow::Result<Arc<ServerConfig>> 
     Ok(Arc::new(config))
 }
 
-/// The QUIC broker's TLS config: TLS 1.3 only, ALPN `floto-broker/1`.
-pub fn quic_config(cert: Arc<ServerCert>) -> anyhow::Result<ServerConfig> {
+/// The QUIC TLS config: TLS 1.3 only, ALPN `floto-broker/1`, and in a cluster also
+/// `floto-node/1`, the node link, on which this node presents its node certificate.
+pub fn quic_config(cert: Arc<ServerCert>, node: Option<&NodeCert>) -> anyhow::Result<ServerConfig> {
     let provider = provider();
+    let resolver = QuicCerts {
+        tls: cert,
+        node: node.map(|n| n.certified.clone()),
+    };
     let mut config = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("TLS protocol versions")?
         .with_client_cert_verifier(Arc::new(DeferredClientAuth { provider }))
-        .with_cert_resolver(cert);
+        .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![floto_proto::broker::ALPN.to_vec()];
+    if node.is_some() {
+        config
+            .alpn_protocols
+            .push(floto_proto::broker::ALPN_NODE.to_vec());
+    }
     Ok(config)
+}
+
+/// The operators' certificate on the broker's ALPN, the node certificate on the node link.
+#[derive(Debug)]
+struct QuicCerts {
+    tls: Arc<ServerCert>,
+    node: Option<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for QuicCerts {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let wants_node = hello
+            .alpn()
+            .is_some_and(|mut p| p.any(|p| p == floto_proto::broker::ALPN_NODE));
+        match (&self.node, wants_node) {
+            (Some(node), true) => Some(node.clone()),
+            _ => self.tls.resolve(hello),
+        }
+    }
+}
+
+/// Lifetime of a node certificate; issued anew at every start.
+pub const NODE_CERT_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// This node's certificate for the node link (see [`floto_pki::Ca::issue_node`]).
+#[derive(Debug, Clone)]
+pub struct NodeCert {
+    certified: Arc<CertifiedKey>,
+    chain: Vec<CertificateDer<'static>>,
+    key_der: Vec<u8>,
+}
+
+impl NodeCert {
+    /// Issues this node's certificate from the cluster's CA, for `host`, the name or
+    /// address other nodes reach it at.
+    /// Kept in the data dir (`node.pem`, `node.key`) for inspection.
+    pub fn issue(ca: &Ca, node: &str, host: &str, data: &DataDir) -> anyhow::Result<Self> {
+        let (cert, key_pem) = ca
+            .issue_node(
+                node,
+                &[host.to_owned()],
+                &Serial::random(),
+                OffsetDateTime::now_utc(),
+                NODE_CERT_LIFETIME,
+            )
+            .context("issuing the node certificate")?;
+        datadir::write_secret(&data.node_key(), key_pem.as_bytes())?;
+        datadir::write_public(&data.node_cert(), cert.pem.as_bytes())?;
+        let chain = vec![
+            CertificateDer::from(cert.der.clone()),
+            CertificateDer::from(ca.cert_der().to_vec()),
+        ];
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .context("reading back the node key")?;
+        let key_der = key.secret_der().to_vec();
+        Ok(Self {
+            certified: Arc::new(certified_key(chain.clone(), key)?),
+            chain,
+            key_der,
+        })
+    }
+
+    /// The client side of the node link: trusts only the cluster's CA, presents this
+    /// node's certificate, ALPN `floto-node/1`.
+    pub fn client_config(&self, ca: &Ca) -> anyhow::Result<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(ca.cert_der().to_vec()))
+            .context("the CA certificate as a trust anchor")?;
+        let key = PrivateKeyDer::try_from(self.key_der.clone())
+            .map_err(|e| anyhow::anyhow!("the node key: {e}"))?;
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .context("TLS protocol versions")?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(self.chain.clone(), key)
+            .context("the node certificate as a client certificate")?;
+        config.alpn_protocols = vec![floto_proto::broker::ALPN_NODE.to_vec()];
+        Ok(config)
+    }
 }

@@ -30,6 +30,7 @@ fn session_from_row(row: &sqlx::postgres::PgRow) -> Result<SessionRecord, StoreE
         device: parse_device_id(&row.text("device")?)?,
         node: row.text("node")?,
         node_name: row.opt_text("node_name")?,
+        node_address: row.opt_text("node_address")?,
         epoch: row.int("epoch")?,
         endpoint: row
             .opt_text("endpoint")?
@@ -156,7 +157,7 @@ impl Cluster for PgRegistry {
 
     async fn online_sessions(&self, fresh: Duration) -> Result<Vec<SessionRecord>, StoreError> {
         let sql = format!(
-            "SELECT s.*, n.name AS node_name FROM sessions AS s JOIN nodes AS n ON n.id = s.node \
+            "SELECT s.*, n.name AS node_name, n.address AS node_address FROM sessions AS s JOIN nodes AS n ON n.id = s.node \
              WHERE n.lease_expires_at > {NOW_MS} AND s.refreshed_at > {NOW_MS} - $1"
         );
         sqlx::query(&sql)
@@ -174,7 +175,7 @@ impl Cluster for PgRegistry {
         fresh: Duration,
     ) -> Result<Option<SessionRecord>, StoreError> {
         let sql = format!(
-            "SELECT s.*, n.name AS node_name FROM sessions AS s JOIN nodes AS n ON n.id = s.node \
+            "SELECT s.*, n.name AS node_name, n.address AS node_address FROM sessions AS s JOIN nodes AS n ON n.id = s.node \
              WHERE s.device = $2 AND n.lease_expires_at > {NOW_MS} \
              AND s.refreshed_at > {NOW_MS} - $1"
         );
@@ -203,7 +204,7 @@ impl Cluster for PgRegistry {
 
     async fn orphaned_sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
         let sql = format!(
-            "SELECT s.*, n.name AS node_name FROM sessions AS s LEFT JOIN nodes AS n ON n.id = s.node \
+            "SELECT s.*, n.name AS node_name, n.address AS node_address FROM sessions AS s LEFT JOIN nodes AS n ON n.id = s.node \
              WHERE n.id IS NULL OR n.lease_expires_at <= {NOW_MS}"
         );
         sqlx::query(&sql)

@@ -6,6 +6,7 @@
 
 pub mod quic;
 pub mod refusals;
+pub mod relay;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,9 +27,10 @@ use crate::authz::{allowed, allowed_anywhere, Action};
 use crate::events::WallClock;
 use crate::limits::{PerKeyCap, Place};
 use crate::metrics::Metrics;
-use crate::netstack::{ConnectError, NetstackHandle, TcpStream};
+use crate::netstack::{ConnectError, NetstackHandle};
 use crate::wg::PeerTable;
 use refusals::RefusalLog;
+use relay::{DeviceStream, NodeLink};
 
 /// Broker sessions open at once; more are refused with 429.
 pub const MAX_SESSIONS: usize = 4096;
@@ -104,6 +106,8 @@ pub struct Broker {
     per_device: Arc<PerKeyCap<DeviceId>>,
     /// Refusals counted for the audit log.
     refusals: parking_lot::Mutex<RefusalLog>,
+    /// In a cluster: the way to devices held by other nodes.
+    relay: std::sync::OnceLock<Arc<NodeLink>>,
     deps: BrokerDeps,
 }
 
@@ -148,7 +152,7 @@ pub struct OpenSession {
     /// Carries the device and operator through the session's logs.
     span: tracing::Span,
     pub via: &'static str,
-    stream: TcpStream,
+    stream: DeviceStream,
     started: OffsetDateTime,
     cancel: CancellationToken,
 }
@@ -191,8 +195,14 @@ impl Broker {
             per_operator: PerKeyCap::new(deps.caps.per_operator),
             per_device: PerKeyCap::new(deps.caps.per_device),
             refusals: parking_lot::Mutex::new(RefusalLog::default()),
+            relay: std::sync::OnceLock::new(),
             deps,
         }
+    }
+
+    /// In a cluster: reach devices held by other nodes through `link`.
+    pub fn set_relay(&self, link: Arc<NodeLink>) {
+        let _ = self.relay.set(link);
     }
 
     /// Registers a front-end connection of `operator` for as long as the returned value is
@@ -419,7 +429,16 @@ impl Broker {
             Some(d) => d,
         };
         let status = deps.table.status(&id);
-        if !status.as_ref().is_some_and(|s| s.online) {
+        let here = status.as_ref().is_some_and(|s| s.online);
+        // Not held here: in a cluster, another node may hold it.
+        let elsewhere = match (here, self.relay.get()) {
+            (false, Some(link)) => match link.holder(&id).await {
+                Ok(h) => h.map(|h| (link.clone(), h)),
+                Err(e) => return Err(Refusal::internal(&e)),
+            },
+            _ => None,
+        };
+        if !here && elsewhere.is_none() {
             let seen = status
                 .and_then(|s| s.last_seen)
                 .map(|t| deps.clock.wall(t))
@@ -467,39 +486,20 @@ impl Broker {
             );
             return Err(refuse(f, Some(id)).await);
         };
-        let stream = match deps
-            .netstack
-            .connect(device.overlay_ip, port, DIAL_TIMEOUT)
-            .await
-        {
-            Ok(s) => s,
-            Err(ConnectError::Refused) => {
-                let f = Refusal::new("port_unreachable", ErrorCode::BadGateway,
-                    format!("port {port} on device {id} is unreachable: the device refused the connection (is the service running?)"),
-                );
-                return Err(refuse(f, Some(id)).await);
-            }
-            Err(ConnectError::TimedOut) => {
-                let f = Refusal::new(
-                    "timeout",
-                    ErrorCode::GatewayTimeout,
-                    format!(
-                        "device {id} did not answer on port {port} within {}s",
-                        DIAL_TIMEOUT.as_secs()
-                    ),
-                );
-                return Err(refuse(f, Some(id)).await);
-            }
-            Err(e) => {
-                let f = Refusal::new(
-                    "error",
-                    ErrorCode::Unavailable,
-                    format!("could not dial device {id}: {e}"),
-                );
-                return Err(refuse(f, Some(id)).await);
-            }
-        };
         let session_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let dialled = match elsewhere {
+            None => deps
+                .netstack
+                .connect(device.overlay_ip, port, DIAL_TIMEOUT)
+                .await
+                .map(DeviceStream::Local)
+                .map_err(|e| dial_refusal(e, &id, port)),
+            Some((link, holder)) => link.dial(holder, id, port, &op.name, session_id).await,
+        };
+        let stream = match dialled {
+            Ok(s) => s,
+            Err(f) => return Err(refuse(f, Some(id)).await),
+        };
         // No session without its record: written before a byte is spliced, so that a crash
         // mid-session still leaves it.
         let started = AuditRecord {
@@ -619,6 +619,30 @@ impl Broker {
                 .to_string(),
             })
             .await;
+    }
+}
+
+/// Why dialling a device through the netstack failed, as the operator is told.
+fn dial_refusal(e: ConnectError, id: &DeviceId, port: u16) -> Refusal {
+    match e {
+        ConnectError::Refused => Refusal::new(
+            "port_unreachable",
+            ErrorCode::BadGateway,
+            format!("port {port} on device {id} is unreachable: the device refused the connection (is the service running?)"),
+        ),
+        ConnectError::TimedOut => Refusal::new(
+            "timeout",
+            ErrorCode::GatewayTimeout,
+            format!(
+                "device {id} did not answer on port {port} within {}s",
+                DIAL_TIMEOUT.as_secs()
+            ),
+        ),
+        e => Refusal::new(
+            "error",
+            ErrorCode::Unavailable,
+            format!("could not dial device {id}: {e}"),
+        ),
     }
 }
 

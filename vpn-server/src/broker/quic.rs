@@ -12,9 +12,7 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use floto_proto::broker::{
-    decode_header, encode_header, BrokerRequest, BrokerResponse, MAX_HEADER,
-};
+use floto_proto::broker::{encode_header, BrokerRequest, BrokerResponse, NodeRequest};
 use floto_proto::{ApiError, ErrorCode};
 
 use floto_pki::Ca;
@@ -99,6 +97,14 @@ async fn serve_connection(
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
         .and_then(|chain| chain.first().cloned());
     let peer_cert = PeerCert::verify(&state.ca, presented.as_ref(), now);
+    let alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    if alpn.as_deref() == Some(floto_proto::broker::ALPN_NODE) {
+        serve_node_connection(conn, state, peer_cert, shutdown).await;
+        return;
+    }
     let op = match state.identify.operator(&peer_cert, None, now).await {
         Ok(op) => op,
         Err(e) => {
@@ -160,6 +166,62 @@ async fn serve_connection(
     }
 }
 
+/// The node link: another node of the cluster asks this one to dial a device it holds. Only
+/// node certificates are taken here (an operator's or a device's is refused); the asking
+/// node has authorized and audited the operator.
+async fn serve_node_connection(
+    conn: quinn::Connection,
+    state: QuicFrontEnd,
+    peer_cert: PeerCert,
+    shutdown: CancellationToken,
+) {
+    let node = match &peer_cert {
+        PeerCert::Valid(info) => info.node_name().map(str::to_owned),
+        _ => None,
+    };
+    let Some(node) = node else {
+        let why = ApiError::new(
+            ErrorCode::Unauthorized,
+            "the node link takes node certificates only",
+        );
+        debug!(remote = %conn.remote_address(), "node link refused: not a node certificate");
+        close_refused(&conn, &why);
+        return;
+    };
+    debug!(node = %node, remote = %conn.remote_address(), "node connected");
+    loop {
+        let (mut send, mut recv) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+        };
+        let broker = state.broker.clone();
+        tokio::spawn(async move {
+            let request = match super::relay::read_header::<NodeRequest>(&mut recv).await {
+                Ok((r, _)) => r,
+                Err(e) => {
+                    let _ = respond(&mut send, Err(e)).await;
+                    return;
+                }
+            };
+            let mut device = match broker.dial_for_node(&request).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = respond(&mut send, Err(e)).await;
+                    return;
+                }
+            };
+            if respond(&mut send, Ok(())).await.is_err() {
+                return;
+            }
+            let mut link = tokio::io::join(recv, send);
+            let _ = tokio::io::copy_bidirectional(&mut link, &mut device).await;
+        });
+    }
+}
+
 /// Closes a connection whose operator is refused; the reason is the refusal, as JSON.
 fn close_refused(conn: &quinn::Connection, why: &ApiError) {
     let reason = serde_json::to_vec(why).unwrap_or_default();
@@ -200,41 +262,7 @@ async fn serve_stream(
 
 /// Reads the header line; returns it and whatever bytes followed it.
 async fn read_request(recv: &mut quinn::RecvStream) -> Result<(BrokerRequest, Vec<u8>), ApiError> {
-    let mut buf = Vec::with_capacity(256);
-    let mut chunk = [0u8; 1024];
-    let read = async {
-        loop {
-            match decode_header::<BrokerRequest>(&buf) {
-                Ok(Some((req, used))) => return Ok((req, buf[used..].to_vec())),
-                Ok(None) => {}
-                Err(e) => return Err(ApiError::new(ErrorCode::BadRequest, e.to_string())),
-            }
-            let want = (MAX_HEADER + 1 - buf.len()).min(chunk.len());
-            match recv.read(&mut chunk[..want]).await {
-                Ok(Some(n)) => buf.extend_from_slice(&chunk[..n]),
-                Ok(None) => {
-                    return Err(ApiError::new(
-                        ErrorCode::BadRequest,
-                        "stream ended before the request header",
-                    ))
-                }
-                Err(e) => {
-                    return Err(ApiError::new(
-                        ErrorCode::BadRequest,
-                        format!("reading the request header: {e}"),
-                    ))
-                }
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), read)
-        .await
-        .unwrap_or_else(|_| {
-            Err(ApiError::new(
-                ErrorCode::BadRequest,
-                "no request header within 10 s",
-            ))
-        })
+    super::relay::read_header(recv).await
 }
 
 async fn respond(
