@@ -4,6 +4,7 @@
 //! of the end-to-end tests (floto-e2e), so both drive the same real processes.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+pub mod cluster;
 pub mod enroll;
 pub mod idle;
 pub mod report;

@@ -53,6 +53,22 @@ enum Scenario {
         #[arg(long)]
         compare_devices: Option<usize>,
     },
+    /// Two nodes on one PostgreSQL: a storm split between them, the database's load while
+    /// the fleet idles, and the takeover of a killed node's devices (needs PostgreSQL).
+    Cluster {
+        /// Devices per node.
+        #[arg(long, default_value_t = 10_000)]
+        devices: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// How long the fleet idles before the kill (presence writes are measured over it).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        idle: std::time::Duration,
+    },
     /// One device, TCP through the tunnel with iperf3 (needs root, iperf3, wireguard-go).
     Throughput {
         #[arg(long, default_value_t = 10)]
@@ -144,6 +160,22 @@ fn main() -> anyhow::Result<()> {
                 threads,
                 compare: !no_compare,
                 compare_devices,
+            },
+            command,
+        )),
+        Scenario::Cluster {
+            devices,
+            runs,
+            threads,
+            timeout,
+            idle,
+        } => rt.block_on(floto_bench::cluster::main(
+            floto_bench::cluster::Args {
+                devices,
+                runs,
+                threads,
+                timeout,
+                idle,
             },
             command,
         )),

@@ -305,6 +305,10 @@ struct SimDevice {
     n: usize,
     tunn: Tunn,
     overlay_ip: Option<Ipv4Addr>,
+    /// Where this device sends: the fleet's server at first, then wherever an
+    /// authenticated packet last came from (WireGuard roaming: a device follows a cluster
+    /// node that calls it back).
+    endpoint: SocketAddr,
 }
 
 /// One thread's devices and socket.
@@ -354,6 +358,7 @@ impl Driver {
                     None,
                 ),
                 overlay_ip: d.overlay_ip,
+                endpoint: shared.server,
             })
             .collect();
         let server_ip = shared.server.ip();
@@ -432,7 +437,7 @@ impl Driver {
     fn receive_all(&mut self) -> bool {
         let mut any = false;
         for _ in 0..RECEIVE_BATCH {
-            let Some((len, dst)) = recv_with_dst(&self.socket, &mut self.buf) else {
+            let Some((len, dst, from)) = recv_with_dst(&self.socket, &mut self.buf) else {
                 break;
             };
             any = true;
@@ -441,12 +446,12 @@ impl Driver {
             if n >= self.shared.devices || n % self.shared.threads != self.thread {
                 continue;
             }
-            self.handle(n / self.shared.threads, len);
+            self.handle(n / self.shared.threads, len, from);
         }
         any
     }
 
-    fn handle(&mut self, slot: usize, len: usize) {
+    fn handle(&mut self, slot: usize, len: usize, from: SocketAddr) {
         let kind = self.buf.first().copied().unwrap_or(0);
         if kind == 3 {
             bump(&self.shared.counters.cookie_replies);
@@ -460,6 +465,9 @@ impl Driver {
             let r = dev
                 .tunn
                 .decapsulate(Some(self.server_ip), input, &mut self.out);
+            if first && !matches!(r, TunnResult::Err(_)) && from.port() != 0 {
+                dev.endpoint = from;
+            }
             match r {
                 TunnResult::WriteToNetwork(p) => {
                     // A response (kind 2) or our keepalive after one: a session now.
@@ -469,7 +477,7 @@ impl Driver {
                     send_from(
                         &self.socket,
                         source_address(n),
-                        self.shared.server,
+                        dev.endpoint,
                         p,
                         &self.shared.counters,
                     );
@@ -511,7 +519,7 @@ impl Driver {
             send_from(
                 &self.socket,
                 source_address(dev.n),
-                self.shared.server,
+                dev.endpoint,
                 p,
                 &self.shared.counters,
             );
@@ -529,7 +537,7 @@ impl Driver {
                 send_from(
                     &self.socket,
                     source_address(n),
-                    self.shared.server,
+                    dev.endpoint,
                     p,
                     &self.shared.counters,
                 );
@@ -558,7 +566,7 @@ impl Driver {
             send_from(
                 &self.socket,
                 source_address(dev.n),
-                self.shared.server,
+                dev.endpoint,
                 p,
                 &self.shared.counters,
             );
@@ -727,7 +735,9 @@ fn send_from(
 }
 
 /// Receives one datagram; returns its length and the local address it was sent to.
-fn recv_with_dst(socket: &UdpSocket, buf: &mut [u8]) -> Option<(usize, Ipv4Addr)> {
+/// Receives one datagram: its length, the local address it was sent to (which device), and
+/// who sent it.
+fn recv_with_dst(socket: &UdpSocket, buf: &mut [u8]) -> Option<(usize, Ipv4Addr, SocketAddr)> {
     let mut src: libc::sockaddr_in = unsafe_zeroed_sockaddr();
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
@@ -748,6 +758,10 @@ fn recv_with_dst(socket: &UdpSocket, buf: &mut [u8]) -> Option<(usize, Ipv4Addr)
         if n < 0 {
             return None;
         }
+        let from = SocketAddr::from((
+            Ipv4Addr::from(u32::from_be(src.sin_addr.s_addr)),
+            u16::from_be(src.sin_port),
+        ));
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
         while !cmsg.is_null() {
             if (*cmsg).cmsg_level == libc::IPPROTO_IP && (*cmsg).cmsg_type == libc::IP_PKTINFO {
@@ -756,11 +770,12 @@ fn recv_with_dst(socket: &UdpSocket, buf: &mut [u8]) -> Option<(usize, Ipv4Addr)
                 return Some((
                     n as usize,
                     Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)),
+                    from,
                 ));
             }
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
-        Some((n as usize, Ipv4Addr::UNSPECIFIED))
+        Some((n as usize, Ipv4Addr::UNSPECIFIED, from))
     }
 }
 
@@ -865,7 +880,7 @@ impl Flood {
                         n += 1;
                     }
                     s.store(n, Ordering::Relaxed);
-                    while let Some((len, _)) = recv_with_dst(&socket, &mut rx) {
+                    while let Some((len, _, _)) = recv_with_dst(&socket, &mut rx) {
                         match rx.first() {
                             Some(3) if len == 64 => bump(&c),
                             Some(2) => bump(&r),

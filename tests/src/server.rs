@@ -57,6 +57,24 @@ impl Server {
         Self::start_in(dir, args, "info,floto_vpn_server=debug")
     }
 
+    /// Another node of this server's cluster: a new data dir with this one's identity (CA,
+    /// WireGuard key, TLS and admin credentials, config), without its registry file or
+    /// runtime state, started with `args` (which name the shared `--database-url`).
+    pub fn start_joining(&self, args: &[&str]) -> Self {
+        let dir = Self::temp_dir();
+        let to = dir.path().join("data");
+        std::fs::create_dir(&to).expect("data dir");
+        for entry in std::fs::read_dir(self.data_dir()).expect("reading the data dir") {
+            let entry = entry.expect("data dir entry");
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("registry.db") || name == "server.json" {
+                continue;
+            }
+            run(Command::new("cp").arg("-a").arg(entry.path()).arg(&to));
+        }
+        Self::start_in(dir, args, &self.log)
+    }
+
     /// As [`start`](Self::start), with a `FLOTO_LOG` filter (benchmarks log little).
     pub fn start_logging(args: &[&str], log: &str) -> Self {
         Self::start_in(Self::temp_dir(), args, log)

@@ -15,26 +15,6 @@ use floto_e2e::server::Server;
 use floto_e2e::{floto, output, require, require_root, run, ssh_opts, stdout, wait_for};
 use floto_pgtest::Postgres;
 
-/// A second node's data dir: the first node's identity (CA, WireGuard key, TLS and admin
-/// credentials, config), without its registry file or runtime state.
-fn same_identity(from: &Path) -> tempfile::TempDir {
-    let dir = Server::temp_dir();
-    let to = dir.path().join("data");
-    std::fs::create_dir(&to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("registry.db") || name == "server.json" {
-            continue;
-        }
-        run(std::process::Command::new("cp")
-            .arg("-a")
-            .arg(entry.path())
-            .arg(&to));
-    }
-    dir
-}
-
 /// Connects to the node link of the node on loopback `port` with a client certificate,
 /// asks for a device, and returns the reason the node closed the connection with.
 fn node_link_refusal(cert: &Path, key: &Path, ca: &Path, port: u16) -> String {
@@ -124,7 +104,7 @@ fn two_nodes_on_one_postgres_apply_each_others_changes() {
         ]
     };
     let a = Server::start(&args("a"));
-    let b = Server::start_on(same_identity(&a.data_dir()), &args("b"));
+    let b = a.start_joining(&args("b"));
 
     // A key made on A enrolls a device through B.
     let key = a.create_key("lab", None);
@@ -270,8 +250,8 @@ fn a_killed_nodes_devices_come_back_on_the_others() {
         ]
     };
     let mut a = Server::start(&args("a"));
-    let b = Server::start_on(same_identity(&a.data_dir()), &args("b"));
-    let c = Server::start_on(same_identity(&a.data_dir()), &args("c"));
+    let b = a.start_joining(&args("b"));
+    let c = a.start_joining(&args("c"));
     let key = a.create_key("lab", None);
     let mut devices: Vec<WgGoDevice> = nss
         .into_iter()
@@ -381,7 +361,7 @@ fn postgres_restarted_under_the_nodes() {
         ]
     };
     let a = Server::start(&args("a"));
-    let b = Server::start_on(same_identity(&a.data_dir()), &args("b"));
+    let b = a.start_joining(&args("b"));
     let key = a.create_key("lab", None);
     let mut first = WgGoDevice::enroll(ns1, &a, &key);
     first.set_keepalive(2);
