@@ -426,3 +426,73 @@ fn postgres_restarted_under_the_nodes() {
         },
     );
 }
+
+/// From one node to two: a single node's registry is copied into PostgreSQL with
+/// `migrate-registry`, and its device, never enrolled again, is served by the cluster.
+#[test]
+fn a_single_nodes_registry_moves_to_the_cluster_without_reenrolling() {
+    require_root();
+    require(&["wireguard-go", "wg", "ping", "ip", "cp"]);
+    let pg = Postgres::start();
+    let url = pg.create_database("floto");
+    let ns = Netns::new();
+    let tls = ns.host_ip().to_string();
+    let mut single = Server::start(&["--tls-name", &tls]);
+    let key = single.create_key("lab", None);
+    let mut device = WgGoDevice::enroll(ns, &single, &key);
+    device.set_keepalive(2);
+    device.up();
+    single.wait_online(&device.uuid, true, Duration::from_secs(20));
+    let before = single.device(&device.uuid);
+
+    // Refused while the node runs: it could write after the copy.
+    let out = single.admin(&["migrate-registry", "--to", &url]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stop it first"),
+        "{out:?}"
+    );
+    single.child.terminate(Duration::from_secs(40));
+    let out = single.admin(&["migrate-registry", "--to", &url]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("devices"), "{}", stdout(&out));
+    // Once only: the database now holds a registry.
+    let again = single.admin(&["migrate-registry", "--to", &url]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("not empty"),
+        "{again:?}"
+    );
+
+    let args = |name: &'static str| {
+        [
+            "--database-url",
+            url.as_str(),
+            "--tls-name",
+            tls.as_str(),
+            "--node-name",
+            name,
+            "--node-address",
+            "127.0.0.1",
+        ]
+    };
+    let a = single.start_joining(&args("a"));
+    let b = single.start_joining(&args("b"));
+    // The nodes call back the devices nobody holds (as a restarted single node does), so
+    // the device is served again without being touched.
+    let after = wait_for(
+        Duration::from_secs(20),
+        "the device online in the cluster",
+        || {
+            let v = a.device(&device.uuid);
+            (v["online"] == true).then_some(v)
+        },
+    );
+    for field in ["overlay_ip", "wg_public_key", "cert_serial", "fleet"] {
+        assert_eq!(before[field], after[field], "{field}");
+    }
+    let holder = after["node"].as_str().unwrap().to_owned();
+    assert!(holder == "a" || holder == "b", "{after}");
+    let seen = b.wait_online(&device.uuid, true, Duration::from_secs(10));
+    assert_eq!(seen["node"], holder.as_str(), "{seen}");
+}

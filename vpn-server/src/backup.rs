@@ -299,7 +299,8 @@ fn unpack(archive: &Path, dir: &Path) -> anyhow::Result<Manifest> {
 }
 
 /// The pid in `server.json` when that process is alive.
-fn running_server(data: &DataDir) -> Option<u32> {
+/// The pid of a server running on `data`, if one is.
+pub fn running_server(data: &DataDir) -> Option<u32> {
     let text = fs::read_to_string(data.runtime()).ok()?;
     let info: crate::datadir::RuntimeInfo = serde_json::from_str(&text).ok()?;
     Path::new(&format!("/proc/{}", info.pid))

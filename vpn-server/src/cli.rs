@@ -95,6 +95,21 @@ pub(crate) enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Copy this data dir's SQLite registry into an empty PostgreSQL database, to go from
+    /// one node to a cluster without re-enrolling a device. The server must be stopped; the
+    /// SQLite file is only read, and a database that holds anything is refused.
+    MigrateRegistry {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// The cluster's database, postgres://USER:PASSWORD@HOST/DB.
+        #[arg(
+            long,
+            env = "FLOTO_DATABASE_URL",
+            value_name = "URL",
+            hide_env_values = true
+        )]
+        to: String,
+    },
     /// Read the audit log (newest first): broker sessions and refusals, admin actions.
     Audit {
         #[command(flatten)]

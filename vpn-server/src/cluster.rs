@@ -145,6 +145,41 @@ impl Node {
         }
     }
 
+    /// At start: of the devices with a last known endpoint, those no live node holds and
+    /// that fall to this node (split by UUID between the live nodes, as a takeover is), to be
+    /// called back as a restarted single node calls back its devices. (After
+    /// `migrate-registry`, and after the whole cluster was down, no device has a session.)
+    pub async fn share_to_call_back(
+        &self,
+        candidates: Vec<(DeviceId, SocketAddr)>,
+        online_window: Duration,
+    ) -> anyhow::Result<Vec<(DeviceId, SocketAddr)>> {
+        let held: HashSet<DeviceId> = self
+            .cluster
+            .online_sessions(online_window)
+            .await?
+            .into_iter()
+            .map(|s| s.device)
+            .collect();
+        let mut live: Vec<String> = self
+            .cluster
+            .nodes()
+            .await?
+            .into_iter()
+            .filter(|n| n.alive)
+            .map(|n| n.id)
+            .collect();
+        live.sort();
+        let id = self.id();
+        let Some(me) = live.iter().position(|n| **n == *id) else {
+            return Ok(Vec::new());
+        };
+        Ok(candidates
+            .into_iter()
+            .filter(|(d, _)| !held.contains(d) && owner(d, live.len()) == me)
+            .collect())
+    }
+
     async fn lease_loop(self: Arc<Self>, shutdown: CancellationToken) {
         let mut last_renewed = Instant::now();
         let mut tick = tokio::time::interval(LEASE_RENEW_EVERY);

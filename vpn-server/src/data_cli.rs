@@ -85,3 +85,30 @@ pub(crate) async fn restore(
     );
     Ok(ExitCode::SUCCESS)
 }
+
+/// `migrate-registry --to URL`: the SQLite registry into an empty PostgreSQL one.
+pub(crate) async fn migrate_registry(dir: DataDirArg, to: String) -> anyhow::Result<ExitCode> {
+    let url = floto_vpn_server::config::DatabaseUrl::parse(&to)?;
+    let data = DataDir::new(&dir.data_dir);
+    if let Some(pid) = floto_vpn_server::backup::running_server(&data) {
+        anyhow::bail!(
+            "a server (pid {pid}) is running on {}; stop it first, so that nothing is written after the copy",
+            data.root().display()
+        );
+    }
+    let db = data.database();
+    if !db.exists() {
+        anyhow::bail!("{} holds no registry", data.root().display());
+    }
+    let report = floto_registry::postgres::import::copy_from_sqlite(&db, url.expose())
+        .await
+        .map_err(|e| anyhow::anyhow!("copying the registry to {url}: {e}"))?;
+    for (table, rows) in &report.rows {
+        println!("{table:<18} {rows} rows");
+    }
+    println!(
+        "copied {} into {url}; run the nodes with --database-url (the SQLite file is unchanged)",
+        db.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}

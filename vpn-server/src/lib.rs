@@ -289,11 +289,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     // What the registry holds, through the same applier as every later change.
     let changes = Arc::new(Feed::new(store.clone(), applier));
     let mut call_back = changes.load(OffsetDateTime::now_utc()).await?;
-    // In a cluster, this node's share of a dead node's devices comes from the takeover;
-    // the others are held by live nodes and must not be called away from them.
+    // In a cluster, devices held by live nodes must not be called away from them, and a dead
+    // node's devices come from the takeover: this node calls back only its share of the
+    // devices nobody holds.
     let node = match &cluster {
         Some(cluster) => {
-            call_back.clear();
             let address = match config.node_address.parse::<std::net::Ipv6Addr>() {
                 Ok(v6) => format!("[{v6}]:{}", bound.quic.port()),
                 Err(_) => format!("{}:{}", config.node_address, bound.quic.port()),
@@ -311,6 +311,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         }
         None => None,
     };
+    if let Some(node) = &node {
+        call_back = node
+            .share_to_call_back(call_back, config.online_window)
+            .await?;
+    }
 
     let state = Arc::new(AppState {
         enroll_slots: Arc::new(Semaphore::new(config.max_concurrent_enrollments)),

@@ -42,6 +42,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         } => run(&dir.data_dir, config.as_deref(), &settings).await,
         Command::Backup { dir, file } => data_cli::backup(dir, file).await,
         Command::Restore { dir, file, force } => data_cli::restore(dir, file, force).await,
+        Command::MigrateRegistry { dir, to } => data_cli::migrate_registry(dir, to).await,
         Command::Key { command } => admin_cli::key(command).await,
         Command::Operator { command } => admin_cli::operator(command).await,
         Command::Device { command } => admin_cli::device(command).await,

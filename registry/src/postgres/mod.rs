@@ -9,6 +9,7 @@
 mod cluster;
 #[cfg(test)]
 mod cluster_tests;
+pub mod import;
 mod schema;
 mod writer;
 
