@@ -36,7 +36,9 @@ struct Run {
     devices_per_node: usize,
     /// Both halves started at once, one per node: until every device is online.
     storm_t100_s: Option<f64>,
-    /// Over the idle window: database transactions committed, and rows written, per second.
+    /// Over the idle window (from 30 s after the storm): database transactions committed
+    /// (reads included: every statement outside a transaction is one), and rows written, per
+    /// second.
     idle_commits_per_s: f64,
     idle_rows_written_per_s: f64,
     idle_window_s: f64,
@@ -136,13 +138,22 @@ async fn run_once(args: &Args, run: usize) -> anyhow::Result<Run> {
     .then(|| started.elapsed().as_secs_f64());
     eprintln!("  storm on two nodes: all online after {storm_t100_s:?} s");
 
-    // Let the first claims land, then measure the idle load on the database.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Let the first claims land and the database's statistics catch up with the enrollment
+    // and the storm, then measure the idle load.
+    tokio::time::sleep(Duration::from_secs(30)).await;
     let (c0, r0) = db_writes(&pg);
     let idle_start = Instant::now();
     tokio::time::sleep(args.idle).await;
     let (c1, r1) = db_writes(&pg);
     let window = idle_start.elapsed().as_secs_f64();
+    eprintln!(
+        "  rows written by table since the database was made:\n{}",
+        pg.psql_on(
+            "floto",
+            "SELECT relname, n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_user_tables \
+             WHERE n_tup_ins + n_tup_upd + n_tup_del > 0 ORDER BY relname"
+        )
+    );
     eprintln!(
         "  idle: {:.1} commits/s, {:.0} rows written/s over {window:.0} s",
         (c1 - c0) / window,

@@ -401,12 +401,12 @@ impl Config {
             node_name: s
                 .node_name
                 .clone()
-                .or_else(crate::tls::local_hostname)
+                .or_else(local_hostname)
                 .unwrap_or_else(|| "node".to_owned()),
             node_address: s
                 .node_address
                 .clone()
-                .or_else(crate::tls::local_hostname)
+                .or_else(local_hostname)
                 .unwrap_or_else(|| "localhost".to_owned()),
             log_format: s.log_format.unwrap_or_default(),
         };
@@ -590,6 +590,17 @@ pub fn validate_endpoint(endpoint: &str) -> anyhow::Result<()> {
         return Err(bad());
     }
     Ok(())
+}
+
+/// The machine's host name, when it is a usable DNS name.
+pub fn local_hostname() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = name.trim();
+    let valid = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    valid.then(|| name.to_owned())
 }
 
 #[cfg(test)]

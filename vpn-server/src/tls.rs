@@ -191,7 +191,7 @@ pub fn server_names(config: &Config) -> Vec<String> {
         "127.0.0.1".to_owned(),
         "::1".to_owned(),
     ];
-    if let Some(host) = local_hostname() {
+    if let Some(host) = crate::config::local_hostname() {
         names.push(host);
     }
     if let Some(endpoint) = &config.endpoint {
@@ -210,17 +210,6 @@ pub fn server_names(config: &Config) -> Vec<String> {
     let mut seen = std::collections::HashSet::new();
     names.retain(|n| seen.insert(n.to_ascii_lowercase()));
     names
-}
-
-/// The machine's host name, when it is a usable DNS name.
-pub fn local_hostname() -> Option<String> {
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
-    let name = name.trim();
-    let valid = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-    valid.then(|| name.to_owned())
 }
 
 fn issue(
