@@ -84,8 +84,14 @@ pub trait Cluster: Send + Sync + 'static {
     async fn end_lease(&self, id: &str) -> Result<(), StoreError>;
     /// Every node with its session count, live or not (expired ones until pruned).
     async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
-    /// Applies a batch of claims and releases by node `id`.
-    async fn write_sessions(&self, id: &str, batch: &[SessionWrite]) -> Result<(), StoreError>;
+    /// Applies a batch of claims and releases by node `id`. Returns the devices whose claim
+    /// did not take: another live node holds them with a newer session, and node `id` must
+    /// let its own go.
+    async fn write_sessions(
+        &self,
+        id: &str,
+        batch: &[SessionWrite],
+    ) -> Result<Vec<DeviceId>, StoreError>;
     /// Sessions whose node's lease is alive and whose row was written within `fresh`.
     async fn online_sessions(&self, fresh: Duration) -> Result<Vec<SessionRecord>, StoreError>;
     /// One device's session, if it is online in the cluster's eyes.

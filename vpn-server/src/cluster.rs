@@ -133,10 +133,13 @@ impl Node {
     ) {
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(self.clone().lease_loop(shutdown.clone()));
-        tasks.spawn(
-            self.clone()
-                .sessions_loop(table, clock, online_window / 3, shutdown.clone()),
-        );
+        tasks.spawn(self.clone().sessions_loop(
+            table,
+            wg.clone(),
+            clock,
+            online_window / 3,
+            shutdown.clone(),
+        ));
         tasks.spawn(self.clone().takeover_loop(wg, shutdown.clone()));
         tasks.spawn(self.clone().counts_loop(online_window, shutdown.clone()));
         while tasks.join_next().await.is_some() {}
@@ -154,6 +157,19 @@ impl Node {
         candidates: Vec<(DeviceId, SocketAddr)>,
         online_window: Duration,
     ) -> anyhow::Result<Vec<(DeviceId, SocketAddr)>> {
+        // Other nodes started just before this one may be calling devices back now: let
+        // their claims land first, so that a device is not called away from them.
+        let others = self
+            .cluster
+            .nodes()
+            .await?
+            .iter()
+            .filter(|n| n.alive)
+            .count()
+            > 1;
+        if others {
+            tokio::time::sleep(2 * SESSIONS_EVERY + Duration::from_millis(500)).await;
+        }
         let held: HashSet<DeviceId> = self
             .cluster
             .online_sessions(online_window)
@@ -190,11 +206,20 @@ impl Node {
                 _ = tick.tick() => {}
             }
             let id = self.id();
-            match self
-                .cluster
-                .renew_lease(&id, &self.name, &self.address, LEASE_TTL)
-                .await
-            {
+            // A database that does not answer is a failed renewal, not a wait: a partition
+            // must fence the node within its lease.
+            let renewed = tokio::time::timeout(
+                LEASE_RENEW_EVERY,
+                self.cluster
+                    .renew_lease(&id, &self.name, &self.address, LEASE_TTL),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(floto_registry::StoreError::Inconsistent(
+                    "the database did not answer within the renewal interval".into(),
+                ))
+            });
+            match renewed {
                 Ok(true) => {
                     last_renewed = Instant::now();
                     if self.fence(false) {
@@ -226,6 +251,7 @@ impl Node {
     async fn sessions_loop(
         self: Arc<Self>,
         table: Arc<PeerTable>,
+        wg: Arc<Concentrator>,
         clock: WallClock,
         refresh: Duration,
         shutdown: CancellationToken,
@@ -233,6 +259,7 @@ impl Node {
         // What this node wrote: epoch and when.
         let mut written: HashMap<DeviceId, (i64, Instant)> = HashMap::new();
         let mut written_as: Arc<str> = self.id();
+        let mut failing = false;
         let mut tick = tokio::time::interval(SESSIONS_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -278,7 +305,10 @@ impl Node {
             }
             for chunk in batch.chunks(BATCH) {
                 match self.cluster.write_sessions(&id, chunk).await {
-                    Ok(()) => {
+                    Ok(rejected) => {
+                        if std::mem::take(&mut failing) {
+                            info!("writing device sessions again");
+                        }
                         for w in chunk {
                             match w {
                                 SessionWrite::Claim { device, epoch, .. } => {
@@ -289,9 +319,19 @@ impl Node {
                                 }
                             }
                         }
+                        // Held by another node with a newer session: one holder only.
+                        for device in rejected {
+                            written.remove(&device);
+                            if wg.release_peer(&device) {
+                                info!(%device, "another node holds a newer session of this device; letting ours go");
+                            }
+                        }
                     }
                     Err(e) => {
-                        warn!(error = %e, "cannot write device sessions; retrying");
+                        // Once per failure spell, not every second.
+                        if !std::mem::replace(&mut failing, true) {
+                            warn!(error = %e, "cannot write device sessions; retrying");
+                        }
                         break;
                     }
                 }

@@ -311,11 +311,6 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         }
         None => None,
     };
-    if let Some(node) = &node {
-        call_back = node
-            .share_to_call_back(call_back, config.online_window)
-            .await?;
-    }
 
     let state = Arc::new(AppState {
         enroll_slots: Arc::new(Semaphore::new(config.max_concurrent_enrollments)),
@@ -398,7 +393,21 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     {
         let wg = concentrator.clone();
         let shutdown = shutdown.clone();
-        tasks.spawn(async move { wg.call_back(call_back, CALL_BACK_RATE, shutdown).await });
+        let node = state.node.clone();
+        let window = state.config.online_window;
+        tasks.spawn(async move {
+            if let Some(node) = node {
+                // Only this node's share of the devices nobody holds (see there).
+                call_back = match node.share_to_call_back(call_back, window).await {
+                    Ok(share) => share,
+                    Err(e) => {
+                        warn!(error = %e, "cannot read the cluster's sessions; calling no device back");
+                        Vec::new()
+                    }
+                };
+            }
+            wg.call_back(call_back, CALL_BACK_RATE, shutdown).await
+        });
     }
 
     let runtime = RuntimeInfo {

@@ -96,7 +96,11 @@ impl Cluster for PgRegistry {
             .collect()
     }
 
-    async fn write_sessions(&self, id: &str, batch: &[SessionWrite]) -> Result<(), StoreError> {
+    async fn write_sessions(
+        &self,
+        id: &str,
+        batch: &[SessionWrite],
+    ) -> Result<Vec<DeviceId>, StoreError> {
         let (mut claim_dev, mut claim_epoch, mut claim_ep) = (Vec::new(), Vec::new(), Vec::new());
         let (mut rel_dev, mut rel_epoch) = (Vec::new(), Vec::new());
         for w in batch {
@@ -117,6 +121,7 @@ impl Cluster for PgRegistry {
             }
         }
         let mut tx = self.pool.begin().await?;
+        let mut rejected = Vec::new();
         if !claim_dev.is_empty() {
             // A newer epoch takes the row from any node, and any claim takes it from a node
             // whose lease has expired; the same node and epoch refreshes it; otherwise an
@@ -130,15 +135,21 @@ impl Cluster for PgRegistry {
                  WHERE sessions.epoch < EXCLUDED.epoch \
                  OR (sessions.node = EXCLUDED.node AND sessions.epoch = EXCLUDED.epoch) \
                  OR NOT EXISTS (SELECT 1 FROM nodes AS n \
-                     WHERE n.id = sessions.node AND n.lease_expires_at > {NOW_MS})"
+                     WHERE n.id = sessions.node AND n.lease_expires_at > {NOW_MS}) \
+                 RETURNING device"
             );
-            sqlx::query(&sql)
+            let taken: std::collections::HashSet<String> = sqlx::query_scalar(&sql)
                 .bind(id)
                 .bind(&claim_dev)
                 .bind(&claim_epoch)
                 .bind(&claim_ep)
-                .execute(&mut *tx)
-                .await?;
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
+            for device in claim_dev.iter().filter(|d| !taken.contains(*d)) {
+                rejected.push(parse_device_id(device)?);
+            }
         }
         if !rel_dev.is_empty() {
             sqlx::query(
@@ -152,7 +163,7 @@ impl Cluster for PgRegistry {
             .await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(rejected)
     }
 
     async fn online_sessions(&self, fresh: Duration) -> Result<Vec<SessionRecord>, StoreError> {

@@ -67,8 +67,8 @@ async fn a_late_event_from_an_old_node_never_undoes_a_newer_session() {
     r.write_sessions("a", &[claim(d, 100)]).await.unwrap();
     // The device moves to b with a newer session.
     r.write_sessions("b", &[claim(d, 200)]).await.unwrap();
-    // a's late claim refresh and its late release change nothing.
-    r.write_sessions("a", &[claim(d, 100)]).await.unwrap();
+    // a's late claim refresh and its late release change nothing; a is told to let go.
+    assert_eq!(r.write_sessions("a", &[claim(d, 100)]).await.unwrap(), [d]);
     r.write_sessions(
         "a",
         &[SessionWrite::Release {

@@ -183,6 +183,12 @@ impl Concentrator {
         self.with_effects(|fx| self.table.remove(id, now, fx))
     }
 
+    /// Lets a device's session here go: another node of the cluster holds a newer one.
+    pub fn release_peer(&self, id: &DeviceId) -> bool {
+        let now = Instant::now();
+        self.with_effects(|fx| self.table.release(id, now, fx))
+    }
+
     /// Encrypts an IP packet from the server's netstack for its device; the datagrams wait in
     /// `batch` until [`Self::flush`].
     pub fn send_to_device(

@@ -287,6 +287,22 @@ impl PeerTable {
         true
     }
 
+    /// Lets a device's session go (another node of the cluster holds a newer one): drops its
+    /// state and marks it offline here; the peer stays, so the device may come back.
+    /// Returns `false` if it was not online here.
+    pub fn release(&self, id: &DeviceId, now: Instant, fx: &mut Effects) -> bool {
+        let Some(peer) = self.by_id.get(id).map(|p| p.clone()) else {
+            return false;
+        };
+        let mut st = peer.state.lock();
+        if !st.online {
+            return false;
+        }
+        self.drop_tunn(&peer, &mut st);
+        self.go_offline(&peer, &mut st, now, OfflineCause::Silent, fx);
+        true
+    }
+
     /// The one offline transition: a new generation, the online count, and the event (a
     /// no-op for a peer that is not online).
     pub(super) fn go_offline(
