@@ -317,17 +317,9 @@ mod tests {
         }
     }
 
-    /// A renewal committed just before a revocation but applied just after it must not
-    /// bring the revoked peer back.
-    #[tokio::test]
-    async fn a_late_renewal_never_brings_a_revoked_device_back() {
-        let dir = tempfile::tempdir().unwrap();
+    /// An applier over a real concentrator, broker and revoked set, for `registry`.
+    fn harness(registry: Arc<dyn Registry>) -> (Applier, Arc<PeerTable>, Arc<RevokedSerials>) {
         let overlay = "10.240.0.0/16".parse().unwrap();
-        let registry: Arc<dyn Registry> = Arc::new(
-            SqliteRegistry::open(&dir.path().join("db"), overlay)
-                .await
-                .unwrap(),
-        );
         let clock = WallClock::new();
         let table = Arc::new(PeerTable::new(
             boringtun::x25519::StaticSecret::from([1u8; 32]),
@@ -362,7 +354,23 @@ mod tests {
             audit: Auditor::new(registry),
         }));
         let revoked = Arc::new(RevokedSerials::default());
-        let applier = Applier::new(wg, broker, revoked.clone());
+        (Applier::new(wg, broker, revoked.clone()), table, revoked)
+    }
+
+    async fn sqlite_registry(dir: &tempfile::TempDir) -> Arc<dyn Registry> {
+        Arc::new(
+            SqliteRegistry::open(&dir.path().join("db"), "10.240.0.0/16".parse().unwrap())
+                .await
+                .unwrap(),
+        )
+    }
+
+    /// A renewal committed just before a revocation but applied just after it must not
+    /// bring the revoked peer back.
+    #[tokio::test]
+    async fn a_late_renewal_never_brings_a_revoked_device_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (applier, table, revoked) = harness(sqlite_registry(&dir).await);
 
         let d = device(1);
         let other = device(2);
@@ -394,5 +402,73 @@ mod tests {
         assert!(table.status(&d.id).is_none(), "the revoked peer came back");
         assert!(table.status(&other.id).is_some());
         assert_eq!(table.len(), 1);
+    }
+
+    /// The feed applies what was committed, in order, whoever wrote it, and a reader behind
+    /// pruned entries loads everything again.
+    #[tokio::test]
+    async fn the_feed_applies_writes_in_order_and_reloads_after_pruning() {
+        use floto_proto::WgKey;
+        use floto_registry::{EnrollCommit, NewKey};
+        let dir = tempfile::tempdir().unwrap();
+        let registry = sqlite_registry(&dir).await;
+        let (applier, table, revoked) = harness(registry.clone());
+        let feed = Feed::new(registry.clone(), Arc::new(applier));
+        assert!(feed
+            .load(OffsetDateTime::now_utc())
+            .await
+            .unwrap()
+            .is_empty());
+        let now = OffsetDateTime::now_utc();
+        registry
+            .create_key(NewKey {
+                id: "k".into(),
+                hash: [1; 32],
+                fleet: "lab".into(),
+                uses: None,
+                expires_at: None,
+                created_at: now,
+            })
+            .await
+            .unwrap();
+        let mut ids = Vec::new();
+        for wg in 1..=3u8 {
+            let id = DeviceId::new_random();
+            registry
+                .enroll(EnrollCommit {
+                    key_hash: [1; 32],
+                    device: id,
+                    wg_public_key: WgKey([wg; 32]),
+                    cert_serial: format!("{wg:02x}"),
+                    cert_public_key: vec![wg],
+                    cert_expires_at: now + Duration::from_secs(3600),
+                    device_type: None,
+                    hostname: None,
+                    now,
+                    reuse_addresses_revoked_before: now,
+                })
+                .await
+                .unwrap()
+                .unwrap();
+            ids.push(id);
+        }
+        // Written by "another node": nothing is applied until the feed is read.
+        assert_eq!(table.len(), 0);
+        feed.catch_up().await.unwrap();
+        assert_eq!(table.len(), 3);
+        registry.revoke_device(&ids[0], now).await.unwrap().unwrap();
+        feed.catch_up().await.unwrap();
+        assert!(table.status(&ids[0]).is_none(), "the revoked peer is gone");
+        assert!(revoked.contains("01"), "and its certificate is refused");
+        // A reader that fell behind pruned entries loads the registry again.
+        registry
+            .prune_changes(now + Duration::from_secs(3600))
+            .await
+            .unwrap();
+        let (fresh, fresh_table, _) = harness(registry.clone());
+        let late = Feed::new(registry.clone(), Arc::new(fresh));
+        late.catch_up().await.unwrap();
+        assert_eq!(fresh_table.len(), 2, "the live devices, from the reload");
+        assert!(fresh_table.status(&ids[0]).is_none());
     }
 }
