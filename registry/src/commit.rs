@@ -46,6 +46,108 @@ pub(crate) trait CommitTx: Send {
     ) -> Result<(), StoreError>;
 }
 
+/// The statements of [`CommitTx`] in one backend's SQL dialect.
+pub(crate) struct CommitSql {
+    /// [`crate::rows::facts_sql`] with the backend's placeholders.
+    pub facts: std::sync::LazyLock<String>,
+    /// A new device (the database records its certificate and takes its key's use).
+    pub create: &'static str,
+    /// A new certificate (and maybe WireGuard key) for an existing device.
+    pub recertify: &'static str,
+    /// The lowest address of a device revoked at or before the first parameter that no live
+    /// device holds.
+    pub reusable_address: &'static str,
+    /// A change-feed row.
+    pub record_change: &'static str,
+}
+
+/// Implements [`CommitTx`] for a backend's transactions with its [`CommitSql`]: the binding
+/// and reading are the same for both backends, only the SQL text differs.
+macro_rules! commit_tx {
+    ($db:ty, $sql:expr) => {
+        #[async_trait::async_trait]
+        impl $crate::commit::CommitTx for sqlx::Transaction<'static, $db> {
+            async fn facts(
+                &mut self,
+                key_hash: Option<&[u8; 32]>,
+                device: &floto_proto::DeviceId,
+                wg_key: Option<&floto_proto::WgKey>,
+            ) -> Result<$crate::rows::Facts, $crate::StoreError> {
+                let row = sqlx::query(&$sql.facts)
+                    .bind(key_hash.map(|h| h.to_vec()))
+                    .bind(device.to_string())
+                    .bind(wg_key.map(floto_proto::WgKey::to_base64))
+                    .fetch_one(&mut **self)
+                    .await?;
+                $crate::rows::Facts::from_row(&row)
+            }
+
+            async fn insert_device(
+                &mut self,
+                d: &$crate::Device,
+            ) -> Result<(), $crate::StoreError> {
+                sqlx::query($sql.create)
+                    .bind(d.id.to_string())
+                    .bind(&d.fleet)
+                    .bind(d.wg_public_key.to_base64())
+                    .bind($crate::rows::ip_to_db(d.overlay_ip))
+                    .bind(&d.cert_serial)
+                    .bind(&d.cert_public_key)
+                    .bind($crate::rows::ts(d.cert_expires_at))
+                    .bind($crate::rows::ts(d.created_at))
+                    .bind(&d.key_id)
+                    .bind(&d.device_type)
+                    .bind(&d.hostname)
+                    .execute(&mut **self)
+                    .await?;
+                Ok(())
+            }
+
+            async fn recertify(&mut self, d: &$crate::Device) -> Result<(), $crate::StoreError> {
+                sqlx::query($sql.recertify)
+                    .bind(d.wg_public_key.to_base64())
+                    .bind(&d.cert_serial)
+                    .bind(&d.cert_public_key)
+                    .bind($crate::rows::ts(d.cert_expires_at))
+                    .bind($crate::rows::ts(d.updated_at))
+                    .bind(&d.device_type)
+                    .bind(&d.hostname)
+                    .bind(d.id.to_string())
+                    .execute(&mut **self)
+                    .await?;
+                Ok(())
+            }
+
+            async fn reusable_address(
+                &mut self,
+                cutoff: time::OffsetDateTime,
+            ) -> Result<Option<i64>, $crate::StoreError> {
+                Ok(sqlx::query_scalar($sql.reusable_address)
+                    .bind($crate::rows::ts(cutoff))
+                    .fetch_one(&mut **self)
+                    .await?)
+            }
+
+            async fn record_change(
+                &mut self,
+                kind: $crate::ChangeKind,
+                subject: &str,
+                at: time::OffsetDateTime,
+            ) -> Result<(), $crate::StoreError> {
+                sqlx::query($sql.record_change)
+                    .bind($crate::rows::ts(at))
+                    .bind(kind.as_str())
+                    .bind(subject)
+                    .execute(&mut **self)
+                    .await?;
+                Ok(())
+            }
+        }
+    };
+}
+
+pub(crate) use commit_tx;
+
 /// Where the writer's transactions come from.
 #[async_trait]
 pub(crate) trait Writer: Send + Sync + 'static {

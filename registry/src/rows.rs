@@ -169,6 +169,23 @@ pub(crate) fn audit_from_row(row: &impl RegistryRow) -> Result<AuditRecord, Stor
     })
 }
 
+/// A change-feed row (`seq, kind, subject`).
+pub(crate) fn change_from_row(row: &impl RegistryRow) -> Result<crate::ChangeRow, StoreError> {
+    Ok(crate::ChangeRow {
+        seq: row.int("seq")?.max(0) as u64,
+        kind: crate::ChangeKind::parse(&row.text("kind")?)?,
+        subject: row.text("subject")?,
+    })
+}
+
+/// The `changes_pruned_through` mark of the meta table.
+pub(crate) fn parse_pruned_through(value: Option<&str>) -> Result<u64, StoreError> {
+    value
+        .unwrap_or("0")
+        .parse()
+        .map_err(|_| StoreError::Corrupt(format!("changes_pruned_through {value:?}")))
+}
+
 pub(crate) const DEVICE_COLUMNS: [&str; 15] = [
     "uuid",
     "fleet",
@@ -198,7 +215,8 @@ pub(crate) const KEY_COLUMNS: [&str; 6] = [
 
 /// The combined query every enrollment and renewal decides on: the key (by hash, `$key`),
 /// the device (by UUID, `$device`), the holder of the WireGuard key (`$wg`), and the
-/// highest address given out so far. `placeholder` spells a parameter for the backend.
+/// highest address given out so far. The arguments are how the backend spells those three
+/// parameters (`?1` or `$1`).
 pub(crate) fn facts_sql(key: &str, device: &str, wg: &str) -> String {
     let mut cols: Vec<String> = KEY_COLUMNS
         .iter()

@@ -499,9 +499,7 @@ impl Registry for PgRegistry {
         )
         .fetch_one(&self.pool)
         .await?;
-        let pruned: u64 = pruned
-            .parse()
-            .map_err(|_| StoreError::Corrupt(format!("changes_pruned_through {pruned:?}")))?;
+        let pruned = parse_pruned_through(Some(&pruned))?;
         Ok(max.map_or(0, |m| m.max(0) as u64).max(pruned))
     }
 
@@ -519,9 +517,7 @@ impl Registry for PgRegistry {
             sqlx::query_scalar("SELECT value FROM meta WHERE key = 'changes_pruned_through'")
                 .fetch_one(&mut *tx)
                 .await?;
-        let pruned: u64 = pruned
-            .parse()
-            .map_err(|_| StoreError::Corrupt(format!("changes_pruned_through {pruned:?}")))?;
+        let pruned = parse_pruned_through(Some(&pruned))?;
         if seq < pruned {
             let max: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM changes")
                 .fetch_one(&mut *tx)
@@ -538,13 +534,7 @@ impl Registry for PgRegistry {
         tx.commit().await?;
         Ok(Ok(rows
             .iter()
-            .map(|r| {
-                Ok(ChangeRow {
-                    seq: r.int("seq")?.max(0) as u64,
-                    kind: ChangeKind::parse(&r.text("kind")?)?,
-                    subject: r.text("subject")?,
-                })
-            })
+            .map(change_from_row)
             .collect::<Result<_, StoreError>>()?))
     }
 

@@ -459,13 +459,7 @@ impl Registry for SqliteRegistry {
         tx.commit().await?;
         Ok(Ok(rows
             .iter()
-            .map(|r| {
-                Ok(ChangeRow {
-                    seq: r.int("seq")?.max(0) as u64,
-                    kind: ChangeKind::parse(&r.text("kind")?)?,
-                    subject: r.text("subject")?,
-                })
-            })
+            .map(change_from_row)
             .collect::<Result<_, StoreError>>()?))
     }
 
@@ -544,10 +538,7 @@ async fn pruned_through<'c>(
         sqlx::query_scalar("SELECT value FROM meta WHERE key = 'changes_pruned_through'")
             .fetch_optional(conn)
             .await?;
-    v.as_deref()
-        .unwrap_or("0")
-        .parse()
-        .map_err(|_| StoreError::Corrupt(format!("changes_pruned_through {v:?}")))
+    parse_pruned_through(v.as_deref())
 }
 
 pub(super) async fn insert_cert(

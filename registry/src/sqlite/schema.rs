@@ -224,29 +224,16 @@ pub(super) async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
             .await?;
         tx.commit().await?;
     }
-    if version < 2 {
-        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::raw_sql(SCHEMA_V2).execute(&mut *tx).await?;
-        sqlx::raw_sql("PRAGMA user_version = 2")
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-    }
-    if version < 3 {
-        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::raw_sql(SCHEMA_V3).execute(&mut *tx).await?;
-        sqlx::raw_sql("PRAGMA user_version = 3")
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-    }
-    if version < 4 {
-        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::raw_sql(SCHEMA_V4).execute(&mut *tx).await?;
-        sqlx::raw_sql("PRAGMA user_version = 4")
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+    // Each later version in its own transaction, so that a failed step leaves the last
+    // good version in place.
+    for (to, sql) in [(2, SCHEMA_V2), (3, SCHEMA_V3), (4, SCHEMA_V4)] {
+        if version < to {
+            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+            sqlx::raw_sql(sql).execute(&mut *tx).await?;
+            let pragma = format!("PRAGMA user_version = {to}");
+            sqlx::raw_sql(&pragma).execute(&mut *tx).await?;
+            tx.commit().await?;
+        }
     }
     Ok(())
 }
