@@ -15,9 +15,14 @@ use floto_e2e::server::Server;
 use floto_e2e::{floto, output, require, require_root, run, ssh_opts, stdout, wait_for};
 use floto_pgtest::Postgres;
 
+/// A node-link request for a device no node holds.
+const UNHELD: &[u8] =
+    b"{\"device\":\"00000000-1111-4222-8333-444444444444\",\"port\":22,\"operator\":\"x\",\"session\":1}\n";
+
 /// Connects to the node link of the node on loopback `port` with a client certificate,
-/// asks for a device, and returns the reason the node closed the connection with.
-fn node_link_refusal(cert: &Path, key: &Path, ca: &Path, port: u16) -> String {
+/// sends `header` on a stream, and returns the node's answer line, or the reason it closed
+/// the connection with.
+fn node_link(cert: &Path, key: &Path, ca: &Path, port: u16, header: &[u8]) -> String {
     use rustls_pki_types::pem::PemObject as _;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -47,22 +52,46 @@ fn node_link_refusal(cert: &Path, key: &Path, ca: &Path, port: u16) -> String {
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
         let conn = endpoint
-            .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)), "127.0.0.1")
+            .connect(
+                std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                "127.0.0.1",
+            )
             .unwrap()
             .await
             .expect("the TLS handshake itself succeeds: the refusal comes after it");
-        if let Ok((mut send, _recv)) = conn.open_bi().await {
-            let _ = send
-                .write_all(b"{\"device\":\"00000000-1111-4222-8333-444444444444\",\"port\":22,\"operator\":\"x\",\"session\":1}\n")
-                .await;
+        if let Ok((mut send, mut recv)) = conn.open_bi().await {
+            let _ = send.write_all(header).await;
+            let answer = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(4096));
+            if let Ok(Ok(bytes)) = answer.await {
+                if !bytes.is_empty() {
+                    return format!("answer: {}", String::from_utf8_lossy(&bytes));
+                }
+            }
         }
         match tokio::time::timeout(Duration::from_secs(5), conn.closed()).await {
             Ok(quinn::ConnectionError::ApplicationClosed(close)) => {
-                String::from_utf8_lossy(&close.reason).into_owned()
+                format!("closed: {}", String::from_utf8_lossy(&close.reason))
             }
-            other => format!("not refused: {other:?}"),
+            other => format!("neither answered nor closed: {other:?}"),
         }
     })
+}
+
+/// Brings up a device enrolled through node `enrolled_on` with its WireGuard endpoint moved
+/// to node `served_by` (nodes on one host differ by port only).
+fn up_through(device: &mut WgGoDevice, enrolled_on: &Server, served_by: &Server) {
+    let conf = run(device
+        .ns
+        .command(floto_e2e::bin("floto-tunnel"))
+        .args(["wg-config", "--state-dir"])
+        .arg(device.state_dir()));
+    let (from, to) = (
+        format!(":{}\n", enrolled_on.bound.wg.port()),
+        format!(":{}\n", served_by.bound.wg.port()),
+    );
+    let text = String::from_utf8_lossy(&conf.stdout);
+    assert!(text.contains(&from), "{text}");
+    device.up_with(&text.replace(&from, &to));
 }
 
 fn unix_now() -> f64 {
@@ -111,20 +140,7 @@ fn two_nodes_on_one_postgres_apply_each_others_changes() {
     let mut device = WgGoDevice::enroll(ns, &b, &key);
     assert_eq!(b.device(&device.uuid)["fleet"], "lab");
     // The device is configured for B's WireGuard port; point it at A's.
-    let conf = run(device
-        .ns
-        .command(floto_e2e::bin("floto-tunnel"))
-        .args(["wg-config", "--state-dir"])
-        .arg(device.state_dir()));
-    let conf = String::from_utf8_lossy(&conf.stdout).replace(
-        &format!(":{}\n", b.bound.wg.port()),
-        &format!(":{}\n", a.bound.wg.port()),
-    );
-    assert!(
-        conf.contains(&format!(":{}\n", a.bound.wg.port())),
-        "{conf}"
-    );
-    device.up_with(&conf);
+    up_through(&mut device, &b, &a);
     a.wait_online(&device.uuid, true, Duration::from_secs(20));
 
     // An operator logged in on B reaches the device A holds: B authorizes and audits, A
@@ -174,13 +190,47 @@ fn two_nodes_on_one_postgres_apply_each_others_changes() {
         assert!(err.contains("not an operator"), "{transport}: {err}");
     }
     // ...and an operator's certificate is no node credential on the node link.
-    let refused = node_link_refusal(
+    let refused = node_link(
         &cfg.join("operator.pem"),
         &cfg.join("operator.key"),
         &a.ca_path(),
         a.bound.quic.port(),
+        UNHELD,
     );
-    assert!(refused.contains("node certificates only"), "{refused}");
+    assert!(
+        refused.starts_with("closed:") && refused.contains("node certificates only"),
+        "{refused}"
+    );
+    // With B's node certificate: a device A does not hold is refused (the loop guard), and
+    // so is a header that is not a request, each with its reason; A goes on serving.
+    let as_b = |header: &[u8]| {
+        node_link(
+            &b.data_dir().join("node.pem"),
+            &b.data_dir().join("node.key"),
+            &a.ca_path(),
+            a.bound.quic.port(),
+            header,
+        )
+    };
+    let unheld = as_b(UNHELD);
+    assert!(
+        unheld.starts_with("answer:") && unheld.contains("not held by this node"),
+        "{unheld}"
+    );
+    for garbage in [&b"not json\n"[..], b"{\"device\":\"x\"}\n", &[b'a'; 5000]] {
+        let answer = as_b(garbage);
+        assert!(
+            answer.starts_with("answer:") && answer.contains("bad_request"),
+            "{answer}"
+        );
+    }
+    let out = output(
+        floto(&cfg)
+            .args(["ssh", &device.uuid, "--"])
+            .args(ssh_opts(&ssh_key))
+            .args(["echo", "still-served"]),
+    );
+    assert_eq!(stdout(&out), "still-served", "{out:?}");
 
     let logs = tempfile::tempdir().unwrap();
     let ping = Ping::start(
@@ -405,16 +455,7 @@ fn postgres_restarted_under_the_nodes() {
     );
     // A change made after the database returned reaches the other node.
     let mut second = WgGoDevice::enroll(ns2, &b, &key);
-    let conf = run(second
-        .ns
-        .command(floto_e2e::bin("floto-tunnel"))
-        .args(["wg-config", "--state-dir"])
-        .arg(second.state_dir()));
-    let conf = String::from_utf8_lossy(&conf.stdout).replace(
-        &format!(":{}\n", b.bound.wg.port()),
-        &format!(":{}\n", a.bound.wg.port()),
-    );
-    second.up_with(&conf);
+    up_through(&mut second, &b, &a);
     a.wait_online(&second.uuid, true, Duration::from_secs(20));
     // And the first device is still held by exactly one node, under A's new lease.
     wait_for(

@@ -652,6 +652,18 @@ mod tests {
             ("max_connections_per_address = 0", "at least 1"),
             ("client_idle_timeout = \"500ms\"", "at least 1s"),
             ("enroll_rate_per_key = 0", "at least 1 per second"),
+            ("node_name = \"\"", "1 to 64 letters"),
+            ("node_name = \"node 1\"", "1 to 64 letters"),
+            ("node_name = \"a/b\"", "1 to 64 letters"),
+            ("node_address = \"\"", "not a host name or IP address"),
+            (
+                "node_address = \"10.0.0.1 x\"",
+                "not a host name or IP address",
+            ),
+            (
+                "database_url = \"mysql://u:hunter2@db/x\"",
+                "not a postgres:// URL",
+            ),
         ];
         for (toml_text, want) in cases {
             let s: ServerSettings = toml::from_str(toml_text).unwrap();

@@ -234,7 +234,7 @@ async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let (request, leftover) = match read_request(&mut recv).await {
+    let (request, leftover) = match super::relay::read_header::<BrokerRequest>(&mut recv).await {
         Ok(r) => r,
         Err(e) => {
             let _ = respond(&mut send, Err(e)).await;
@@ -258,11 +258,6 @@ async fn serve_stream(
         .splice(session, tokio::io::join(recv, send), &leftover)
         .await;
     info!(operator = %op.name, "QUIC stream done");
-}
-
-/// Reads the header line; returns it and whatever bytes followed it.
-async fn read_request(recv: &mut quinn::RecvStream) -> Result<(BrokerRequest, Vec<u8>), ApiError> {
-    super::relay::read_header(recv).await
 }
 
 async fn respond(
