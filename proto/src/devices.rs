@@ -72,15 +72,22 @@ pub enum DeviceEventKind {
 /// One server-sent event of `GET /v1/events`; the SSE `id:` is `seq`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceEvent {
-    /// Sequence number of the event on this server, for `Last-Event-ID`.
+    /// Sequence number of the event on this server (in a cluster: in the whole cluster,
+    /// the same on every node), for `Last-Event-ID`.
     pub seq: u64,
     pub uuid: DeviceId,
     pub fleet: String,
     pub kind: DeviceEventKind,
     /// Session generation of the device after this transition. A consumer keeps, per
     /// device, the event with the highest generation; a late event never undoes a newer one.
+    /// In a cluster it is made from the session's epoch (twice its milliseconds, plus one
+    /// when the session ended), so sessions on different nodes compare as the nodes'
+    /// session rows do.
     pub generation: u64,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
     pub endpoint: Option<String>,
+    /// In a cluster: the name of the node that held the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }

@@ -17,6 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
+use floto_proto::devices::DeviceEvent;
 use floto_proto::DeviceId;
 
 use crate::StoreError;
@@ -107,4 +108,16 @@ pub trait Cluster: Send + Sync + 'static {
     async fn orphaned_sessions(&self) -> Result<Vec<SessionRecord>, StoreError>;
     /// Deletes nodes whose lease expired more than `after` ago, with their session rows.
     async fn prune_nodes(&self, after: Duration) -> Result<u64, StoreError>;
+
+    /// Appends device events to the cluster's stream, numbering them (their `seq` is
+    /// ignored). Events become visible in the order of their numbers.
+    async fn append_events(&self, events: &[DeviceEvent]) -> Result<(), StoreError>;
+    /// Up to `limit` events numbered above `after`, in order.
+    async fn events_after(&self, after: u64, limit: usize) -> Result<Vec<DeviceEvent>, StoreError>;
+    /// The number of the last event (0 when there is none).
+    async fn last_event(&self) -> Result<u64, StoreError>;
+    /// Completes when another node may have appended events, or after `timeout`.
+    async fn wait_for_events(&self, timeout: Duration);
+    /// Deletes all but the last `keep` events.
+    async fn prune_events(&self, keep: u64) -> Result<u64, StoreError>;
 }

@@ -134,3 +134,18 @@ pub fn assert_error(
         "message {message:?} should mention {want_words:?}"
     );
 }
+
+/// `(id, data)` of each server-sent event in a stream.
+pub fn parse_sse(text: &str) -> Vec<(u64, Value)> {
+    text.split("\n\n")
+        .filter_map(|block| {
+            let id = block
+                .lines()
+                .find_map(|l| l.strip_prefix("id: "))?
+                .parse()
+                .ok()?;
+            let data = block.lines().find_map(|l| l.strip_prefix("data: "))?;
+            Some((id, serde_json::from_str(data).ok()?))
+        })
+        .collect()
+}

@@ -8,11 +8,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use std::sync::Arc;
 
+use floto_e2e::api::parse_sse;
 use floto_e2e::device::{client_key, WgGoDevice};
 use floto_e2e::net::Netns;
 use floto_e2e::ping::Ping;
 use floto_e2e::server::Server;
-use floto_e2e::{floto, output, require, require_root, run, ssh_opts, stdout, wait_for};
+use floto_e2e::{
+    floto, last_line, output, require, require_root, run, ssh_opts, stdout, wait_for, Child,
+};
 use floto_pgtest::Postgres;
 
 /// A node-link request for a device no node holds.
@@ -92,6 +95,44 @@ fn up_through(device: &mut WgGoDevice, enrolled_on: &Server, served_by: &Server)
     let text = String::from_utf8_lossy(&conf.stdout);
     assert!(text.contains(&from), "{text}");
     device.up_with(&text.replace(&from, &to));
+}
+
+/// `GET /v1/events` of `server` streamed by curl, with `bearer`, and `extra` curl flags.
+fn events_curl(server: &Server, bearer: &str, extra: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new("curl");
+    c.args(["-sS", "-N", "--cacert"])
+        .arg(server.ca_path())
+        .args(["-H", &format!("Authorization: Bearer {bearer}")])
+        .args(extra)
+        .arg(format!("{}/v1/events", server.local_url()));
+    c
+}
+
+/// The events of a takeover, once a stream has all of them: for every device, online at
+/// node `a`, offline at `a` (its node lost) and online again at `b` or `c`, with growing
+/// generations.
+fn takeover_story(events: &[(u64, serde_json::Value)], devices: &[WgGoDevice]) -> Option<()> {
+    for d in devices {
+        let mine: Vec<&serde_json::Value> = events
+            .iter()
+            .map(|(_, e)| e)
+            .filter(|e| e["uuid"] == d.uuid.as_str())
+            .collect();
+        let at = |kind: &str, node: &dyn Fn(&str) -> bool| {
+            mine.iter()
+                .position(|e| e["kind"] == kind && node(e["node"].as_str().unwrap_or("")))
+        };
+        let up = at("online", &|n| n == "a")?;
+        let down = at("offline", &|n| n == "a")?;
+        let back = at("online", &|n| n == "b" || n == "c")?;
+        assert!(up < down && down < back, "out of order: {mine:?}");
+        let g = |i: usize| mine[i]["generation"].as_u64().unwrap();
+        assert!(
+            g(up) < g(down) && g(down) < g(back),
+            "generations: {mine:?}"
+        );
+    }
+    Some(())
 }
 
 fn unix_now() -> f64 {
@@ -274,19 +315,24 @@ fn two_nodes_on_one_postgres_apply_each_others_changes() {
 
 /// Three nodes; devices held by node A. A is killed with SIGKILL: its devices come back on
 /// B and C by themselves (lease expiry, takeover, call-back) within 15 s, pass traffic, and
-/// the cluster counts each device once.
+/// the cluster counts each device once. The event streams of B and C are the same stream
+/// (same numbers, same events: each device's session at A ended, then came up at B or C),
+/// and a reader can move between nodes with its `Last-Event-ID`. A restarted A joins again
+/// and serves a device, and no device is counted twice.
 #[test]
 fn a_killed_nodes_devices_come_back_on_the_others() {
     require_root();
     require(&["wireguard-go", "wg", "ping", "ip", "cp"]);
     let pg = Postgres::start();
     let url = pg.create_database("floto");
-    let nss: Vec<Netns> = (0..3).map(|_| Netns::new()).collect();
+    let mut nss: Vec<Netns> = (0..4).map(|_| Netns::new()).collect();
     let names = nss
         .iter()
         .map(|ns| ns.host_ip().to_string())
         .collect::<Vec<_>>()
         .join(",");
+    // The fourth device comes after A's restart.
+    let later = nss.pop().unwrap();
     let args = |name: &'static str| {
         [
             "--database-url",
@@ -322,6 +368,11 @@ fn a_killed_nodes_devices_come_back_on_the_others() {
     wait_for(Duration::from_secs(10), "the cluster count on B", || {
         (cluster_online(&b) == Some(3.0)).then_some(())
     });
+    // The event streams of B and C, which see A's devices come and go.
+    let viewer = last_line(&a.admin(&["operator", "add", "watcher", "--role", "viewer"]));
+    let logs = tempfile::tempdir().unwrap();
+    let on_b = Child::spawn("events-b", events_curl(&b, &viewer, &[]), logs.path());
+    let on_c = Child::spawn("events-c", events_curl(&c, &viewer, &[]), logs.path());
 
     let held =
         |s: &Server| floto_e2e::server::metric(&s.metrics(), "floto_devices_online").unwrap_or(0.0);
@@ -386,6 +437,59 @@ fn a_killed_nodes_devices_come_back_on_the_others() {
     wait_for(Duration::from_secs(10), "exact cluster counts", || {
         (cluster_online(&b) == Some(3.0) && cluster_online(&c) == Some(3.0)).then_some(())
     });
+
+    // Every node tells the same story, numbered the same: each device online at A, offline
+    // when A's lease ran out, online again at B or C.
+    let (b_events, c_events) = wait_for(
+        Duration::from_secs(10),
+        "the takeover in both event streams",
+        || {
+            let (eb, ec) = (parse_sse(&on_b.log()), parse_sse(&on_c.log()));
+            takeover_story(&eb, &devices)?;
+            takeover_story(&ec, &devices)?;
+            (eb.len() == ec.len()).then_some((eb, ec))
+        },
+    );
+    assert_eq!(b_events, c_events, "the nodes' event streams differ");
+    // A reader that moves from B to C with its Last-Event-ID misses nothing and repeats
+    // nothing (curl ends the stream after 2 s with status 28: that is the point).
+    let first = b_events[0].0;
+    let replay = output(&mut events_curl(
+        &c,
+        &viewer,
+        &["--max-time", "2", "-H", &format!("Last-Event-ID: {first}")],
+    ));
+    let replayed = parse_sse(&String::from_utf8_lossy(&replay.stdout));
+    assert_eq!(replayed[..b_events.len() - 1], b_events[1..]);
+
+    // A comes back: it joins under a new id, serves a device again, and no device is
+    // counted twice.
+    a.start_again();
+    let mut fourth = WgGoDevice::enroll(later, &a, &key);
+    fourth.set_keepalive(2);
+    fourth.up();
+    let seen = c.wait_online(&fourth.uuid, true, Duration::from_secs(20));
+    assert_eq!(seen["node"], "a", "{seen}");
+    run(fourth
+        .ns
+        .command("ping")
+        .args(["-c", "1", "-W", "2", "10.240.0.1"]));
+    wait_for(Duration::from_secs(10), "exact counts with A back", || {
+        let counted = [&a, &b, &c].map(cluster_online);
+        (counted.iter().all(|n| *n == Some(4.0)) && held(&a) + held(&b) + held(&c) == 4.0)
+            .then_some(())
+    });
+    let out = c.admin(&["node", "list", "--json"]);
+    let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let alive: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["alive"] == true)
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(alive.len(), 3, "{nodes}");
+    assert!(["a", "b", "c"].iter().all(|n| alive.contains(n)), "{nodes}");
 }
 
 /// PostgreSQL crashes and comes back under two running nodes: the devices' traffic never

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use floto_e2e::api::{assert_error, curl};
+use floto_e2e::api::{assert_error, curl, parse_sse};
 use floto_e2e::device::{client_key, WgGoDevice};
 use floto_e2e::net::Netns;
 use floto_e2e::ping::Ping;
@@ -622,21 +622,6 @@ fn metrics_and_events_follow_the_devices() {
         "{}",
         String::from_utf8_lossy(&check.stderr)
     );
-}
-
-/// `(id, data)` of each server-sent event in a stream.
-fn parse_sse(text: &str) -> Vec<(u64, Value)> {
-    text.split("\n\n")
-        .filter_map(|block| {
-            let id = block
-                .lines()
-                .find_map(|l| l.strip_prefix("id: "))?
-                .parse()
-                .ok()?;
-            let data = block.lines().find_map(|l| l.strip_prefix("data: "))?;
-            Some((id, serde_json::from_str(data).ok()?))
-        })
-        .collect()
 }
 
 /// `GET /v1/events` streamed by curl, running.

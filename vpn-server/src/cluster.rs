@@ -14,7 +14,9 @@
 //! - **Takeover**: the sessions of nodes whose lease expired are split between the live
 //!   nodes by UUID, and each calls its share back at their last endpoints, as a restarted
 //!   node does. WireGuard lets a device follow: the response is authenticated by the same
-//!   server key.
+//!   server key. The node that takes a device over records the end of its old session.
+//! - **Events**: this node's device events go to the database, and every node publishes
+//!   the cluster's events in the database's order (see [`crate::events`]).
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -23,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use time::OffsetDateTime;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -31,7 +34,7 @@ use floto_proto::DeviceId;
 use floto_registry::cluster::{Cluster, SessionWrite};
 
 use crate::broker::Broker;
-use crate::events::WallClock;
+use crate::events::{EventHub, WallClock, BUFFER};
 use crate::metrics::Metrics;
 use crate::wg::{Concentrator, PeerTable};
 
@@ -47,6 +50,14 @@ const BATCH: usize = 5000;
 const TAKEOVER_RATE: u32 = 2000;
 /// Nodes dead this long are forgotten, with their session rows.
 const FORGET_NODES_AFTER: Duration = Duration::from_secs(3600);
+/// How often the cluster's events are read without a wake-up (one may be lost while the
+/// listener reconnects).
+const EVENTS_POLL: Duration = Duration::from_secs(1);
+/// Events read per query.
+const EVENTS_BATCH: usize = 5000;
+/// Events kept in the database (the newest), for readers that reconnect.
+const EVENTS_KEPT: u64 = 4 * BUFFER as u64;
+const EVENTS_PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// This node.
 pub struct Node {
@@ -127,22 +138,52 @@ impl Node {
         self: Arc<Self>,
         table: Arc<PeerTable>,
         wg: Arc<Concentrator>,
-        clock: WallClock,
+        events: Arc<EventHub>,
         online_window: Duration,
         shutdown: CancellationToken,
     ) {
+        let clock = *events.clock();
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(self.clone().lease_loop(shutdown.clone()));
         tasks.spawn(self.clone().sessions_loop(
-            table,
+            table.clone(),
             wg.clone(),
             clock,
             online_window / 3,
             shutdown.clone(),
         ));
-        tasks.spawn(self.clone().takeover_loop(wg, shutdown.clone()));
+        tasks.spawn(self.clone().takeover_loop(
+            wg,
+            table.clone(),
+            events.clone(),
+            shutdown.clone(),
+        ));
         tasks.spawn(self.clone().counts_loop(online_window, shutdown.clone()));
+        tasks.spawn(self.clone().events_loop(events.clone(), shutdown.clone()));
         while tasks.join_next().await.is_some() {}
+        // The sessions this node still holds end with it: say so, as a takeover would.
+        let now = OffsetDateTime::now_utc();
+        for (device, since, _) in table.online_sessions() {
+            if let Some(fleet) = table.fleet_of(&device) {
+                events.queue_ended(
+                    device,
+                    &fleet,
+                    clock.epoch_ms(since),
+                    Some(self.name.clone()),
+                    now,
+                );
+            }
+        }
+        let (last, _) = events.take_outgoing();
+        if let Err(e) =
+            tokio::time::timeout(Duration::from_secs(2), self.cluster.append_events(&last))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(floto_registry::StoreError::Inconsistent("timed out".into()))
+                })
+        {
+            warn!(error = %e, events = last.len(), "could not write the last device events");
+        }
         if let Err(e) = self.cluster.end_lease(&self.id()).await {
             warn!(error = %e, "could not give up the lease; the other nodes take over when it runs out");
         }
@@ -281,7 +322,7 @@ impl Node {
             let mut batch = Vec::new();
             let mut seen = HashSet::with_capacity(online.len());
             for (device, since, endpoint) in online {
-                let epoch = epoch_of(&clock, since);
+                let epoch = clock.epoch_ms(since);
                 seen.insert(device);
                 let stale = match written.get(&device) {
                     Some((e, at)) => *e != epoch || now.duration_since(*at) >= refresh,
@@ -350,7 +391,13 @@ impl Node {
         }
     }
 
-    async fn takeover_loop(self: Arc<Self>, wg: Arc<Concentrator>, shutdown: CancellationToken) {
+    async fn takeover_loop(
+        self: Arc<Self>,
+        wg: Arc<Concentrator>,
+        table: Arc<PeerTable>,
+        events: Arc<EventHub>,
+        shutdown: CancellationToken,
+    ) {
         // Called back already: device, node and epoch of the orphaned session.
         let mut called: HashSet<(DeviceId, String, i64)> = HashSet::new();
         let mut tick = tokio::time::interval(TAKEOVER_EVERY);
@@ -382,10 +429,18 @@ impl Node {
                 live.sort();
                 let id = self.id();
                 if let Some(me) = live.iter().position(|n| **n == *id) {
+                    let now = OffsetDateTime::now_utc();
                     let share: Vec<(DeviceId, SocketAddr)> = orphans
                         .into_iter()
                         .filter(|s| owner(&s.device, live.len()) == me)
                         .filter(|s| called.insert((s.device, s.node.clone(), s.epoch)))
+                        .inspect(|s| {
+                            // The old session ended with its node.
+                            if let Some(fleet) = table.fleet_of(&s.device) {
+                                let node = s.node_name.clone().or(Some(s.node.clone()));
+                                events.queue_ended(s.device, &fleet, s.epoch, node, now);
+                            }
+                        })
                         .filter_map(|s| Some((s.device, s.endpoint?)))
                         .collect();
                     if !share.is_empty() {
@@ -410,6 +465,81 @@ impl Node {
         }
     }
 
+    /// Writes this node's device events and publishes the cluster's, in the database's
+    /// order, starting with the newest [`BUFFER`] for readers that reconnect.
+    async fn events_loop(self: Arc<Self>, hub: Arc<EventHub>, shutdown: CancellationToken) {
+        let mut last: Option<u64> = None;
+        let mut failing = false;
+        let mut pruned_at = Instant::now();
+        loop {
+            if last.is_none() {
+                match self.cluster.last_event().await {
+                    Ok(n) => last = Some(n.saturating_sub(BUFFER as u64)),
+                    Err(e) => {
+                        if !std::mem::replace(&mut failing, true) {
+                            warn!(error = %e, "cannot read the cluster's events; retrying");
+                        }
+                    }
+                }
+            }
+            let (out, dropped) = hub.take_outgoing();
+            if dropped > 0 {
+                error!(
+                    dropped,
+                    "device events were dropped while the database did not answer"
+                );
+            }
+            if !out.is_empty() {
+                if let Err(e) = self.cluster.append_events(&out).await {
+                    if !std::mem::replace(&mut failing, true) {
+                        warn!(error = %e, "cannot write device events; retrying");
+                    }
+                    hub.return_outgoing(out);
+                }
+            }
+            if let Some(mut after) = last {
+                loop {
+                    match self.cluster.events_after(after, EVENTS_BATCH).await {
+                        Ok(batch) => {
+                            let full = batch.len() == EVENTS_BATCH;
+                            for e in batch {
+                                after = e.seq;
+                                hub.publish_numbered(e);
+                            }
+                            last = Some(after);
+                            if std::mem::take(&mut failing) {
+                                info!("device events flow again");
+                            }
+                            if !full {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            if !std::mem::replace(&mut failing, true) {
+                                warn!(error = %e, "cannot read the cluster's events; retrying");
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+            if pruned_at.elapsed() >= EVENTS_PRUNE_EVERY {
+                pruned_at = Instant::now();
+                if let Err(e) = self.cluster.prune_events(EVENTS_KEPT).await {
+                    warn!(error = %e, "cannot prune old device events");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = hub.outgoing_ready() => {
+                    // Let a burst (a storm's sessions) gather into one write.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                _ = self.cluster.wait_for_events(EVENTS_POLL) => {}
+            }
+        }
+    }
+
     async fn counts_loop(self: Arc<Self>, online_window: Duration, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(COUNTS_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -427,12 +557,6 @@ impl Node {
 
 fn new_id() -> Arc<str> {
     Arc::from(DeviceId::new_random().to_string())
-}
-
-/// A session's epoch: when it came up, in wall-clock milliseconds.
-fn epoch_of(clock: &WallClock, since: std::time::Instant) -> i64 {
-    let t = clock.wall(since);
-    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
 /// Which of `nodes` live nodes (sorted by id) takes over `device`.

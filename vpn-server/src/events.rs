@@ -1,7 +1,13 @@
 //! Device online/offline events: numbered, kept in a bounded buffer for clients that
 //! reconnect with `Last-Event-ID`, and broadcast to live subscribers.
+//!
+//! On one node the hub numbers its own events. In a cluster, every node's events go to the
+//! database first ([`EventHub::take_outgoing`]) and come back numbered with everybody
+//! else's ([`EventHub::publish_numbered`], fed by `cluster::Node`), so the stream, its
+//! numbers and `Last-Event-ID` are the same on every node. Generations are then made from
+//! the session's epoch, which orders sessions on different nodes as their session rows do.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use parking_lot::Mutex;
@@ -10,11 +16,15 @@ use tokio::sync::broadcast;
 use tracing::debug;
 
 use floto_proto::devices::{DeviceEvent, DeviceEventKind};
+use floto_proto::DeviceId;
 
 use crate::wg::{PeerEvent, PeerEventSink};
 
 /// Events kept for late readers.
 pub const BUFFER: usize = 16_384;
+/// In a cluster: events waiting to be written, at most (the oldest are dropped beyond it,
+/// while the database does not answer).
+const OUTGOING_MAX: usize = 200_000;
 
 /// Maps the monotonic clock the data plane uses to wall-clock time for the API.
 #[derive(Debug, Clone, Copy)]
@@ -37,6 +47,18 @@ impl WallClock {
             None => self.start_wall - self.start.duration_since(t),
         }
     }
+
+    /// A session's epoch: when it came up, in wall-clock milliseconds. Cluster nodes order
+    /// the sessions of one device by it.
+    pub fn epoch_ms(&self, since: Instant) -> i64 {
+        i64::try_from(self.wall(since).unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+    }
+}
+
+/// A cluster event's generation: twice the session's epoch, plus one when it ended, so a
+/// newer session on any node outranks the end of an older one.
+pub fn cluster_generation(epoch_ms: i64, ended: bool) -> u64 {
+    (epoch_ms.max(0) as u64).saturating_mul(2) + u64::from(ended)
 }
 
 impl Default for WallClock {
@@ -53,12 +75,29 @@ pub struct EventHub {
     live: broadcast::Sender<DeviceEvent>,
     /// Woken when a device gets a new endpoint (online, roamed), so it is persisted soon.
     endpoints_changed: tokio::sync::Notify,
+    /// In a cluster: this node's events on their way to the database.
+    outgoing: Option<Outgoing>,
 }
 
 #[derive(Debug)]
 struct Inner {
     next_seq: u64,
     buffer: VecDeque<DeviceEvent>,
+}
+
+#[derive(Debug)]
+struct Outgoing {
+    node: String,
+    pending: Mutex<Pending>,
+    ready: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    events: VecDeque<DeviceEvent>,
+    /// The epoch of each session online here, for the generation of its end.
+    epochs: HashMap<DeviceId, i64>,
+    dropped: u64,
 }
 
 impl EventHub {
@@ -74,7 +113,94 @@ impl EventHub {
             }),
             live: broadcast::channel(4096).0,
             endpoints_changed: tokio::sync::Notify::new(),
+            outgoing: None,
         }
+    }
+
+    /// The hub of cluster node `node`: its events are numbered by the database.
+    pub fn for_cluster(clock: WallClock, node: String) -> Self {
+        Self {
+            outgoing: Some(Outgoing {
+                node,
+                pending: Mutex::new(Pending::default()),
+                ready: tokio::sync::Notify::new(),
+            }),
+            ..Self::new(clock)
+        }
+    }
+
+    /// In a cluster: completes when events wait to be written (at once if some were
+    /// queued since the last call); never on one node.
+    pub async fn outgoing_ready(&self) {
+        match &self.outgoing {
+            Some(o) => o.ready.notified().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// In a cluster: the events waiting to be written, oldest first, and how many were
+    /// dropped since the last call because too many waited.
+    pub fn take_outgoing(&self) -> (Vec<DeviceEvent>, u64) {
+        let Some(o) = &self.outgoing else {
+            return (Vec::new(), 0);
+        };
+        let mut p = o.pending.lock();
+        (p.events.drain(..).collect(), std::mem::take(&mut p.dropped))
+    }
+
+    /// Puts back events that could not be written, ahead of any queued since.
+    pub fn return_outgoing(&self, events: Vec<DeviceEvent>) {
+        if let Some(o) = &self.outgoing {
+            let mut p = o.pending.lock();
+            for e in events.into_iter().rev() {
+                p.events.push_front(e);
+            }
+            p.trim();
+        }
+    }
+
+    /// In a cluster: queues the end of a session this node did not hold (a dead node's
+    /// device, taken over), with the generation of that session's end.
+    pub fn queue_ended(
+        &self,
+        uuid: DeviceId,
+        fleet: &str,
+        epoch_ms: i64,
+        node: Option<String>,
+        at: OffsetDateTime,
+    ) {
+        if let Some(o) = &self.outgoing {
+            o.pending.lock().push(DeviceEvent {
+                seq: 0,
+                uuid,
+                fleet: fleet.to_owned(),
+                kind: DeviceEventKind::Offline,
+                generation: cluster_generation(epoch_ms, true),
+                at,
+                endpoint: None,
+                node,
+            });
+            o.ready.notify_one();
+        }
+    }
+
+    /// Publishes an event the database numbered (in a cluster), once: an event at or below
+    /// the last published number is ignored.
+    pub fn publish_numbered(&self, event: DeviceEvent) {
+        let mut inner = self.inner.lock();
+        if inner
+            .buffer
+            .back()
+            .is_some_and(|last| last.seq >= event.seq)
+        {
+            return;
+        }
+        inner.next_seq = event.seq + 1;
+        if inner.buffer.len() == BUFFER {
+            inner.buffer.pop_front();
+        }
+        inner.buffer.push_back(event.clone());
+        let _ = self.live.send(event);
     }
 
     /// Completes after a device's endpoint changed (at once if one changed since the last
@@ -126,6 +252,33 @@ impl EventHub {
             self.endpoints_changed.notify_one();
         }
         debug!(device = %uuid, ?kind, generation, "device state");
+        if let Some(o) = &self.outgoing {
+            let mut p = o.pending.lock();
+            let epoch = match kind {
+                DeviceEventKind::Online => {
+                    let epoch = self.clock.epoch_ms(at);
+                    p.epochs.insert(uuid, epoch);
+                    epoch
+                }
+                _ => p
+                    .epochs
+                    .remove(&uuid)
+                    .unwrap_or_else(|| self.clock.epoch_ms(at)),
+            };
+            p.push(DeviceEvent {
+                seq: 0,
+                uuid,
+                fleet: fleet.to_string(),
+                kind,
+                generation: cluster_generation(epoch, kind != DeviceEventKind::Online),
+                at: self.clock.wall(at),
+                endpoint: endpoint.map(|e| e.to_string()),
+                node: Some(o.node.clone()),
+            });
+            drop(p);
+            o.ready.notify_one();
+            return;
+        }
         let mut inner = self.inner.lock();
         let event = DeviceEvent {
             seq: inner.next_seq,
@@ -135,6 +288,7 @@ impl EventHub {
             generation,
             at: self.clock.wall(at),
             endpoint: endpoint.map(|e| e.to_string()),
+            node: None,
         };
         inner.next_seq += 1;
         if inner.buffer.len() == BUFFER {
@@ -160,6 +314,20 @@ impl EventHub {
             .cloned()
             .collect();
         (backlog, rx)
+    }
+}
+
+impl Pending {
+    fn push(&mut self, event: DeviceEvent) {
+        self.events.push_back(event);
+        self.trim();
+    }
+
+    fn trim(&mut self) {
+        while self.events.len() > OUTGOING_MAX {
+            self.events.pop_front();
+            self.dropped += 1;
+        }
     }
 }
 
@@ -205,5 +373,70 @@ mod tests {
         }
         let (all, _) = hub.subscribe(None);
         assert_eq!(all.len(), BUFFER);
+    }
+
+    /// In a cluster nothing is published until the database numbers it; generations come
+    /// from the session's epoch, so a later session on any node outranks an earlier end.
+    #[test]
+    fn a_cluster_hub_sends_its_events_out_and_publishes_them_numbered() {
+        let clock = WallClock::new();
+        let hub = EventHub::for_cluster(clock, "a".into());
+        let id = DeviceId::new_random();
+        let t0 = Instant::now();
+        let addr: std::net::SocketAddr = "192.0.2.1:5000".parse().unwrap();
+        hub.publish_peer(PeerEvent::Online {
+            id,
+            fleet: "lab".into(),
+            generation: 1,
+            endpoint: addr,
+            at: t0,
+        });
+        hub.publish_peer(PeerEvent::Offline {
+            id,
+            fleet: "lab".into(),
+            generation: 2,
+            at: t0 + std::time::Duration::from_secs(30),
+        });
+        let (backlog, _) = hub.subscribe(None);
+        assert!(
+            backlog.is_empty(),
+            "published before the database numbered it"
+        );
+        let (out, dropped) = hub.take_outgoing();
+        assert_eq!(dropped, 0);
+        let epoch = clock.epoch_ms(t0);
+        let gens: Vec<(DeviceEventKind, u64)> =
+            out.iter().map(|e| (e.kind, e.generation)).collect();
+        assert_eq!(
+            gens,
+            [
+                (DeviceEventKind::Online, cluster_generation(epoch, false)),
+                (DeviceEventKind::Offline, cluster_generation(epoch, true)),
+            ]
+        );
+        assert!(out.iter().all(|e| e.node.as_deref() == Some("a")));
+        // A newer session (on another node, one millisecond later) outranks the end.
+        assert!(cluster_generation(epoch + 1, false) > out[1].generation);
+        // Put back after a failed write: first again, in order.
+        hub.queue_ended(id, "lab", epoch - 5, Some("b".into()), clock.wall(t0));
+        hub.return_outgoing(out.clone());
+        let (again, _) = hub.take_outgoing();
+        assert_eq!(again[..2], out[..]);
+        assert_eq!(again[2].generation, cluster_generation(epoch - 5, true));
+        // Numbered events are published once each, in order.
+        let (_, mut live) = hub.subscribe(None);
+        for (seq, e) in [
+            (7, &again[0]),
+            (8, &again[1]),
+            (8, &again[1]),
+            (3, &again[2]),
+        ] {
+            hub.publish_numbered(DeviceEvent { seq, ..e.clone() });
+        }
+        let (all, _) = hub.subscribe(None);
+        assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), [7, 8]);
+        assert_eq!(live.try_recv().unwrap().seq, 7);
+        assert_eq!(live.try_recv().unwrap().seq, 8);
+        assert!(live.try_recv().is_err());
     }
 }

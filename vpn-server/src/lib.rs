@@ -203,7 +203,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
 
     // The concentrator, with every enrolled device as a peer.
     let clock = WallClock::new();
-    let events = Arc::new(EventHub::new(clock));
+    let events = Arc::new(match &config.database_url {
+        Some(_) => EventHub::for_cluster(clock, config.node_name.clone()),
+        None => EventHub::new(clock),
+    });
     let table = Arc::new(PeerTable::new(
         wg_private,
         config.overlay,
@@ -374,7 +377,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         tasks.spawn(node.run(
             table.clone(),
             concentrator.clone(),
-            clock,
+            state.events.clone(),
             state.config.online_window,
             shutdown.clone(),
         ));

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use floto_proto::devices::{DeviceEvent, DeviceEventKind};
 use floto_proto::DeviceId;
 
 use super::PgRegistry;
@@ -23,6 +24,37 @@ fn ms(d: Duration) -> i64 {
 fn from_ms(v: i64) -> Result<time::OffsetDateTime, StoreError> {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(v) * 1_000_000)
         .map_err(|_| StoreError::Corrupt(format!("timestamp {v} ms")))
+}
+
+/// The advisory lock key of event appends: one writer at a time, so that event numbers
+/// become visible in order and a reader that has seen N has seen everything before N.
+const EVENTS_LOCK: i64 = 0x666c_6f74_6f03;
+
+fn kind_name(kind: DeviceEventKind) -> &'static str {
+    match kind {
+        DeviceEventKind::Online => "online",
+        DeviceEventKind::Offline => "offline",
+        DeviceEventKind::Revoked => "revoked",
+    }
+}
+
+fn event_from_row(row: &sqlx::postgres::PgRow) -> Result<DeviceEvent, StoreError> {
+    let kind = match row.text("kind")?.as_str() {
+        "online" => DeviceEventKind::Online,
+        "offline" => DeviceEventKind::Offline,
+        "revoked" => DeviceEventKind::Revoked,
+        other => return Err(StoreError::Corrupt(format!("event kind {other:?}"))),
+    };
+    Ok(DeviceEvent {
+        seq: row.int("seq")?.max(0) as u64,
+        uuid: parse_device_id(&row.text("device")?)?,
+        fleet: row.text("fleet")?,
+        kind,
+        generation: row.int("generation")?.max(0) as u64,
+        at: from_ms(row.int("at_ms")?)?,
+        endpoint: row.opt_text("endpoint")?,
+        node: row.opt_text("node")?,
+    })
 }
 
 fn session_from_row(row: &sqlx::postgres::PgRow) -> Result<SessionRecord, StoreError> {
@@ -239,5 +271,74 @@ impl Cluster for PgRegistry {
             .await?;
         tx.commit().await?;
         Ok(gone.len() as u64)
+    }
+
+    async fn append_events(&self, events: &[DeviceEvent]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut cols: (Vec<String>, Vec<String>, Vec<&str>, Vec<i64>, Vec<i64>) =
+            Default::default();
+        let (mut endpoints, mut nodes) = (Vec::new(), Vec::new());
+        for e in events {
+            cols.0.push(e.uuid.to_string());
+            cols.1.push(e.fleet.clone());
+            cols.2.push(kind_name(e.kind));
+            cols.3.push(i64::try_from(e.generation).unwrap_or(i64::MAX));
+            cols.4
+                .push(i64::try_from(e.at.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX));
+            endpoints.push(e.endpoint.clone());
+            nodes.push(e.node.clone());
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(EVENTS_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO events(device, fleet, kind, generation, at_ms, endpoint, node)              SELECT d, f, k, g, a, ep, n FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[],              $5::bigint[], $6::text[], $7::text[]) WITH ORDINALITY AS e(d, f, k, g, a, ep, n, i)              ORDER BY i",
+        )
+        .bind(&cols.0)
+        .bind(&cols.1)
+        .bind(&cols.2)
+        .bind(&cols.3)
+        .bind(&cols.4)
+        .bind(&endpoints)
+        .bind(&nodes)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn events_after(&self, after: u64, limit: usize) -> Result<Vec<DeviceEvent>, StoreError> {
+        sqlx::query("SELECT * FROM events WHERE seq > $1 ORDER BY seq LIMIT $2")
+            .bind(i64::try_from(after).unwrap_or(i64::MAX))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(event_from_row)
+            .collect()
+    }
+
+    async fn last_event(&self) -> Result<u64, StoreError> {
+        let last: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(last.unwrap_or(0).max(0) as u64)
+    }
+
+    async fn wait_for_events(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.events_changed.notified()).await;
+    }
+
+    async fn prune_events(&self, keep: u64) -> Result<u64, StoreError> {
+        let done =
+            sqlx::query("DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - $1")
+                .bind(i64::try_from(keep).unwrap_or(i64::MAX))
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected())
     }
 }

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use floto_pgtest::Postgres;
+use floto_proto::devices::{DeviceEvent, DeviceEventKind};
 use floto_proto::DeviceId;
 
 use super::PgRegistry;
@@ -159,4 +160,83 @@ async fn a_dead_nodes_devices_turn_offline_by_themselves_and_are_orphans() {
     // Long-dead nodes are pruned with their rows.
     assert_eq!(r.prune_nodes(Duration::from_millis(100)).await.unwrap(), 1);
     assert!(r.orphaned_sessions().await.unwrap().is_empty());
+}
+
+fn event(device: DeviceId, generation: u64, node: &str) -> DeviceEvent {
+    DeviceEvent {
+        seq: 0,
+        uuid: device,
+        fleet: "lab".into(),
+        kind: DeviceEventKind::Online,
+        generation,
+        at: time::OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+        endpoint: Some("192.0.2.1:51820".into()),
+        node: Some(node.into()),
+    }
+}
+
+/// Two nodes append at once: every event is numbered once, a batch keeps its order, a
+/// reader never sees a number before a smaller one, the other node is woken, and pruning
+/// keeps the newest.
+#[tokio::test]
+async fn events_from_every_node_form_one_numbered_stream() {
+    let pg = Postgres::start();
+    let url = pg.create_database("events");
+    let overlay = "10.240.0.0/16".parse().unwrap();
+    let a = PgRegistry::connect(&url, overlay).await.unwrap();
+    let b = PgRegistry::connect(&url, overlay).await.unwrap();
+    assert_eq!(a.last_event().await.unwrap(), 0);
+    let d = DeviceId::new_random();
+    let woken = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            let t = std::time::Instant::now();
+            b.wait_for_events(Duration::from_secs(10)).await;
+            t.elapsed()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut appends = tokio::task::JoinSet::new();
+    for i in 0..20u64 {
+        let (r, node) = if i % 2 == 0 {
+            (a.clone(), "a")
+        } else {
+            (b.clone(), "b")
+        };
+        let batch: Vec<DeviceEvent> = (0..10).map(|j| event(d, i * 10 + j, node)).collect();
+        appends.spawn(async move { r.append_events(&batch).await });
+    }
+    while let Some(r) = appends.join_next().await {
+        r.unwrap().unwrap();
+    }
+    assert!(
+        woken.await.unwrap() < Duration::from_secs(5),
+        "the other node was not woken"
+    );
+    let all = b.events_after(0, 1000).await.unwrap();
+    assert_eq!(all.len(), 200);
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+    // A batch's events are consecutive, in the order given.
+    for w in all.chunks(10) {
+        let g0 = w[0].generation;
+        assert_eq!(g0 % 10, 0, "{w:?}");
+        assert!(w
+            .iter()
+            .enumerate()
+            .all(|(j, e)| e.generation == g0 + j as u64));
+        assert!(w.iter().all(|e| e.node == w[0].node));
+    }
+    let first = &all[0];
+    assert_eq!(
+        (first.uuid, first.kind, first.fleet.as_str(), first.at),
+        (d, DeviceEventKind::Online, "lab", event(d, 0, "a").at)
+    );
+    assert_eq!(a.last_event().await.unwrap(), all[199].seq);
+    assert_eq!(
+        a.events_after(all[189].seq, 1000).await.unwrap(),
+        all[190..]
+    );
+    assert_eq!(a.events_after(all[9].seq, 5).await.unwrap(), all[10..15]);
+    assert_eq!(a.prune_events(50).await.unwrap(), 150);
+    assert_eq!(a.events_after(0, 1000).await.unwrap(), all[150..]);
 }

@@ -35,6 +35,8 @@ use writer::{begin_locked, PgWriter};
 
 /// The channel the change feed's wake-ups are sent on.
 pub const CHANNEL: &str = "floto_changes";
+/// The channel the cluster's device events wake nodes on.
+pub const EVENTS_CHANNEL: &str = "floto_events";
 
 /// The PostgreSQL registry.
 #[derive(Debug, Clone)]
@@ -45,6 +47,8 @@ pub struct PgRegistry {
     /// Woken by NOTIFY, and after the listener reconnects (notifications sent meanwhile are
     /// lost, so the reader must look at the table).
     changed: Arc<Notify>,
+    /// The same for the cluster's device events.
+    events_changed: Arc<Notify>,
 }
 
 impl PgRegistry {
@@ -61,13 +65,19 @@ impl PgRegistry {
             .await?;
         schema::migrate(&pool).await?;
         let changed = Arc::new(Notify::new());
-        tokio::spawn(listen(pool.clone(), changed.clone()));
+        let events_changed = Arc::new(Notify::new());
+        tokio::spawn(listen(
+            pool.clone(),
+            changed.clone(),
+            events_changed.clone(),
+        ));
         let jobs = Jobs::start(PgWriter(pool.clone()), overlay);
         let registry = Self {
             pool,
             overlay,
             jobs,
             changed,
+            events_changed,
         };
         registry.check_overlay().await?;
         Ok(registry)
@@ -101,17 +111,22 @@ impl PgRegistry {
     }
 }
 
-/// Follows NOTIFY on [`CHANNEL`] for as long as the pool is open, waking readers on every
-/// notification and whenever the connection was lost and made again.
-async fn listen(pool: PgPool, changed: Arc<Notify>) {
+/// Follows NOTIFY on [`CHANNEL`] and [`EVENTS_CHANNEL`] for as long as the pool is open,
+/// waking the readers of each on its notifications, and both whenever the connection was
+/// lost and made again.
+async fn listen(pool: PgPool, changed: Arc<Notify>, events: Arc<Notify>) {
+    let wake_all = || {
+        changed.notify_waiters();
+        events.notify_waiters();
+    };
     let mut listener: Option<PgListener> = None;
     while !pool.is_closed() {
         let Some(l) = listener.as_mut() else {
             match PgListener::connect_with(&pool).await {
-                Ok(mut l) => match l.listen(CHANNEL).await {
+                Ok(mut l) => match l.listen_all([CHANNEL, EVENTS_CHANNEL]).await {
                     Ok(()) => {
                         // Anything sent while we were not listening is lost: look.
-                        changed.notify_waiters();
+                        wake_all();
                         listener = Some(l);
                     }
                     Err(e) => {
@@ -129,12 +144,13 @@ async fn listen(pool: PgPool, changed: Arc<Notify>) {
         // `try_recv` says when the connection was lost (`Ok(None)`): the next call
         // reconnects, and the gap means notifications were missed.
         match l.try_recv().await {
+            Ok(Some(n)) if n.channel() == EVENTS_CHANNEL => events.notify_waiters(),
             Ok(Some(_)) => changed.notify_waiters(),
-            Ok(None) => changed.notify_waiters(),
+            Ok(None) => wake_all(),
             Err(e) => {
                 tracing::warn!(error = %e, "change listener failed; reconnecting");
                 listener = None;
-                changed.notify_waiters();
+                wake_all();
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }

@@ -8,7 +8,7 @@ use crate::StoreError;
 
 /// The PostgreSQL schema this build reads and writes (numbered on its own: it began at the
 /// SQLite schema's version 4).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Held while migrating, so that nodes starting together do not race.
 const MIGRATION_LOCK: i64 = 0x666c_6f74_6f01;
@@ -138,6 +138,29 @@ CREATE TABLE sessions (
 CREATE INDEX sessions_node ON sessions(node);
 "#;
 
+/// Version 3: the cluster's device events (online, offline, revoked), numbered in the order
+/// they became visible (writers hold their own advisory lock), so `GET /v1/events` is the
+/// same stream on every node. A statement-level trigger wakes the nodes.
+const SCHEMA_V3: &str = r#"
+CREATE TABLE events (
+    seq        BIGSERIAL PRIMARY KEY,
+    device     TEXT NOT NULL,
+    fleet      TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    generation BIGINT NOT NULL,
+    at_ms      BIGINT NOT NULL,
+    endpoint   TEXT,
+    node       TEXT
+);
+CREATE FUNCTION notify_events() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('floto_events', '');
+    RETURN NULL;
+END $$;
+CREATE TRIGGER notify_events AFTER INSERT ON events
+    FOR EACH STATEMENT EXECUTE FUNCTION notify_events();
+"#;
+
 pub(super) async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -173,6 +196,9 @@ pub(super) async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     }
     if version < 2 {
         sqlx::raw_sql(SCHEMA_V2).execute(&mut *tx).await?;
+    }
+    if version < 3 {
+        sqlx::raw_sql(SCHEMA_V3).execute(&mut *tx).await?;
     }
     sqlx::query(
         "INSERT INTO meta(key, value) VALUES ('schema_version', $1) \

@@ -2,7 +2,8 @@
 //! with its session generation and a sequence number as the SSE `id`. A client that
 //! reconnects with `Last-Event-ID` gets every event after that one still in the buffer,
 //! then the live stream. An operator sees the events of the devices it may see, for as long
-//! as its credential holds.
+//! as its credential holds. In a cluster the stream and its numbers are the cluster's, the
+//! same on every node, so a reader may reconnect to any node.
 
 use std::convert::Infallible;
 use std::sync::Arc;

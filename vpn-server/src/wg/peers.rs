@@ -246,13 +246,14 @@ impl PeerTable {
             {
                 return false;
             }
-            self.remove(&config.id, now, fx);
+            // A new key (renewal) ends the session; the device is not revoked.
+            self.take_out(&config.id, now, OfflineCause::Silent, fx);
             generation = existing.state.lock().generation;
         }
         if let Some(holder) = self.by_key.get(config.public_key.as_bytes()).map(|p| p.id) {
             // The registry guarantees one key per device; a stale holder can only be a
             // peer replaced above. Never let two peers share a key.
-            self.remove(&holder, now, fx);
+            self.take_out(&holder, now, OfflineCause::Silent, fx);
         }
         let peer = Arc::new(Peer {
             id: config.id,
@@ -271,8 +272,18 @@ impl PeerTable {
         true
     }
 
-    /// Removes a peer and drops its session at once. Returns `false` if it was not there.
+    /// Removes a peer (revoked) and drops its session at once. Returns `false` if it was not
+    /// there.
     pub fn remove(&self, id: &DeviceId, now: Instant, fx: &mut Effects) -> bool {
+        self.take_out(id, now, OfflineCause::Removed, fx)
+    }
+
+    /// The fleet of an enrolled device.
+    pub fn fleet_of(&self, id: &DeviceId) -> Option<Arc<str>> {
+        self.by_id.get(id).map(|p| p.fleet.clone())
+    }
+
+    fn take_out(&self, id: &DeviceId, now: Instant, cause: OfflineCause, fx: &mut Effects) -> bool {
         let Some((_, peer)) = self.by_id.remove(id) else {
             return false;
         };
@@ -283,7 +294,7 @@ impl PeerTable {
         let mut st = peer.state.lock();
         st.removed = true;
         self.drop_tunn(&peer, &mut st);
-        self.go_offline(&peer, &mut st, now, OfflineCause::Removed, fx);
+        self.go_offline(&peer, &mut st, now, cause, fx);
         true
     }
 

@@ -484,6 +484,15 @@ fn a_rotated_key_replaces_the_old_one() {
     d.connect(&mut s);
     let new_private = StaticSecret::from([201u8; 32]);
     s.rekey(&d, &new_private);
+    // The session ends as an offline transition: a renewal is not a revocation.
+    assert!(
+        matches!(
+            s.out.events().last(),
+            Some(PeerEvent::Offline { generation: 2, .. })
+        ),
+        "{:?}",
+        s.out.events().last()
+    );
     // The old key is gone.
     let old_init = d.initiation();
     assert!(s.receive(d.addr, &old_init).is_empty());
@@ -492,7 +501,7 @@ fn a_rotated_key_replaces_the_old_one() {
     d.connect(&mut s);
     let st = s.table.status(&d.id).unwrap();
     assert!(st.online);
-    // Online (1), removed with the old key (2), online with the new one (3): it never
+    // Online (1), offline with the old key (2), online with the new one (3): it never
     // goes down, so event consumers that keep the highest see every change.
     assert_eq!(st.generation, 3, "the generation carries over a re-key");
     assert_eq!(s.table.len(), 1);
