@@ -4,7 +4,7 @@
 //! connection's bytes and ends are `connection.rs`'s; this file ties them together each round.
 
 use std::collections::HashMap;
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -77,8 +77,15 @@ impl NetstackDriver {
         let mut iface = Interface::new(iface_config, &mut device, clock.smol(clock.base));
         let prefix_len = config.prefix_len.min(32);
         iface.update_ip_addrs(|addrs| {
-            // A fresh interface has room for this one address.
+            // A fresh interface has room for four addresses (smoltcp's
+            // `iface-max-addr-count-4`).
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(config.address), prefix_len));
+            for (address, prefix_len) in &config.more_addresses {
+                let cidr = IpCidr::new(IpAddress::Ipv4(*address), (*prefix_len).min(32));
+                if addrs.push(cidr).is_err() {
+                    warn!(%address, "netstack: no room for another address; connections to its network come from the first one");
+                }
+            }
         });
         // Everything outside the prefix goes to the sink too: the caller routes.
         if iface
@@ -228,6 +235,21 @@ struct Driver {
 }
 
 impl Driver {
+    /// The stack's address in `remote`'s network, else its first address.
+    fn local_address_for(&self, remote: Ipv4Addr) -> Ipv4Addr {
+        let within = |address: Ipv4Addr, prefix_len: u8| {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(prefix_len.min(32)))
+                .unwrap_or(0);
+            u32::from(address) & mask == u32::from(remote) & mask
+        };
+        self.config
+            .more_addresses
+            .iter()
+            .find(|(a, p)| within(*a, *p))
+            .map_or(self.config.address, |(a, _)| *a)
+    }
+
     fn next_wakeup(&mut self) -> Option<Instant> {
         let now = Instant::now();
         self.smol_wake = self
@@ -333,7 +355,7 @@ impl Driver {
             .allocate(now, |p| listeners.contains(p))
             .ok_or(ConnectError::NoFreePort)?;
         let mut socket = new_socket(self.config.tcp_buffer);
-        let local = SocketAddrV4::new(self.config.address, local_port);
+        let local = SocketAddrV4::new(self.local_address_for(*remote.ip()), local_port);
         if socket.connect(self.iface.context(), remote, local).is_err() {
             self.ports.release(local_port, now);
             return Err(ConnectError::Unaddressable(remote));
@@ -585,7 +607,8 @@ impl Driver {
                 (Phase::Closing, self.closing_verdict(handle))
             }
             _ => {
-                let local = SocketAddrV4::new(self.config.address, tuple.local_port);
+                let local =
+                    SocketAddrV4::new(self.local_address_for(*tuple.remote.ip()), tuple.local_port);
                 let Some((mut connection, stream)) =
                     self.open_stream(id, handle, local, tuple.remote)
                 else {

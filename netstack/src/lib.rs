@@ -56,11 +56,15 @@ pub use stream::{TcpListener, TcpStream};
 /// Settings of one stack. Build it with [`Config::new`] and adjust fields as needed.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The stack's own (and only) address.
+    /// The stack's own address.
     pub address: Ipv4Addr,
     /// Prefix length of `address`'s network. Destinations outside it are reachable too: every
     /// packet goes to the [`PacketSink`] anyway.
     pub prefix_len: u8,
+    /// More addresses of the stack, each with its network's prefix length (at most three):
+    /// a connection to a peer in one of those networks is made from the address there, so
+    /// the peer sees an address of its own network. Default none.
+    pub more_addresses: Vec<(Ipv4Addr, u8)>,
     /// Largest IP packet the stack emits (the MSS it announces is `mtu - 40`). Default 1420,
     /// WireGuard's usual MTU.
     pub mtu: usize,
@@ -89,6 +93,7 @@ impl Config {
         Self {
             address,
             prefix_len,
+            more_addresses: Vec::new(),
             mtu: 1420,
             tcp_buffer: 256 * 1024,
             max_sockets: 4096,

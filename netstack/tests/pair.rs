@@ -1088,3 +1088,34 @@ fn public_types_have_the_promised_traits() {
     sendable::<ConnectError>();
     sendable::<ListenError>();
 }
+
+/// A stack with a second address dials a peer in that address's network from it (the
+/// server's address in a device's own overlay network), and the peer sees that address.
+#[tokio::test]
+async fn a_peer_in_another_network_is_dialled_from_the_address_there() {
+    let second = Ipv4Addr::new(10, 9, 0, 1);
+    let peer = Ipv4Addr::new(10, 9, 0, 5);
+    let mut config_a = Config::new(A, 16);
+    config_a.more_addresses = vec![(second, 24)];
+    let pair = pair_with(config_a, Config::new(peer, 24), |_| true);
+    let mut listener = pair.b.handle.listen(22).await.unwrap();
+    let accepted = tokio::spawn(async move {
+        let (mut stream, from) = listener.accept().await.unwrap();
+        stream.write_all(b"hi").await.unwrap();
+        from
+    });
+    let mut stream = pair
+        .a
+        .handle
+        .connect(SocketAddrV4::new(peer, 22), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(*stream.local_addr().ip(), second);
+    let mut hi = [0u8; 2];
+    timeout(LIMIT, stream.read_exact(&mut hi))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&hi, b"hi");
+    assert_eq!(*accepted.await.unwrap().ip(), second);
+}

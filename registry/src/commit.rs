@@ -4,14 +4,13 @@
 //! reads, decisions and writes is here once.
 
 use async_trait::async_trait;
-use ipnet::Ipv4Net;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
 use floto_proto::{DeviceId, WgKey};
 
 use crate::rows::{whole_seconds, Facts};
-use crate::rules::{self, EnrollDecision, EnrollRefusal, RenewRefusal};
+use crate::rules::{self, EnrollDecision, EnrollRefusal, Overlays, RenewRefusal};
 use crate::{ChangeKind, Device, EnrollCommit, EnrollOutcome, RenewCommit, Renewed, StoreError};
 
 /// Enrollments and renewals committed together at most.
@@ -37,6 +36,8 @@ pub(crate) trait CommitTx: Send {
     /// holds.
     async fn reusable_address(&mut self, cutoff: OffsetDateTime)
         -> Result<Option<i64>, StoreError>;
+    /// The highest address given out between `low` and `high` (inclusive).
+    async fn highest_address_in(&mut self, low: u32, high: u32) -> Result<Option<i64>, StoreError>;
     /// Appends to the change feed, in this transaction.
     async fn record_change(
         &mut self,
@@ -57,6 +58,8 @@ pub(crate) struct CommitSql {
     /// The lowest address of a device revoked at or before the first parameter that no live
     /// device holds.
     pub reusable_address: &'static str,
+    /// The highest address between the two parameters.
+    pub highest_address_in: &'static str,
     /// A change-feed row.
     pub record_change: &'static str,
 }
@@ -128,6 +131,17 @@ macro_rules! commit_tx {
                     .await?)
             }
 
+            async fn highest_address_in(
+                &mut self,
+                low: u32,
+                high: u32,
+            ) -> Result<Option<i64>, $crate::StoreError> {
+                Ok(sqlx::query_scalar($sql.highest_address_in)
+                    .bind(i64::from(low))
+                    .bind(i64::from(high))
+                    .fetch_one(&mut **self)
+                    .await?)
+            }
             async fn record_change(
                 &mut self,
                 kind: $crate::ChangeKind,
@@ -157,9 +171,32 @@ pub(crate) trait Writer: Send + Sync + 'static {
     async fn commit(tx: Self::Tx) -> Result<(), StoreError>;
 }
 
+/// The next address never given out, in the first network that has one left. With one
+/// network that is the address after the highest one (`highest`, read with the facts).
+async fn fresh_address(
+    tx: &mut impl CommitTx,
+    overlay: &Overlays,
+    highest: Option<std::net::Ipv4Addr>,
+) -> Result<Option<std::net::Ipv4Addr>, StoreError> {
+    if let [only] = overlay.networks() {
+        return Ok(rules::next_overlay_address(*only, highest));
+    }
+    for net in overlay.networks() {
+        let top = u32::from(net.broadcast());
+        let highest = tx
+            .highest_address_in(u32::from(net.network()), top)
+            .await?
+            .map(crate::rows::ip_from_db);
+        if let Some(ip) = rules::next_overlay_address(*net, highest) {
+            return Ok(Some(ip));
+        }
+    }
+    Ok(None)
+}
+
 pub(crate) async fn enroll_in(
     tx: &mut impl CommitTx,
-    overlay: Ipv4Net,
+    overlay: &Overlays,
     c: &EnrollCommit,
 ) -> Result<Result<EnrollOutcome, EnrollRefusal>, StoreError> {
     let f = tx
@@ -176,17 +213,18 @@ pub(crate) async fn enroll_in(
     let expires = whole_seconds(c.cert_expires_at)?;
     let outcome = match (decision, f.device) {
         (EnrollDecision::Create, _) => {
-            let fresh = rules::next_overlay_address(overlay, f.max_ip);
-            let ip = match fresh {
+            let ip = match fresh_address(tx, overlay, f.max_ip).await? {
                 Some(ip) => Some(ip),
                 None => tx
                     .reusable_address(c.reuse_addresses_revoked_before)
                     .await?
                     .map(crate::rows::ip_from_db)
-                    .filter(|ip| overlay.contains(ip)),
+                    .filter(|ip| overlay.contains(*ip)),
             };
             let Some(ip) = ip else {
-                return Ok(Err(EnrollRefusal::AddressPoolExhausted { overlay }));
+                return Ok(Err(EnrollRefusal::AddressPoolExhausted {
+                    overlay: overlay.clone(),
+                }));
             };
             let device = Device {
                 id: c.device,
@@ -291,7 +329,7 @@ pub(crate) struct Jobs(mpsc::Sender<Job>);
 
 impl Jobs {
     /// Starts the writer task on `writer`.
-    pub(crate) fn start(writer: impl Writer, overlay: Ipv4Net) -> Self {
+    pub(crate) fn start(writer: impl Writer, overlay: Overlays) -> Self {
         let (jobs, queue) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(group_commit(writer, overlay, queue));
         Self(jobs)
@@ -331,7 +369,7 @@ enum Done {
 /// other's writes, so races are decided exactly as if each had its own transaction; one
 /// fsync serves the batch. If the batch fails, each job is retried alone so that one bad
 /// job cannot fail the others.
-async fn group_commit<W: Writer>(writer: W, overlay: Ipv4Net, mut queue: mpsc::Receiver<Job>) {
+async fn group_commit<W: Writer>(writer: W, overlay: Overlays, mut queue: mpsc::Receiver<Job>) {
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -340,7 +378,7 @@ async fn group_commit<W: Writer>(writer: W, overlay: Ipv4Net, mut queue: mpsc::R
                 Err(_) => break,
             }
         }
-        match run_batch(&writer, overlay, &batch).await {
+        match run_batch(&writer, &overlay, &batch).await {
             Ok(done) => {
                 for (job, result) in batch.into_iter().zip(done) {
                     reply(job, Ok(result));
@@ -354,7 +392,7 @@ async fn group_commit<W: Writer>(writer: W, overlay: Ipv4Net, mut queue: mpsc::R
             Err(_) => {
                 for job in batch {
                     let one = std::slice::from_ref(&job);
-                    let result = run_batch(&writer, overlay, one)
+                    let result = run_batch(&writer, &overlay, one)
                         .await
                         .map(|mut d| {
                             d.pop()
@@ -370,7 +408,7 @@ async fn group_commit<W: Writer>(writer: W, overlay: Ipv4Net, mut queue: mpsc::R
 
 async fn run_batch<W: Writer>(
     writer: &W,
-    overlay: Ipv4Net,
+    overlay: &Overlays,
     batch: &[Job],
 ) -> Result<Vec<Done>, StoreError> {
     let mut tx = writer.begin().await?;

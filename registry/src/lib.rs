@@ -25,7 +25,7 @@ use time::OffsetDateTime;
 use floto_proto::admin::{Role, TokenKind};
 use floto_proto::{DeviceId, WgKey};
 
-pub use crate::rules::{EnrollRefusal, RenewRefusal};
+pub use crate::rules::{EnrollRefusal, Overlays, RenewRefusal};
 pub use floto_proto::admin::{KeyInfo, OperatorInfo};
 
 /// A storage fault (not a refusal): the database is unreachable, corrupt or full.

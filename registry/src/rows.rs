@@ -72,6 +72,28 @@ pub(crate) fn whole_seconds(t: OffsetDateTime) -> Result<OffsetDateTime, StoreEr
     from_ts(ts(t))
 }
 
+/// Refuses a registry holding device addresses outside `overlay`: a server started with
+/// another overlay than the one its devices were given addresses in.
+pub(crate) fn check_addresses(
+    addresses: &[i64],
+    overlay: &crate::rules::Overlays,
+) -> Result<(), StoreError> {
+    let outside: Vec<Ipv4Addr> = addresses
+        .iter()
+        .map(|ip| ip_from_db(*ip))
+        .filter(|ip| !overlay.contains(*ip))
+        .collect();
+    match outside.first() {
+        None => Ok(()),
+        Some(first) => Err(StoreError::Inconsistent(format!(
+            "{} enrolled device(s) have addresses outside the configured overlay {overlay} \
+             (e.g. {first}); run with the overlay the registry was created with (networks may \
+             be added, never removed)",
+            outside.len(),
+        ))),
+    }
+}
+
 pub(crate) fn parse_device_id(uuid: &str) -> Result<DeviceId, StoreError> {
     uuid.parse()
         .map_err(|e| StoreError::Corrupt(format!("device uuid {uuid:?}: {e}")))

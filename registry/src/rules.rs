@@ -14,6 +14,131 @@ use floto_proto::DeviceId;
 
 use crate::{Device, EnrollCommit, RenewCommit};
 
+/// The overlay networks devices get addresses in: the first one (the network the registry
+/// was made with) and any added later, filled in that order. In each network the first host
+/// is the server's own address there, so a device's overlay network always holds the
+/// server address it talks to, and devices are never renumbered when a network is added.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overlays(Vec<Ipv4Net>);
+
+/// Why a set of overlay networks is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OverlaysError {
+    #[error("overlay {0} overlaps overlay {1}")]
+    Overlap(Ipv4Net, Ipv4Net),
+    #[error("overlay {net} has prefix /{}: use a network between /8 and /30", net.prefix_len())]
+    Prefix { net: Ipv4Net },
+    #[error("overlay {net} is not a network address: did you mean {}?", net.trunc())]
+    NotANetwork { net: Ipv4Net },
+}
+
+impl Overlays {
+    /// `first`, then `more`: each a network between /8 and /30, none overlapping another.
+    pub fn new(first: Ipv4Net, more: &[Ipv4Net]) -> Result<Self, OverlaysError> {
+        let nets: Vec<Ipv4Net> = std::iter::once(first).chain(more.iter().copied()).collect();
+        for (i, net) in nets.iter().enumerate() {
+            if !(8..=30).contains(&net.prefix_len()) {
+                return Err(OverlaysError::Prefix { net: *net });
+            }
+            if net.network() != net.addr() {
+                return Err(OverlaysError::NotANetwork { net: *net });
+            }
+            if let Some(other) = nets[..i]
+                .iter()
+                .find(|o| o.contains(&net.network()) || net.contains(&o.network()))
+            {
+                return Err(OverlaysError::Overlap(*net, *other));
+            }
+        }
+        Ok(Self(nets))
+    }
+
+    /// The networks, the first one first.
+    pub fn networks(&self) -> &[Ipv4Net] {
+        &self.0
+    }
+
+    /// The network the registry was made with.
+    pub fn first(&self) -> Ipv4Net {
+        self.0[0]
+    }
+
+    /// The network `ip` is in.
+    pub fn network_of(&self, ip: Ipv4Addr) -> Option<Ipv4Net> {
+        self.0.iter().copied().find(|n| n.contains(&ip))
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        self.network_of(ip).is_some()
+    }
+
+    /// Devices all networks hold together.
+    pub fn capacity(&self) -> u64 {
+        self.0.iter().map(|n| overlay_capacity(*n)).sum()
+    }
+
+    /// The server's addresses, one per network (the first network's first).
+    pub fn server_addresses(&self) -> Vec<Ipv4Addr> {
+        self.0.iter().map(|n| server_address(*n)).collect()
+    }
+}
+
+impl From<Ipv4Net> for Overlays {
+    /// One network, as given (its prefix is checked where it is configured).
+    fn from(net: Ipv4Net) -> Self {
+        Self(vec![net])
+    }
+}
+
+impl std::fmt::Display for Overlays {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, n) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The server's own address in `overlay`: its first host.
+pub fn server_address(overlay: Ipv4Net) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(overlay.network()) + 1)
+}
+
+#[cfg(test)]
+mod overlays_tests {
+    use super::*;
+
+    #[test]
+    fn overlay_networks_are_checked() {
+        let net = |s: &str| s.parse::<Ipv4Net>().unwrap();
+        let o = Overlays::new(net("10.240.0.0/16"), &[net("10.9.0.0/24")]).unwrap();
+        assert_eq!(o.to_string(), "10.240.0.0/16, 10.9.0.0/24");
+        assert_eq!(o.capacity(), 65_533 + 253);
+        assert_eq!(
+            o.server_addresses(),
+            [Ipv4Addr::new(10, 240, 0, 1), Ipv4Addr::new(10, 9, 0, 1)]
+        );
+        assert_eq!(
+            o.network_of(Ipv4Addr::new(10, 9, 0, 7)),
+            Some(net("10.9.0.0/24"))
+        );
+        assert!(!o.contains(Ipv4Addr::new(10, 10, 0, 1)));
+        for (first, more, why) in [
+            ("10.240.0.0/16", "10.240.1.0/24", "overlaps"),
+            ("10.240.1.0/24", "10.240.0.0/16", "overlaps"),
+            ("10.240.0.0/16", "10.9.0.0/31", "prefix /31"),
+            ("10.240.0.0/16", "10.9.0.1/24", "not a network address"),
+            ("10.0.0.0/7", "10.9.0.0/24", "prefix /7"),
+        ] {
+            let e = Overlays::new(net(first), &[net(more)]).unwrap_err();
+            assert!(e.to_string().contains(why), "{first} {more}: {e}");
+        }
+    }
+}
+
 /// The overlay address at `offset` from the network address, if it is a usable device
 /// address: offsets 0 (network) and 1 (the server) and the broadcast address are not.
 pub fn overlay_address(overlay: Ipv4Net, offset: u32) -> Option<Ipv4Addr> {
@@ -60,8 +185,8 @@ pub enum EnrollRefusal {
     UuidHeldByAnotherKey,
     /// The WireGuard key is bound to another device.
     WgKeyBound { other: DeviceId },
-    /// Every address of the overlay is taken.
-    AddressPoolExhausted { overlay: Ipv4Net },
+    /// Every address of every overlay network is taken.
+    AddressPoolExhausted { overlay: Overlays },
 }
 
 /// What to do with a valid enrollment.

@@ -54,8 +54,10 @@ impl Fixture {
     }
 }
 
+/// `overlay`: one network, or several separated by commas (the first one first).
 async fn open_on(store: &Store, overlay: &str) -> Result<Arc<dyn Registry>, StoreError> {
-    let overlay = overlay.parse().unwrap();
+    let nets: Vec<ipnet::Ipv4Net> = overlay.split(',').map(|n| n.parse().unwrap()).collect();
+    let overlay = Overlays::new(nets[0], &nets[1..]).unwrap();
     Ok(match store {
         Store::Sqlite(dir) => {
             Arc::new(SqliteRegistry::open(&dir.path().join("db"), overlay).await?)
@@ -184,6 +186,54 @@ async fn a_full_overlay_is_refused_without_writing(backend: Backend) {
         Err(EnrollRefusal::AddressPoolExhausted { .. })
     ));
     assert_eq!(r.count_devices().await.unwrap(), 1);
+}
+
+/// An installation whose overlay is full adds a second network: the devices it has keep
+/// their addresses, new ones are given addresses in the added network (even one below the
+/// first numerically), and a server started without the added network refuses the registry
+/// with its reason.
+async fn an_added_overlay_network_takes_new_devices_without_renumbering(backend: Backend) {
+    let f = Fixture::new(backend, "10.240.0.0/30").await;
+    let now = OffsetDateTime::now_utc();
+    key(&*f.r, 1, None, now).await;
+    let first =
+        f.r.enroll(commit([1; 32], DeviceId::new_random(), 1, now))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(first.device().overlay_ip, Ipv4Addr::new(10, 240, 0, 2));
+    let r = f.open("10.240.0.0/30,10.9.0.0/29").await.unwrap();
+    let mut given = Vec::new();
+    for wg in 2..=6 {
+        let e = r
+            .enroll(commit([1; 32], DeviceId::new_random(), wg, now))
+            .await
+            .unwrap()
+            .unwrap();
+        given.push(e.device().overlay_ip);
+    }
+    // .0 is the network, .1 the server's address there, .7 the broadcast.
+    assert_eq!(
+        given,
+        (2..=6)
+            .map(|h| Ipv4Addr::new(10, 9, 0, h))
+            .collect::<Vec<_>>()
+    );
+    assert!(matches!(
+        r.enroll(commit([1; 32], DeviceId::new_random(), 7, now))
+            .await
+            .unwrap(),
+        Err(EnrollRefusal::AddressPoolExhausted { .. })
+    ));
+    let kept = r.device(&first.device().id).await.unwrap().unwrap();
+    assert_eq!(kept.overlay_ip, first.device().overlay_ip, "renumbered");
+    drop(r);
+    let refused = f.open("10.240.0.0/30").await.map(|_| ()).unwrap_err();
+    let why = refused.to_string();
+    assert!(
+        why.contains("5 enrolled device(s) have addresses outside") && why.contains("10.9.0.2"),
+        "{why}"
+    );
 }
 
 async fn a_revoked_devices_address_is_given_again_only_after_the_grace_period(backend: Backend) {
@@ -716,6 +766,7 @@ on_both_backends!(
     enrollment_records_certificate_takes_a_use_and_allocates_in_order,
     reenrollment_keeps_the_address_and_records_the_new_certificate,
     a_full_overlay_is_refused_without_writing,
+    an_added_overlay_network_takes_new_devices_without_renumbering,
     a_revoked_devices_address_is_given_again_only_after_the_grace_period,
     concurrent_jobs_in_one_batch_see_each_other,
     one_failing_job_does_not_fail_its_batch,

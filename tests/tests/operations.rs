@@ -243,6 +243,94 @@ fn a_backup_taken_while_running_restores_devices_without_reenrolling() {
     assert_eq!(enrolled, 2, "{records:?}");
 }
 
+/// An installation whose overlay is full adds a network to its config and restarts: the
+/// device it had keeps its address and comes back; a new device gets an address in the added
+/// network, talks to the server's address there, and the broker reaches it from that address.
+#[test]
+fn an_installation_adds_an_overlay_network_without_renumbering() {
+    require_root();
+    require(&["wireguard-go", "wg", "ping", "python3"]);
+    let nss = [Netns::new(), Netns::new()];
+    // Room for one device.
+    let mut server = Server::start(&["--tls-name", &tls_names(&nss), "--overlay", "10.77.0.0/30"]);
+    let key = server.create_key("lab", None);
+    let [ns1, ns2] = nss;
+    let mut first = WgGoDevice::enroll(ns1, &server, &key);
+    first.set_keepalive(2);
+    first.up();
+    server.wait_online(&first.uuid, true, Duration::from_secs(30));
+    assert_eq!(first.overlay_ip, Ipv4Addr::new(10, 77, 0, 2));
+    std::thread::sleep(Duration::from_secs(6)); // its endpoint written, to be called back
+
+    // The next device is refused with what to do about it.
+    let refused = output(
+        ns2.command(bin("floto-tunnel"))
+            .arg("enroll")
+            .arg("--server")
+            .arg(server.api_url(ns2.host_ip().into()))
+            .arg("--ca")
+            .arg(server.ca_path())
+            .args(["--provisioning-key", &key, "--state-dir"])
+            .arg(server.dir.path().join("refused-state")),
+    );
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("no overlay address left in 10.77.0.0/30") && err.contains("--extra-overlay"),
+        "{err}"
+    );
+
+    // The admin adds a network in the config file and restarts.
+    let config = server.data_dir().join("config.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("extra_overlay = [\"10.78.0.0/29\"]\n");
+    std::fs::write(&config, text).unwrap();
+    server.kill();
+    server.start_again();
+    let back = server.wait_online(&first.uuid, true, Duration::from_secs(15));
+    assert_eq!(back["overlay_ip"], "10.77.0.2", "renumbered");
+    run(first
+        .ns
+        .command("ping")
+        .args(["-c", "1", "-W", "2", "10.77.0.1"]));
+
+    let mut second = WgGoDevice::enroll(ns2, &server, &key);
+    assert_eq!(second.overlay_ip, Ipv4Addr::new(10, 78, 0, 2));
+    let status = run(second
+        .ns
+        .command(bin("floto-tunnel"))
+        .args(["status", "--json", "--state-dir"])
+        .arg(second.state_dir()));
+    let status: Value = serde_json::from_str(&stdout(&status)).unwrap();
+    assert_eq!(status["server_overlay_ip"], "10.78.0.1", "{status}");
+    second.set_keepalive(2);
+    second.up();
+    server.wait_online(&second.uuid, true, Duration::from_secs(30));
+    run(second
+        .ns
+        .command("ping")
+        .args(["-c", "1", "-W", "2", "10.78.0.1"]));
+    // A service on the device says who connected: the server's address in its network.
+    let logs = tempfile::tempdir().unwrap();
+    let mut listener = second.ns.command("python3");
+    listener.args([
+        "-c",
+        "import socket\n\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', 7000)); s.listen()\n\
+         c, a = s.accept(); c.sendall(('from ' + a[0]).encode()); c.close()",
+    ]);
+    let _listening = Child::spawn("listener", listener, logs.path());
+    let ops = tempfile::tempdir().unwrap();
+    server.login_operator("ada", "admin", &[], ops.path());
+    let said = wait_for(Duration::from_secs(10), "the device's service", || {
+        let out = output(floto(ops.path()).args(["proxy", &second.uuid, "7000"]));
+        let said = stdout(&out);
+        said.starts_with("from").then_some(said)
+    });
+    assert_eq!(said.trim(), "from 10.78.0.1");
+}
+
 fn openssl(args: &[&str]) {
     run(Command::new("openssl").args(args));
 }

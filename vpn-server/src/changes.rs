@@ -323,8 +323,7 @@ mod tests {
         let clock = WallClock::new();
         let table = Arc::new(PeerTable::new(
             boringtun::x25519::StaticSecret::from([1u8; 32]),
-            overlay,
-            Ipv4Addr::new(10, 240, 0, 1),
+            vec![overlay],
             Duration::from_secs(85),
             100,
             1,
@@ -339,8 +338,7 @@ mod tests {
         )
         .unwrap();
         let wg = Arc::new(wg);
-        let (netstack, _driver) =
-            Netstack::new(Ipv4Addr::new(10, 240, 0, 1), 16, wg.clone(), from_devices);
+        let (netstack, _driver) = Netstack::new(&overlay.into(), wg.clone(), from_devices);
         let broker = Arc::new(Broker::new(BrokerDeps {
             caps: crate::broker::SessionCaps {
                 per_operator: 4,
@@ -359,9 +357,12 @@ mod tests {
 
     async fn sqlite_registry(dir: &tempfile::TempDir) -> Arc<dyn Registry> {
         Arc::new(
-            SqliteRegistry::open(&dir.path().join("db"), "10.240.0.0/16".parse().unwrap())
-                .await
-                .unwrap(),
+            SqliteRegistry::open(
+                &dir.path().join("db"),
+                "10.240.0.0/16".parse::<ipnet::Ipv4Net>().unwrap(),
+            )
+            .await
+            .unwrap(),
         )
     }
 

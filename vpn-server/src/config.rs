@@ -10,6 +10,11 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use floto_proto::defaults;
+use floto_registry::Overlays;
+
+/// Overlay networks that may be added to the first one (the server's userspace TCP stack
+/// holds four addresses).
+pub const MAX_EXTRA_OVERLAYS: usize = 3;
 
 /// Name of the config file inside the data dir, written by `init`.
 pub const CONFIG_FILE: &str = "config.toml";
@@ -25,6 +30,19 @@ pub struct ServerSettings {
     #[arg(long, env = "FLOTO_OVERLAY", value_name = "CIDR")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overlay: Option<Ipv4Net>,
+
+    /// More overlay networks, filled after the first one is full (up to three; repeat the
+    /// flag, or separate with commas). Devices keep their addresses; a device in an added
+    /// network talks to the server's address there (its first host). Networks may be added,
+    /// never removed while devices hold addresses in them. The same on every cluster node.
+    #[arg(
+        long = "extra-overlay",
+        env = "FLOTO_EXTRA_OVERLAY",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_overlay: Vec<Ipv4Net>,
 
     /// WireGuard endpoint devices are told to use, HOST:PORT. Defaults to the host name
     /// the device used to reach the API, with the WireGuard port.
@@ -241,7 +259,10 @@ pub const DEFAULT_SESSIONS_PER_DEVICE: usize = 32;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub data_dir: PathBuf,
+    /// The first overlay network (the server's own address is its first host).
     pub overlay: Ipv4Net,
+    /// All overlay networks, the first one first.
+    pub overlays: Overlays,
     pub endpoint: Option<String>,
     pub wg_listen: SocketAddr,
     pub api_listen: SocketAddr,
@@ -353,6 +374,19 @@ impl Config {
                 Some(net) => net,
                 None => defaults::OVERLAY.parse().context("built-in overlay")?,
             },
+            overlays: {
+                let first = match s.overlay {
+                    Some(net) => net,
+                    None => defaults::OVERLAY.parse().context("built-in overlay")?,
+                };
+                if s.extra_overlay.len() > MAX_EXTRA_OVERLAYS {
+                    bail!(
+                        "{} extra overlay networks: at most {MAX_EXTRA_OVERLAYS} may be added",
+                        s.extra_overlay.len()
+                    );
+                }
+                Overlays::new(first, &s.extra_overlay)?
+            },
             endpoint: s.endpoint.clone(),
             wg_listen: s.wg_listen.unwrap_or(any(defaults::WG_PORT)),
             api_listen: s.api_listen.unwrap_or(any(defaults::API_PORT)),
@@ -415,20 +449,6 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        let prefix = self.overlay.prefix_len();
-        if !(8..=30).contains(&prefix) {
-            bail!(
-                "overlay {} has prefix /{prefix}: use a network between /8 and /30",
-                self.overlay
-            );
-        }
-        if self.overlay.network() != self.overlay.addr() {
-            bail!(
-                "overlay {} is not a network address: did you mean {}?",
-                self.overlay,
-                self.overlay.trunc()
-            );
-        }
         if let Some(endpoint) = &self.endpoint {
             validate_endpoint(endpoint)?;
         }
@@ -518,6 +538,11 @@ impl ServerSettings {
     fn over(self, lower: ServerSettings) -> ServerSettings {
         ServerSettings {
             overlay: self.overlay.or(lower.overlay),
+            extra_overlay: if self.extra_overlay.is_empty() {
+                lower.extra_overlay
+            } else {
+                self.extra_overlay
+            },
             endpoint: self.endpoint.or(lower.endpoint),
             wg_listen: self.wg_listen.or(lower.wg_listen),
             api_listen: self.api_listen.or(lower.api_listen),
@@ -635,6 +660,22 @@ mod tests {
         assert_eq!(c.endpoint.as_deref(), Some("b.example:2"));
         assert_eq!(c.overlay.to_string(), "10.9.0.0/16");
         assert_eq!(c.cert_lifetime, Duration::from_secs(2 * 24 * 3600));
+        // A list from the file, unless the flags give one.
+        let file: ServerSettings =
+            toml::from_str("overlay = \"10.9.0.0/16\"\nextra_overlay = [\"10.8.0.0/24\"]\n")
+                .unwrap();
+        let c = Config::from_settings(
+            Path::new("d"),
+            &ServerSettings::default().over(file.clone()),
+        )
+        .unwrap();
+        assert_eq!(c.overlays.to_string(), "10.9.0.0/16, 10.8.0.0/24");
+        let flags = ServerSettings {
+            extra_overlay: vec!["10.7.0.0/24".parse().unwrap()],
+            ..Default::default()
+        };
+        let c = Config::from_settings(Path::new("d"), &flags.over(file)).unwrap();
+        assert_eq!(c.overlays.to_string(), "10.9.0.0/16, 10.7.0.0/24");
     }
 
     #[test]
@@ -642,6 +683,15 @@ mod tests {
         let cases = [
             ("overlay = \"10.240.0.1/16\"", "not a network address"),
             ("overlay = \"10.240.0.0/31\"", "prefix /31"),
+            (
+                "overlay = \"10.240.0.0/16\"\nextra_overlay = [\"10.240.8.0/24\"]",
+                "overlaps",
+            ),
+            (
+                "extra_overlay = [\"10.9.0.0/24\", \"10.9.1.0/24\", \"10.9.2.0/24\", \"10.9.3.0/24\"]",
+                "at most 3",
+            ),
+            ("extra_overlay = [\"10.9.0.1/24\"]", "not a network address"),
             ("endpoint = \"no-port\"", "HOST:PORT"),
             ("endpoint = \"host:0\"", "HOST:PORT"),
             ("cert_lifetime = \"1s\"", "too short"),

@@ -4,15 +4,14 @@
 //! ([`floto_registry::rules`]), taken inside its transaction; the HTTP handlers that tie
 //! these together are in `api::enroll`.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
-use ipnet::Ipv4Net;
 use time::OffsetDateTime;
 
 use floto_pki::VerifiedCsr;
 use floto_proto::enroll::{Assignment, EnrollRequest, EnrollResponse};
 use floto_proto::{ApiError, DeviceId, ErrorCode, WgKey};
-use floto_registry::{Device, EnrollRefusal, RenewRefusal};
+use floto_registry::{Device, EnrollRefusal, Overlays, RenewRefusal};
 
 /// Longest `device_type` and `hostname` accepted.
 const MAX_LABEL: usize = 253;
@@ -95,7 +94,7 @@ pub fn enroll_refusal(refusal: &EnrollRefusal, device: &DeviceId) -> ApiError {
             DeviceRevoked => (ErrorCode::Revoked, format!("device {device} was revoked; an admin must enroll it under a new UUID")),
             UuidHeldByAnotherKey => (ErrorCode::Conflict, format!("device {device} is enrolled with a different device key; re-enrollment must use the key of its current certificate")),
             WgKeyBound { other } => (ErrorCode::Conflict, format!("this WireGuard public key is already bound to device {other}; generate a new WireGuard key")),
-            AddressPoolExhausted { overlay } => (ErrorCode::Unavailable, format!("no overlay address left in {overlay}; an admin must widen the overlay")),
+            AddressPoolExhausted { overlay } => (ErrorCode::Unavailable, format!("no overlay address left in {overlay}; an admin must add an overlay network (--extra-overlay)")),
         };
     ApiError::new(code, message)
 }
@@ -124,8 +123,7 @@ pub fn renew_after(issued: OffsetDateTime, expires: OffsetDateTime) -> OffsetDat
 /// What a device is told about the server it enrolled with.
 #[derive(Debug, Clone)]
 pub struct ServerFacts<'a> {
-    pub overlay: Ipv4Net,
-    pub server_overlay_ip: Ipv4Addr,
+    pub overlays: &'a Overlays,
     /// The WireGuard endpoint, `HOST:PORT` (see [`device_endpoint`]).
     pub endpoint: String,
     pub server_public_key: WgKey,
@@ -139,11 +137,17 @@ pub fn enroll_response(
     issued: OffsetDateTime,
     server: &ServerFacts<'_>,
 ) -> EnrollResponse {
+    // The device's own network, and the server's address there. (A device outside every
+    // configured network cannot be: the registry refuses to open.)
+    let network = server
+        .overlays
+        .network_of(device.overlay_ip)
+        .unwrap_or_else(|| server.overlays.first());
     let assignment = Assignment {
         uuid: device.id,
         overlay_ip: device.overlay_ip,
-        server_overlay_ip: server.server_overlay_ip,
-        overlay_network: server.overlay.to_string(),
+        server_overlay_ip: floto_registry::rules::server_address(network),
+        overlay_network: network.to_string(),
         endpoint: server.endpoint.clone(),
         server_public_key: server.server_public_key,
         persistent_keepalive: floto_proto::defaults::PERSISTENT_KEEPALIVE_SECS,

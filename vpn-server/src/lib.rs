@@ -182,7 +182,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     {
         None => (
             Arc::new(
-                SqliteRegistry::open(&data.database(), config.overlay)
+                SqliteRegistry::open(&data.database(), config.overlays.clone())
                     .await
                     .with_context(|| {
                         format!("opening the registry {}", data.database().display())
@@ -192,7 +192,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         ),
         Some(url) => {
             let pg = Arc::new(
-                PgRegistry::connect(url.expose(), config.overlay)
+                PgRegistry::connect(url.expose(), config.overlays.clone())
                     .await
                     .with_context(|| format!("opening the registry at {url}"))?,
             );
@@ -209,8 +209,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     });
     let table = Arc::new(PeerTable::new(
         wg_private,
-        config.overlay,
-        config.server_overlay_ip(),
+        config.overlays.networks().to_vec(),
         config.online_window,
         config.handshake_rate_limit,
         rand::random(),
@@ -264,12 +263,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let quic = tls::quic_config(server_cert.clone(), node_cert.as_ref())?;
 
     let shutdown = CancellationToken::new();
-    let (netstack, netstack_task) = netstack::Netstack::new(
-        config.server_overlay_ip(),
-        config.overlay.prefix_len(),
-        concentrator.clone(),
-        from_devices,
-    );
+    let (netstack, netstack_task) =
+        netstack::Netstack::new(&config.overlays, concentrator.clone(), from_devices);
     let audit = Auditor::new(store.clone());
     let broker = Arc::new(Broker::new(BrokerDeps {
         caps: broker::SessionCaps {

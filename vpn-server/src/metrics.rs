@@ -386,8 +386,7 @@ mod tests {
     fn live_gauges_come_from_the_table() {
         let table = Arc::new(PeerTable::new(
             boringtun::x25519::StaticSecret::from([5u8; 32]),
-            "10.240.0.0/16".parse().unwrap_or_else(|_| unreachable!()),
-            std::net::Ipv4Addr::new(10, 240, 0, 1),
+            vec!["10.240.0.0/16".parse().unwrap_or_else(|_| unreachable!())],
             Duration::from_secs(85),
             100,
             1,

@@ -75,10 +75,10 @@ pub struct Netstack {
 }
 
 impl Netstack {
-    /// A stack on `server_ip`, fed by the concentrator's host packets and sending through it.
+    /// A stack on the server's address in each overlay network (the first network's
+    /// first), fed by the concentrator's host packets and sending through it.
     pub fn new(
-        server_ip: Ipv4Addr,
-        overlay_prefix: u8,
+        overlays: &floto_registry::Overlays,
         concentrator: Arc<Concentrator>,
         from_devices: Arc<HostQueue>,
     ) -> (NetstackHandle, Netstack) {
@@ -89,11 +89,12 @@ impl Netstack {
             batch: SendBatch::new(),
         };
         let (to_stack, stack_input) = mpsc::channel(TO_STACK);
-        let (inner, driver) = floto_netstack::new(
-            floto_netstack::Config::new(server_ip, overlay_prefix),
-            stack_input,
-            sink,
-        );
+        let address_in =
+            |n: &ipnet::Ipv4Net| (floto_registry::rules::server_address(*n), n.prefix_len());
+        let (first, prefix) = address_in(&overlays.first());
+        let mut config = floto_netstack::Config::new(first, prefix);
+        config.more_addresses = overlays.networks()[1..].iter().map(address_in).collect();
+        let (inner, driver) = floto_netstack::new(config, stack_input, sink);
         (
             NetstackHandle { inner },
             Netstack {

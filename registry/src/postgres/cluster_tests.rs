@@ -13,7 +13,7 @@ use crate::cluster::{Cluster, SessionWrite};
 async fn registry() -> (Postgres, PgRegistry) {
     let pg = Postgres::start();
     let url = pg.create_database("cluster");
-    let r = PgRegistry::connect(&url, "10.240.0.0/16".parse().unwrap())
+    let r = PgRegistry::connect(&url, "10.240.0.0/16".parse::<ipnet::Ipv4Net>().unwrap())
         .await
         .unwrap();
     (pg, r)
@@ -182,7 +182,7 @@ fn event(device: DeviceId, generation: u64, node: &str) -> DeviceEvent {
 async fn events_from_every_node_form_one_numbered_stream() {
     let pg = Postgres::start();
     let url = pg.create_database("events");
-    let overlay = "10.240.0.0/16".parse().unwrap();
+    let overlay: ipnet::Ipv4Net = "10.240.0.0/16".parse().unwrap();
     let a = PgRegistry::connect(&url, overlay).await.unwrap();
     let b = PgRegistry::connect(&url, overlay).await.unwrap();
     assert_eq!(a.last_event().await.unwrap(), 0);

@@ -226,7 +226,7 @@ mod tests {
     #[tokio::test]
     async fn a_single_nodes_registry_moves_to_postgres_whole_and_only_once() {
         let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
-        let overlay = "10.240.0.0/16".parse().unwrap();
+        let overlay: ipnet::Ipv4Net = "10.240.0.0/16".parse().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("registry.db");
         let sqlite = SqliteRegistry::open(&path, overlay).await.unwrap();

@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ipnet::Ipv4Net;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 use time::OffsetDateTime;
@@ -42,7 +41,7 @@ pub const EVENTS_CHANNEL: &str = "floto_events";
 #[derive(Debug, Clone)]
 pub struct PgRegistry {
     pool: PgPool,
-    overlay: Ipv4Net,
+    overlay: Overlays,
     jobs: Jobs,
     /// Woken by NOTIFY, and after the listener reconnects (notifications sent meanwhile are
     /// lost, so the reader must look at the table).
@@ -54,7 +53,8 @@ pub struct PgRegistry {
 impl PgRegistry {
     /// Connects to `url`, migrates the schema (one node at a time), and starts listening
     /// for other nodes' changes.
-    pub async fn connect(url: &str, overlay: Ipv4Net) -> Result<Self, StoreError> {
+    pub async fn connect(url: &str, overlay: impl Into<Overlays>) -> Result<Self, StoreError> {
+        let overlay = overlay.into();
         let opts: PgConnectOptions = url.parse()?;
         let opts = opts.application_name("floto-vpn-server");
         let pool = PgPoolOptions::new()
@@ -71,7 +71,7 @@ impl PgRegistry {
             changed.clone(),
             events_changed.clone(),
         ));
-        let jobs = Jobs::start(PgWriter(pool.clone()), overlay);
+        let jobs = Jobs::start(PgWriter(pool.clone()), overlay.clone());
         let registry = Self {
             pool,
             overlay,
@@ -88,22 +88,10 @@ impl PgRegistry {
     }
 
     async fn check_overlay(&self) -> Result<(), StoreError> {
-        let outside: Vec<i64> = sqlx::query_scalar("SELECT overlay_ip FROM devices")
+        let addresses: Vec<i64> = sqlx::query_scalar("SELECT overlay_ip FROM devices")
             .fetch_all(&self.pool)
-            .await?
-            .into_iter()
-            .filter(|ip: &i64| !self.overlay.contains(&ip_from_db(*ip)))
-            .collect();
-        if let Some(first) = outside.first() {
-            return Err(StoreError::Inconsistent(format!(
-                "{} enrolled device(s) have addresses outside the configured overlay {} (e.g. {}); \
-                 run with the overlay the registry was created with",
-                outside.len(),
-                self.overlay,
-                ip_from_db(*first)
-            )));
-        }
-        Ok(())
+            .await?;
+        check_addresses(&addresses, &self.overlay)
     }
 
     async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {

@@ -25,6 +25,7 @@ static SQL: CommitSql = CommitSql {
     reusable_address: "SELECT MIN(d.overlay_ip) FROM devices AS d \
         WHERE d.revoked_at IS NOT NULL AND d.revoked_at <= $1 AND NOT EXISTS \
         (SELECT 1 FROM devices AS l WHERE l.overlay_ip = d.overlay_ip AND l.revoked_at IS NULL)",
+    highest_address_in: "SELECT MAX(overlay_ip) FROM devices WHERE overlay_ip BETWEEN $1 AND $2",
     record_change: "INSERT INTO changes(at, kind, subject) VALUES ($1, $2, $3)",
 };
 

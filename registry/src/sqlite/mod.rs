@@ -11,7 +11,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ipnet::Ipv4Net;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -34,7 +33,7 @@ use writer::SqliteWriter;
 pub struct SqliteRegistry {
     writer: SqlitePool,
     reader: SqlitePool,
-    overlay: Ipv4Net,
+    overlay: Overlays,
     /// Enrollments and renewals, committed in groups by [`crate::commit`].
     jobs: Jobs,
 }
@@ -43,7 +42,8 @@ impl SqliteRegistry {
     /// Opens (creating if needed) the database at `path` and migrates it. `overlay` is the
     /// network device addresses are allocated from; a registry with addresses outside it is
     /// refused.
-    pub async fn open(path: &Path, overlay: Ipv4Net) -> Result<Self, StoreError> {
+    pub async fn open(path: &Path, overlay: impl Into<Overlays>) -> Result<Self, StoreError> {
+        let overlay = overlay.into();
         let opts = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -64,7 +64,7 @@ impl SqliteRegistry {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(opts)
             .await?;
-        let jobs = Jobs::start(SqliteWriter(writer.clone()), overlay);
+        let jobs = Jobs::start(SqliteWriter(writer.clone()), overlay.clone());
         let registry = Self {
             writer,
             reader,
@@ -82,22 +82,10 @@ impl SqliteRegistry {
     }
 
     async fn check_overlay(&self) -> Result<(), StoreError> {
-        let outside: Vec<i64> = sqlx::query_scalar("SELECT overlay_ip FROM devices")
+        let addresses: Vec<i64> = sqlx::query_scalar("SELECT overlay_ip FROM devices")
             .fetch_all(&self.reader)
-            .await?
-            .into_iter()
-            .filter(|ip: &i64| !self.overlay.contains(&ip_from_db(*ip)))
-            .collect();
-        if let Some(first) = outside.first() {
-            return Err(StoreError::Inconsistent(format!(
-                "{} enrolled device(s) have addresses outside the configured overlay {} (e.g. {}); \
-                 run with the overlay the registry was created with",
-                outside.len(),
-                self.overlay,
-                ip_from_db(*first)
-            )));
-        }
-        Ok(())
+            .await?;
+        check_addresses(&addresses, &self.overlay)
     }
 
     async fn begin(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {

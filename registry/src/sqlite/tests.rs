@@ -29,7 +29,7 @@ async fn a_version_1_registry_is_migrated_forward_and_keeps_its_data() {
         .unwrap();
         pool.close().await;
     }
-    let r = SqliteRegistry::open(&path, "10.240.0.0/16".parse().unwrap())
+    let r = SqliteRegistry::open(&path, "10.240.0.0/16".parse::<ipnet::Ipv4Net>().unwrap())
         .await
         .unwrap();
     assert_eq!(
@@ -47,7 +47,7 @@ async fn a_version_1_registry_is_migrated_forward_and_keeps_its_data() {
         .await
         .unwrap();
     r.close().await;
-    let err = SqliteRegistry::open(&path, "10.240.0.0/16".parse().unwrap())
+    let err = SqliteRegistry::open(&path, "10.240.0.0/16".parse::<ipnet::Ipv4Net>().unwrap())
         .await
         .unwrap_err();
     assert!(err.to_string().contains("newer than this server"), "{err}");

@@ -104,8 +104,7 @@ impl AppState {
     /// What an enrolling device on connection `conn` is told about this server.
     pub fn server_facts(&self, conn: &ConnInfo) -> ServerFacts<'_> {
         ServerFacts {
-            overlay: self.config.overlay,
-            server_overlay_ip: self.config.server_overlay_ip(),
+            overlays: &self.config.overlays,
             endpoint: device_endpoint(
                 self.config.endpoint.as_deref(),
                 conn.host.as_deref(),

@@ -132,8 +132,10 @@ pub enum PeerEvent {
 pub struct PeerTable {
     private: StaticSecret,
     public: PublicKey,
-    server_ip: Ipv4Addr,
-    overlay: ipnet::Ipv4Net,
+    /// The server's address in each overlay network (the first network's first).
+    server_ips: Vec<Ipv4Addr>,
+    /// The overlay networks, the first one first.
+    overlay: Vec<ipnet::Ipv4Net>,
     pub(super) online_window: Duration,
     pub(super) admission: Admission,
     /// Draws the 24-bit session indices (seeded by the caller).
@@ -168,13 +170,13 @@ pub struct PeerConfig {
 }
 
 impl PeerTable {
-    /// `rate_limit`: handshake messages per second admitted without a cookie even when
+    /// `overlay`: the overlay networks, the first one first; the server's address in each
+    /// is its first host. `rate_limit`: handshake messages per second admitted without a cookie even when
     /// the caller does not report a backlog (see [`Self::admit`]). `seed` seeds the
     /// session indices the table draws.
     pub fn new(
         private: StaticSecret,
-        overlay: ipnet::Ipv4Net,
-        server_ip: Ipv4Addr,
+        overlay: Vec<ipnet::Ipv4Net>,
         online_window: Duration,
         rate_limit: u64,
         seed: u64,
@@ -185,7 +187,11 @@ impl PeerTable {
             index_rng: Mutex::new(StdRng::seed_from_u64(seed)),
             private,
             public,
-            server_ip,
+            // The first host of each network.
+            server_ips: overlay
+                .iter()
+                .map(|n| Ipv4Addr::from(u32::from(n.network()) + 1))
+                .collect(),
             overlay,
             online_window,
             by_key: DashMap::new(),
@@ -203,8 +209,9 @@ impl PeerTable {
         WgKey(self.public.to_bytes())
     }
 
-    pub fn server_ip(&self) -> Ipv4Addr {
-        self.server_ip
+    /// The server's address in each overlay network, the first network's first.
+    pub fn server_ips(&self) -> &[Ipv4Addr] {
+        &self.server_ips
     }
 
     /// Number of enrolled (not revoked) peers.
@@ -567,10 +574,10 @@ impl PeerTable {
                     delivered = Some(packet.len());
                     let dst = Tunn::dst_address(packet);
                     match dst {
-                        Some(IpAddr::V4(dst)) if dst == self.server_ip => {
+                        Some(IpAddr::V4(dst)) if self.server_ips.contains(&dst) => {
                             fx.deliver_to_host(peer.id, packet);
                         }
-                        Some(IpAddr::V4(dst)) if self.overlay.contains(&dst) => {
+                        Some(IpAddr::V4(dst)) if self.overlay.iter().any(|n| n.contains(&dst)) => {
                             self.counters.drop(DropReason::Isolated);
                         }
                         _ => self.counters.drop(DropReason::NotRoutable),

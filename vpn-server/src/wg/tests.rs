@@ -89,8 +89,7 @@ impl Server {
         Self {
             table: PeerTable::new(
                 private,
-                "10.240.0.0/16".parse().unwrap(),
-                SERVER_IP,
+                vec!["10.240.0.0/16".parse().unwrap()],
                 WINDOW,
                 RATE,
                 7,
