@@ -317,4 +317,33 @@ impl ApiClient {
             .await?
             .1)
     }
+
+    /// `POST /v1/ssh/user-cert` (needs the operator identity).
+    pub async fn ssh_user_cert(
+        &self,
+        req: &floto_proto::ssh::UserCertRequest,
+    ) -> Result<floto_proto::ssh::UserCertResponse, ClientError> {
+        Ok(self
+            .call(Method::POST, paths::SSH_USER_CERT, Some(req), None)
+            .await?
+            .1)
+    }
+
+    /// `GET /v1/fleets`
+    pub async fn fleets(&self) -> Result<Vec<floto_proto::ssh::FleetSettings>, ClientError> {
+        Ok(self
+            .call::<(), _>(Method::GET, paths::FLEETS, None, None)
+            .await?
+            .1)
+    }
+
+    /// `PUT /v1/fleets/{name}`
+    pub async fn set_fleet(
+        &self,
+        name: &str,
+        settings: &floto_proto::ssh::FleetSettings,
+    ) -> Result<floto_proto::ssh::FleetSettings, ClientError> {
+        let path = format!("{}/{}", paths::FLEETS, percent_encode(name));
+        Ok(self.call(Method::PUT, &path, Some(settings), None).await?.1)
+    }
 }

@@ -24,6 +24,7 @@ mod describe;
 mod keys;
 mod pem;
 mod serial;
+pub mod ssh;
 // The test helpers live with the integration tests, which share them; they name this
 // crate `floto_pki`, as the integration tests do.
 #[cfg(test)]

@@ -10,6 +10,7 @@ pub mod devices;
 pub mod enroll;
 pub mod error;
 pub mod ids;
+pub mod ssh;
 pub mod timestamp;
 pub mod wgconf;
 pub mod wireguard;
@@ -55,6 +56,10 @@ pub mod paths {
     pub const OPERATORS: &str = "/v1/operators";
     pub const AUDIT: &str = "/v1/audit";
     pub const NODES: &str = "/v1/nodes";
+    pub const SSH_USER_CERT: &str = "/v1/ssh/user-cert";
+    pub const SSH_USER_CA: &str = "/v1/ssh/user-ca";
+    pub const SSH_HOST_CA: &str = "/v1/ssh/host-ca";
+    pub const FLEETS: &str = "/v1/fleets";
     pub const HEALTHZ: &str = "/healthz";
     pub const READYZ: &str = "/readyz";
     pub const METRICS: &str = "/metrics";

@@ -198,6 +198,16 @@ pub enum TokenRefusal {
     OperatorRevoked,
 }
 
+/// A fleet's own settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetSettings {
+    pub name: String,
+    /// Logins operators may use on its devices over SSH (the principals of their
+    /// certificates).
+    pub ssh_logins: Vec<String>,
+    pub updated_at: OffsetDateTime,
+}
+
 /// One audit record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditRecord {
@@ -469,6 +479,30 @@ pub trait Registry: Send + Sync + 'static {
         }
         Ok(Feed::Entries(entries))
     }
+
+    // fleets
+    /// The SSH logins operators may use on devices of `fleet`; `None` when the fleet has no
+    /// setting of its own (the default applies).
+    async fn fleet_ssh_logins(&self, fleet: &str) -> Result<Option<Vec<String>>, StoreError>;
+    /// Sets the SSH logins of `fleet`, or (with `None`) goes back to the default.
+    async fn set_fleet_ssh_logins(
+        &self,
+        fleet: &str,
+        logins: Option<&[String]>,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+    /// Every fleet with a setting of its own, by name.
+    async fn fleet_settings(&self) -> Result<Vec<FleetSettings>, StoreError>;
+    /// Records the SSH host keys a device sent (and holds host certificates for); an empty
+    /// list forgets them.
+    async fn set_device_ssh_host_keys(
+        &self,
+        device: &DeviceId,
+        keys: &[String],
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+    /// The SSH host keys a device last sent (empty when none).
+    async fn device_ssh_host_keys(&self, device: &DeviceId) -> Result<Vec<String>, StoreError>;
 
     // audit
     async fn append_audit(&self, record: AuditRecord) -> Result<(), StoreError>;

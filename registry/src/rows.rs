@@ -94,6 +94,22 @@ pub(crate) fn check_addresses(
     }
 }
 
+/// The logins of a `fleets` row's `ssh_logins` column.
+pub(crate) fn split_logins(text: &str) -> Vec<String> {
+    text.split(',')
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+pub(crate) fn fleet_from_row(row: &impl RegistryRow) -> Result<crate::FleetSettings, StoreError> {
+    Ok(crate::FleetSettings {
+        name: row.text("name")?,
+        ssh_logins: split_logins(&row.text("ssh_logins")?),
+        updated_at: from_ts(row.int("updated_at")?)?,
+    })
+}
+
 pub(crate) fn parse_device_id(uuid: &str) -> Result<DeviceId, StoreError> {
     uuid.parse()
         .map_err(|e| StoreError::Corrupt(format!("device uuid {uuid:?}: {e}")))

@@ -236,6 +236,55 @@ async fn an_added_overlay_network_takes_new_devices_without_renumbering(backend:
     );
 }
 
+/// A fleet's SSH logins: unset until set, replaced by a new setting, back to unset on
+/// reset, and seen by another node at once.
+async fn fleet_ssh_logins_are_set_replaced_and_reset(backend: Backend) {
+    let f = Fixture::new(backend, "10.240.0.0/16").await;
+    let (r, other) = (&*f.r, f.open("10.240.0.0/16").await.unwrap());
+    let t = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+    assert_eq!(r.fleet_ssh_logins("lab").await.unwrap(), None);
+    let pi = vec!["pi".to_owned()];
+    r.set_fleet_ssh_logins("lab", Some(&pi), t).await.unwrap();
+    let both = vec!["pi".to_owned(), "admin".to_owned()];
+    r.set_fleet_ssh_logins("field", Some(&both), t)
+        .await
+        .unwrap();
+    r.set_fleet_ssh_logins("lab", Some(&both), t + Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        other.fleet_ssh_logins("lab").await.unwrap(),
+        Some(both.clone())
+    );
+    let all = other.fleet_settings().await.unwrap();
+    assert_eq!(
+        all.iter()
+            .map(|s| (s.name.as_str(), s.ssh_logins.clone(), s.updated_at))
+            .collect::<Vec<_>>(),
+        [
+            ("field", both.clone(), t),
+            ("lab", both.clone(), t + Duration::from_secs(5))
+        ]
+    );
+    r.set_fleet_ssh_logins("lab", None, t).await.unwrap();
+    assert_eq!(other.fleet_ssh_logins("lab").await.unwrap(), None);
+    assert_eq!(other.fleet_settings().await.unwrap().len(), 1);
+
+    // A device's SSH host keys: replaced as a whole, forgotten with an empty list.
+    let d = DeviceId::new_random();
+    assert!(r.device_ssh_host_keys(&d).await.unwrap().is_empty());
+    let keys = vec![
+        "ssh-ed25519 AAAA a".to_owned(),
+        "ecdsa-sha2-nistp256 BBBB b".to_owned(),
+    ];
+    r.set_device_ssh_host_keys(&d, &keys, t).await.unwrap();
+    assert_eq!(other.device_ssh_host_keys(&d).await.unwrap(), keys);
+    r.set_device_ssh_host_keys(&d, &keys[1..], t).await.unwrap();
+    assert_eq!(other.device_ssh_host_keys(&d).await.unwrap(), keys[1..]);
+    r.set_device_ssh_host_keys(&d, &[], t).await.unwrap();
+    assert!(other.device_ssh_host_keys(&d).await.unwrap().is_empty());
+}
+
 async fn a_revoked_devices_address_is_given_again_only_after_the_grace_period(backend: Backend) {
     let f = Fixture::new(backend, "10.240.0.0/30").await;
     let r = &*f.r;
@@ -767,6 +816,7 @@ on_both_backends!(
     reenrollment_keeps_the_address_and_records_the_new_certificate,
     a_full_overlay_is_refused_without_writing,
     an_added_overlay_network_takes_new_devices_without_renumbering,
+    fleet_ssh_logins_are_set_replaced_and_reset,
     a_revoked_devices_address_is_given_again_only_after_the_grace_period,
     concurrent_jobs_in_one_batch_see_each_other,
     one_failing_job_does_not_fail_its_batch,

@@ -180,12 +180,26 @@ impl WgGoDevice {
 
     /// Starts OpenSSH's sshd in the namespace, accepting `authorized_key` for root.
     pub fn start_sshd(&mut self, authorized_key: &str) {
+        self.start_sshd_with(authorized_key, "");
+    }
+
+    /// The sshd's log (its stderr), while it runs.
+    pub fn sshd_log(&self) -> String {
+        self.sshd.as_ref().map(Child::log).unwrap_or_default()
+    }
+
+    /// As [`start_sshd`](Self::start_sshd), with `extra` lines first in its config (the
+    /// first value of an option wins in sshd_config). Its host key is made once and kept.
+    pub fn start_sshd_with(&mut self, authorized_key: &str, extra: &str) {
         crate::require(&["sshd", "ssh-keygen"]);
+        self.sshd = None;
         let d = self.dir.path();
         let host_key = d.join("ssh_host_ed25519_key");
-        run(Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(&host_key));
+        if !host_key.exists() {
+            run(Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(&host_key));
+        }
         let auth = d.join("authorized_keys");
         std::fs::write(&auth, authorized_key).expect("authorized_keys");
         let config = d.join("sshd_config");
@@ -195,7 +209,7 @@ impl WgGoDevice {
         std::fs::write(
             &config,
             format!(
-                "Port 22\nListenAddress 0.0.0.0\nHostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin prohibit-password\n\
+                "{extra}Port 22\nListenAddress 0.0.0.0\nHostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin prohibit-password\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\n\
                  Subsystem sftp internal-sftp\nLogLevel VERBOSE\nSetEnv HOME={}\n",
                 host_key.display(),

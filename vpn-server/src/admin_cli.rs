@@ -9,12 +9,13 @@ use anyhow::Context as _;
 
 use floto_client::{ApiClient, AuditQuery, Identity};
 use floto_proto::admin::{AddOperatorRequest, CreateKeyRequest, TokenKind};
+use floto_proto::ssh::FleetSettings;
 use floto_proto::timestamp::rfc3339;
 use floto_proto::DeviceId;
 use floto_vpn_server::datadir::DataDir;
 use floto_vpn_server::RuntimeInfo;
 
-use crate::cli::{DeviceCommand, KeyCommand, NodeCommand, OperatorCommand};
+use crate::cli::{DeviceCommand, FleetCommand, KeyCommand, NodeCommand, OperatorCommand};
 
 pub(crate) async fn node(command: NodeCommand) -> anyhow::Result<ExitCode> {
     match command {
@@ -39,6 +40,46 @@ pub(crate) async fn node(command: NodeCommand) -> anyhow::Result<ExitCode> {
                         if n.this { "  (this node)" } else { "" }
                     );
                 }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        FleetCommand::Set {
+            dir,
+            name,
+            ssh_logins,
+            default,
+        } => {
+            let settings = FleetSettings {
+                name: String::new(),
+                ssh_logins: (!default).then_some(ssh_logins),
+            };
+            let set = admin_client(&dir.data_dir)?
+                .set_fleet(&name, &settings)
+                .await?;
+            println!(
+                "fleet {name}: ssh logins {}",
+                set.ssh_logins.unwrap_or_default().join(", ")
+            );
+        }
+        FleetCommand::List { dir, json } => {
+            let fleets = admin_client(&dir.data_dir)?.fleets().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&fleets)?);
+            } else {
+                println!("{:<24} SSH LOGINS", "FLEET");
+                for f in fleets {
+                    println!(
+                        "{:<24} {}",
+                        f.name,
+                        f.ssh_logins.unwrap_or_default().join(", ")
+                    );
+                }
+                println!("(other fleets: {})", floto_proto::ssh::DEFAULT_LOGIN);
             }
         }
     }

@@ -28,9 +28,22 @@ const DATABASE: &str = "registry.db";
 const REQUIRED: [&str; 4] = [DATABASE, "ca.pem", "ca.key", "wg.key"];
 /// Files a backup may also hold. The API's TLS certificate is not among them: the server
 /// issues it again at start (or it is mounted).
-const OPTIONAL: [&str; 3] = ["config.toml", "admin.pem", "admin.key"];
+const OPTIONAL: [&str; 5] = [
+    "config.toml",
+    "admin.pem",
+    "admin.key",
+    "ssh_user_ca",
+    "ssh_host_ca",
+];
 /// Files written 0600.
-const SECRET: [&str; 4] = [DATABASE, "ca.key", "wg.key", "admin.key"];
+const SECRET: [&str; 6] = [
+    DATABASE,
+    "ca.key",
+    "wg.key",
+    "admin.key",
+    "ssh_user_ca",
+    "ssh_host_ca",
+];
 /// No single file of a data dir comes near this; an archive that claims more is refused.
 const MAX_FILE: u64 = 16 << 30;
 

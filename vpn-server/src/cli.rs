@@ -48,6 +48,14 @@ pub(crate) enum Command {
         /// The imported CA's private key (PEM).
         #[arg(long, value_name = "FILE", requires = "ca_cert")]
         ca_key: Option<PathBuf>,
+        /// Import this SSH user CA (OpenSSH Ed25519 private key, unencrypted) instead of
+        /// making one: the CA devices already trust for operators' certificates.
+        #[arg(long, value_name = "FILE", requires = "ssh_host_ca")]
+        ssh_user_ca: Option<PathBuf>,
+        /// Import this SSH host CA (as --ssh-user-ca): the CA operators already trust for
+        /// devices' host certificates.
+        #[arg(long, value_name = "FILE", requires = "ssh_user_ca")]
+        ssh_host_ca: Option<PathBuf>,
     },
     /// Run the server (initialises an empty data dir first).
     Run {
@@ -73,6 +81,16 @@ pub(crate) enum Command {
     Device {
         #[command(subcommand)]
         command: DeviceCommand,
+    },
+    /// Fleet settings: the logins operators may use over SSH.
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
+    /// The SSH CAs: `show` prints their public keys (for devices configured by hand).
+    SshCa {
+        #[command(subcommand)]
+        command: SshCaCommand,
     },
     /// The nodes of a cluster (a single node lists itself).
     Node {
@@ -191,6 +209,49 @@ pub(crate) enum OperatorCommand {
         dir: DataDirArg,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum FleetCommand {
+    /// Set the logins operators may use on a fleet's devices (the principals of their SSH
+    /// certificates); `--default` goes back to `root`.
+    Set {
+        #[command(flatten)]
+        dir: DataDirArg,
+        name: String,
+        /// A login (repeatable, or comma-separated).
+        #[arg(
+            long = "ssh-login",
+            value_delimiter = ',',
+            required_unless_present = "default"
+        )]
+        ssh_logins: Vec<String>,
+        #[arg(long, conflicts_with = "ssh_logins")]
+        default: bool,
+    },
+    /// List fleets with settings of their own.
+    List {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum SshCaCommand {
+    /// Print the user CA (for sshd's TrustedUserCAKeys) and the host CA (for known_hosts'
+    /// `@cert-authority *.floto`), read from the data dir.
+    Show {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Only the user CA's line.
+        #[arg(long, conflicts_with = "host")]
+        user: bool,
+        /// Only the host CA's line.
+        #[arg(long)]
+        host: bool,
     },
 }
 

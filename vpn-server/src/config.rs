@@ -88,6 +88,16 @@ pub struct ServerSettings {
     )]
     pub operator_cert_lifetime: Option<Duration>,
 
+    /// Longest life of an operator's SSH user certificate (never past its operator
+    /// certificate's end).
+    #[arg(long, env = "FLOTO_SSH_CERT_LIFETIME", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ssh_cert_lifetime: Option<Duration>,
+
     /// How long a one-time login token from `operator add` may wait to be used.
     #[arg(long, env = "FLOTO_LOGIN_TOKEN_LIFETIME", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(
@@ -270,6 +280,7 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     pub cert_lifetime: Duration,
     pub operator_cert_lifetime: Duration,
+    pub ssh_cert_lifetime: Duration,
     pub login_token_lifetime: Duration,
     pub shutdown_grace: Duration,
     pub online_window: Duration,
@@ -398,6 +409,7 @@ impl Config {
             operator_cert_lifetime: s
                 .operator_cert_lifetime
                 .unwrap_or(Duration::from_secs(12 * 3600)),
+            ssh_cert_lifetime: s.ssh_cert_lifetime.unwrap_or(Duration::from_secs(3600)),
             login_token_lifetime: s
                 .login_token_lifetime
                 .unwrap_or(Duration::from_secs(24 * 3600)),
@@ -460,6 +472,11 @@ impl Config {
         }
         if self.operator_cert_lifetime < Duration::from_secs(30) {
             bail!("operator cert lifetime must be at least 30s");
+        }
+        if !(Duration::from_secs(30)..=Duration::from_secs(7 * 24 * 3600))
+            .contains(&self.ssh_cert_lifetime)
+        {
+            bail!("SSH certificate lifetime must be between 30s and 7d");
         }
         if self.shutdown_grace > Duration::from_secs(3600) {
             bail!("shutdown grace must be at most 1h");
@@ -550,6 +567,7 @@ impl ServerSettings {
             metrics_listen: self.metrics_listen.or(lower.metrics_listen),
             cert_lifetime: self.cert_lifetime.or(lower.cert_lifetime),
             operator_cert_lifetime: self.operator_cert_lifetime.or(lower.operator_cert_lifetime),
+            ssh_cert_lifetime: self.ssh_cert_lifetime.or(lower.ssh_cert_lifetime),
             login_token_lifetime: self.login_token_lifetime.or(lower.login_token_lifetime),
             shutdown_grace: self.shutdown_grace.or(lower.shutdown_grace),
             online_window: self.online_window.or(lower.online_window),

@@ -7,9 +7,30 @@ use std::process::ExitCode;
 use ipnet::Ipv4Net;
 
 use floto_proto::timestamp::rfc3339;
-use floto_vpn_server::datadir::{DataDir, ImportCa, InitOptions};
+use floto_vpn_server::datadir::{DataDir, ImportCa, ImportSsh, InitOptions};
 
-use crate::cli::DataDirArg;
+use crate::cli::{DataDirArg, SshCaCommand};
+
+/// `ssh-ca show`: the SSH CAs' public keys, read from the data dir (no server needed).
+pub(crate) fn ssh_ca(command: SshCaCommand) -> anyhow::Result<ExitCode> {
+    let SshCaCommand::Show { dir, user, host } = command;
+    let cas = DataDir::new(&dir.data_dir).load_ssh_cas()?;
+    match (user, host) {
+        (true, _) => println!("{}", cas.user.public_line()),
+        (_, true) => println!("{}", cas.host.public_line()),
+        _ => {
+            println!("# user CA: devices trust it for operators (sshd: TrustedUserCAKeys FILE)");
+            println!("{}", cas.user.public_line());
+            println!("# host CA: operators trust it for devices (known_hosts)");
+            println!(
+                "@cert-authority *{} {}",
+                floto_proto::ssh::HOST_SUFFIX,
+                cas.host.public_line()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
 
 /// `init`: creates what is missing in the data dir; never replaces a CA.
 pub(crate) fn init(
@@ -18,6 +39,7 @@ pub(crate) fn init(
     endpoint: Option<String>,
     ca_cert: Option<PathBuf>,
     ca_key: Option<PathBuf>,
+    import_ssh: Option<ImportSsh>,
 ) -> anyhow::Result<ExitCode> {
     let import_ca = ca_cert
         .zip(ca_key)
@@ -31,6 +53,7 @@ pub(crate) fn init(
             overlay,
             endpoint,
             import_ca,
+            import_ssh,
         },
         time::OffsetDateTime::now_utc(),
     )?;

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 pub use floto_files::{read_secret, read_to_string, write_atomic, write_public, write_secret};
+use floto_pki::ssh::SshCa;
 use floto_pki::Ca;
 use floto_proto::WgKey;
 
@@ -64,6 +65,16 @@ impl DataDir {
     pub fn ca_key(&self) -> PathBuf {
         self.root.join("ca.key")
     }
+    /// The CA of operators' SSH user certificates (OpenSSH private key, 0600).
+    pub fn ssh_user_ca(&self) -> PathBuf {
+        self.root.join("ssh_user_ca")
+    }
+
+    /// The CA of devices' SSH host certificates (OpenSSH private key, 0600).
+    pub fn ssh_host_ca(&self) -> PathBuf {
+        self.root.join("ssh_host_ca")
+    }
+
     pub fn wg_key(&self) -> PathBuf {
         self.root.join("wg.key")
     }
@@ -110,6 +121,72 @@ impl DataDir {
                 self.ca_key().display()
             )
         })
+    }
+
+    /// The SSH CAs (see [`DataDir::ensure_ssh_cas`]).
+    pub fn load_ssh_cas(&self) -> anyhow::Result<SshCas> {
+        let load = |path: &Path| -> anyhow::Result<SshCa> {
+            let text = read_secret(path)?;
+            SshCa::from_openssh(&text).with_context(|| format!("loading {}", path.display()))
+        };
+        Ok(SshCas {
+            user: load(&self.ssh_user_ca())?,
+            host: load(&self.ssh_host_ca())?,
+        })
+    }
+
+    /// Makes the SSH CAs that are missing (or imports them from `import`), so that a data dir
+    /// made before they existed gets them at its next start. An existing CA is kept; asking
+    /// to import a different one is an error.
+    pub fn ensure_ssh_cas(
+        &self,
+        import: Option<&ImportSsh>,
+        report: &mut InitReport,
+    ) -> anyhow::Result<()> {
+        let id = hex::encode(rand::random::<[u8; 4]>());
+        for (path, from, what) in [
+            (self.ssh_user_ca(), import.map(|i| &i.user), "SSH user CA"),
+            (self.ssh_host_ca(), import.map(|i| &i.host), "SSH host CA"),
+        ] {
+            match (path.exists(), from) {
+                (true, None) => {
+                    read_secret(&path)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|t| Ok(SshCa::from_openssh(&t)?))
+                        .with_context(|| format!("checking {}", path.display()))?;
+                    report.kept.push(what.into());
+                }
+                (true, Some(from)) => {
+                    let have = SshCa::from_openssh(&read_secret(&path)?)?;
+                    let want = SshCa::from_openssh(&read_secret(from)?)
+                        .with_context(|| format!("importing {what} from {}", from.display()))?;
+                    if have.public_line() != want.public_line() {
+                        bail!(
+                            "{} already has an {what}; refusing to replace it with {}",
+                            self.root.display(),
+                            from.display()
+                        );
+                    }
+                    report
+                        .kept
+                        .push(format!("{what} (same as the one imported)"));
+                }
+                (false, Some(from)) => {
+                    let ca = SshCa::from_openssh(&read_secret(from)?)
+                        .with_context(|| format!("importing {what} from {}", from.display()))?;
+                    write_secret(&path, ca.to_openssh()?.as_bytes())?;
+                    report
+                        .created
+                        .push(format!("{what} imported from {}", from.display()));
+                }
+                (false, None) => {
+                    let ca = SshCa::generate(&format!("floto-connect {what} {id}"))?;
+                    write_secret(&path, ca.to_openssh()?.as_bytes())?;
+                    report.created.push(format!("{what} (Ed25519)"));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The server's WireGuard private key.
@@ -191,6 +268,8 @@ impl DataDir {
             report.created.push("WireGuard key".into());
         }
 
+        self.ensure_ssh_cas(opts.import_ssh.as_ref(), &mut report)?;
+
         // Config file: overlay and endpoint are fixed at init; the overlay cannot change later
         // without renumbering devices.
         if self.config().exists() {
@@ -241,6 +320,23 @@ pub struct InitOptions {
     pub overlay: Option<Ipv4Net>,
     pub endpoint: Option<String>,
     pub import_ca: Option<ImportCa>,
+    pub import_ssh: Option<ImportSsh>,
+}
+
+/// Existing SSH CA keys to import (OpenSSH private keys, unencrypted Ed25519).
+#[derive(Debug, Clone)]
+pub struct ImportSsh {
+    pub user: PathBuf,
+    pub host: PathBuf,
+}
+
+/// The server's SSH certificate authorities.
+#[derive(Debug)]
+pub struct SshCas {
+    /// Signs operators' user certificates; devices trust it (`TrustedUserCAKeys`).
+    pub user: SshCa,
+    /// Signs devices' host certificates; operators trust it (`@cert-authority`).
+    pub host: SshCa,
 }
 
 /// An existing CA to import (CA migration).

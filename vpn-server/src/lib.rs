@@ -171,11 +171,28 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                 overlay: Some(config.overlay),
                 endpoint: config.endpoint.clone(),
                 import_ca: None,
+                import_ssh: None,
             },
             OffsetDateTime::now_utc(),
         )?;
         info!(created = ?report.created, dir = %data.root().display(), "initialised the data dir");
     }
+    // A data dir from before the SSH CAs gets them now. Cluster nodes must share them, so a
+    // node never makes its own.
+    if !data.ssh_user_ca().exists() || !data.ssh_host_ca().exists() {
+        if config.database_url.is_some() {
+            anyhow::bail!(
+                "{} has no SSH CAs, and cluster nodes must share them: run `floto-vpn-server \
+                 init` on one node's data dir, back it up (`floto-vpn-server backup`), and restore \
+                 that backup on every node (in Kubernetes: the floto-identity Secret)",
+                data.root().display()
+            );
+        }
+        let mut report = datadir::InitReport::default();
+        data.ensure_ssh_cas(None, &mut report)?;
+        info!(created = ?report.created, "made the SSH CAs");
+    }
+    let ssh = Arc::new(data.load_ssh_cas()?);
     let ca = Arc::new(data.load_ca()?);
     let wg_private = data.load_wg_key()?;
     let (store, cluster): (Arc<dyn Registry>, Option<Arc<dyn Cluster>>) = match &config.database_url
@@ -325,6 +342,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         data,
         store,
         ca: ca.clone(),
+        ssh,
         wg: concentrator.clone(),
         metrics,
         bound,

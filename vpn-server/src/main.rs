@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 use floto_vpn_server::config::{Config, LogFormat, ServerSettings};
+use floto_vpn_server::datadir::ImportSsh;
 
 use cli::{Cli, Command};
 
@@ -31,9 +32,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             endpoint,
             ca_cert,
             ca_key,
+            ssh_user_ca,
+            ssh_host_ca,
         } => {
             init_logging(LogFormat::Human);
-            data_cli::init(dir, overlay, endpoint, ca_cert, ca_key)
+            let import_ssh = ssh_user_ca
+                .zip(ssh_host_ca)
+                .map(|(user, host)| ImportSsh { user, host });
+            data_cli::init(dir, overlay, endpoint, ca_cert, ca_key, import_ssh)
         }
         Command::Run {
             dir,
@@ -47,6 +53,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Operator { command } => admin_cli::operator(command).await,
         Command::Device { command } => admin_cli::device(command).await,
         Command::Node { command } => admin_cli::node(command).await,
+        Command::Fleet { command } => admin_cli::fleet(command).await,
+        Command::SshCa { command } => data_cli::ssh_ca(command),
         Command::Audit {
             dir,
             device,

@@ -81,6 +81,14 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
         ],
     ),
     (
+        "fleets",
+        &[("name", Text), ("ssh_logins", Text), ("updated_at", Int)],
+    ),
+    (
+        "device_ssh",
+        &[("uuid", Text), ("host_keys", Text), ("updated_at", Int)],
+    ),
+    (
         "audit",
         &[
             ("id", Int),
@@ -271,12 +279,17 @@ mod tests {
                 .await
                 .unwrap();
         }
+        sqlite
+            .set_fleet_ssh_logins("lab", Some(&["pi".to_owned()]), now)
+            .await
+            .unwrap();
         let before = (
             sqlite.devices().await.unwrap(),
             sqlite.list_keys().await.unwrap(),
             sqlite.operators().await.unwrap(),
             sqlite.revoked_certificates(now).await.unwrap(),
             sqlite.audit(None, None, None, 100).await.unwrap(),
+            sqlite.fleet_settings().await.unwrap(),
         );
         sqlite.close().await;
 
@@ -291,6 +304,7 @@ mod tests {
             r.operators().await.unwrap(),
             r.revoked_certificates(now).await.unwrap(),
             r.audit(None, None, None, 100).await.unwrap(),
+            r.fleet_settings().await.unwrap(),
         );
         assert_eq!(before, after, "the registry changed on the way");
         // The copy goes on as the original would: the key's uses, the next address, the

@@ -8,7 +8,7 @@ use crate::StoreError;
 
 /// The PostgreSQL schema this build reads and writes (numbered on its own: it began at the
 /// SQLite schema's version 4).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Held while migrating, so that nodes starting together do not race.
 const MIGRATION_LOCK: i64 = 0x666c_6f74_6f01;
@@ -161,6 +161,21 @@ CREATE TRIGGER notify_events AFTER INSERT ON events
     FOR EACH STATEMENT EXECUTE FUNCTION notify_events();
 "#;
 
+/// Version 4: settings per fleet and devices' SSH host keys, as SQLite's version 5.
+const SCHEMA_V4: &str = r#"
+CREATE TABLE fleets (
+    name       TEXT PRIMARY KEY,
+    ssh_logins TEXT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+-- The SSH host keys a device last sent (one per line), whose host certificates it holds.
+CREATE TABLE device_ssh (
+    uuid       TEXT PRIMARY KEY,
+    host_keys  TEXT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+"#;
+
 pub(super) async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -199,6 +214,9 @@ pub(super) async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     }
     if version < 3 {
         sqlx::raw_sql(SCHEMA_V3).execute(&mut *tx).await?;
+    }
+    if version < 4 {
+        sqlx::raw_sql(SCHEMA_V4).execute(&mut *tx).await?;
     }
     sqlx::query(
         "INSERT INTO meta(key, value) VALUES ('schema_version', $1) \

@@ -483,6 +483,90 @@ impl Registry for SqliteRegistry {
         Ok(done.rows_affected())
     }
 
+    async fn fleet_ssh_logins(&self, fleet: &str) -> Result<Option<Vec<String>>, StoreError> {
+        let logins: Option<String> =
+            sqlx::query_scalar("SELECT ssh_logins FROM fleets WHERE name = ?1")
+                .bind(fleet)
+                .fetch_optional(&self.reader)
+                .await?;
+        Ok(logins.map(|l| split_logins(&l)))
+    }
+
+    async fn set_fleet_ssh_logins(
+        &self,
+        fleet: &str,
+        logins: Option<&[String]>,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        match logins {
+            Some(logins) => {
+                sqlx::query(
+                    "INSERT INTO fleets(name, ssh_logins, updated_at) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (name) DO UPDATE SET ssh_logins = EXCLUDED.ssh_logins, \
+                     updated_at = EXCLUDED.updated_at",
+                )
+                .bind(fleet)
+                .bind(logins.join(","))
+                .bind(ts(at))
+                .execute(&self.writer)
+                .await?;
+            }
+            None => {
+                sqlx::query("DELETE FROM fleets WHERE name = ?1")
+                    .bind(fleet)
+                    .execute(&self.writer)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn set_device_ssh_host_keys(
+        &self,
+        device: &DeviceId,
+        keys: &[String],
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            sqlx::query("DELETE FROM device_ssh WHERE uuid = ?1")
+                .bind(device.to_string())
+                .execute(&self.writer)
+                .await?;
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO device_ssh(uuid, host_keys, updated_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (uuid) DO UPDATE SET host_keys = EXCLUDED.host_keys, \
+             updated_at = EXCLUDED.updated_at",
+        )
+        .bind(device.to_string())
+        .bind(keys.join("\n"))
+        .bind(ts(at))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn device_ssh_host_keys(&self, device: &DeviceId) -> Result<Vec<String>, StoreError> {
+        let keys: Option<String> =
+            sqlx::query_scalar("SELECT host_keys FROM device_ssh WHERE uuid = ?1")
+                .bind(device.to_string())
+                .fetch_optional(&self.reader)
+                .await?;
+        Ok(keys
+            .map(|k| k.lines().map(str::to_owned).collect())
+            .unwrap_or_default())
+    }
+
+    async fn fleet_settings(&self) -> Result<Vec<FleetSettings>, StoreError> {
+        sqlx::query("SELECT * FROM fleets ORDER BY name")
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(fleet_from_row)
+            .collect()
+    }
+
     async fn append_audit(&self, r: AuditRecord) -> Result<(), StoreError> {
         sqlx::query("INSERT INTO audit(at, actor, action, device, detail) VALUES (?, ?, ?, ?, ?)")
             .bind(ts(r.at))

@@ -8,7 +8,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
 use crate::StoreError;
 
 /// The registry schema this build reads and writes. Migrations run forward only.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 pub(super) const SCHEMA_V1: &str = r#"
 CREATE TABLE meta (
@@ -156,6 +156,22 @@ CREATE TABLE changes (
 INSERT INTO meta(key, value) VALUES ('changes_pruned_through', '0');
 "#;
 
+/// Version 5: settings per fleet (the SSH logins operators may use; comma-separated), and
+/// the SSH host keys of devices.
+const SCHEMA_V5: &str = r#"
+CREATE TABLE fleets (
+    name       TEXT PRIMARY KEY,
+    ssh_logins TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+-- The SSH host keys a device last sent (one per line), whose host certificates it holds.
+CREATE TABLE device_ssh (
+    uuid       TEXT PRIMARY KEY,
+    host_keys  TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+"#;
+
 /// What a snapshot of the registry holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SnapshotInfo {
@@ -226,7 +242,12 @@ pub(super) async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
     }
     // Each later version in its own transaction, so that a failed step leaves the last
     // good version in place.
-    for (to, sql) in [(2, SCHEMA_V2), (3, SCHEMA_V3), (4, SCHEMA_V4)] {
+    for (to, sql) in [
+        (2, SCHEMA_V2),
+        (3, SCHEMA_V3),
+        (4, SCHEMA_V4),
+        (5, SCHEMA_V5),
+    ] {
         if version < to {
             let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
             sqlx::raw_sql(sql).execute(&mut *tx).await?;

@@ -77,10 +77,17 @@ enum Command {
         /// Remote port.
         #[arg(short = 'p', default_value_t = 22)]
         port: u16,
+        /// Offer your own keys and ssh-agent too (by default only floto's certificate is
+        /// offered, so ~/.ssh is never touched).
+        #[arg(long)]
+        own_keys: bool,
         /// Arguments for ssh (options, then the remote command).
         #[arg(last = true)]
         ssh_args: Vec<String>,
     },
+    /// Get a fresh SSH certificate for a device (HOST: UUID or UUID.floto) and write it and
+    /// the known-hosts file; what the `floto ssh-config` block runs before each connection.
+    SshCert { host: String },
     /// Connect stdin/stdout to a device port (for ssh's ProxyCommand).
     Proxy {
         device: String,
@@ -147,10 +154,25 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             device,
             user,
             port,
+            own_keys,
             ssh_args,
         } => {
             let id = DeviceId::from_host(&device)?;
             let op = Operator::load_renewing(&dir).await?;
+            // A login the fleet does not allow is refused here, once, before any connection.
+            let files = ssh::SshFiles::new(&dir);
+            let issued = match files.refresh(&op, &id, std::slice::from_ref(&user)).await {
+                Ok(issued) => issued,
+                Err(e) => {
+                    eprintln!("floto: {e:#}");
+                    return Ok(ExitCode::from(255));
+                }
+            };
+            if !issued.host_certified {
+                tracing::warn!(
+                    "{id} has no SSH host certificate; its host key is trusted on first use"
+                );
+            }
             let stream = broker::open(
                 &op.broker_target()?,
                 &id.to_string(),
@@ -167,11 +189,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             let host = format!("{id}.floto");
             let mut command = std::process::Command::new("ssh");
+            command.arg("-o").arg(format!("ProxyCommand={proxy}"));
+            for opt in files.options(&host, issued.host_certified, own_keys) {
+                command.arg("-o").arg(opt);
+            }
             command
-                .arg("-o")
-                .arg(format!("ProxyCommand={proxy}"))
-                .arg("-o")
-                .arg(format!("HostKeyAlias={host}"))
                 .arg("-p")
                 .arg(port.to_string())
                 .arg("-l")
@@ -216,6 +238,23 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             )
             .await?;
         }
+        Command::SshCert { host } => {
+            let Some(id) = host
+                .strip_suffix(floto_proto::ssh::HOST_SUFFIX)
+                .or(Some(host.as_str()))
+                .and_then(|h| DeviceId::from_host(h).ok())
+            else {
+                // Not a device name: `Match exec` must not apply the block.
+                return Ok(ExitCode::FAILURE);
+            };
+            let op = Operator::load_renewing(&dir).await?;
+            let issued = ssh::SshFiles::new(&dir).refresh(&op, &id, &[]).await?;
+            tracing::info!(
+                logins = %issued.principals.join(","),
+                until = %rfc3339(issued.valid_before),
+                "SSH certificate for {id}"
+            );
+        }
         Command::SshConfig => {
             let exe = std::env::current_exe()?;
             print!("{}", ssh_config(&exe, cli.config_dir.as_deref()));
@@ -225,15 +264,35 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn ssh_config(exe: &Path, config_dir: Option<&Path>) -> String {
-    let dir = config_dir
+    let flag = config_dir
         .map(|d| format!(" --config-dir {}", shell_quote(&d.to_string_lossy())))
         .unwrap_or_default();
+    let files = ssh::SshFiles::new(&config_dir.map_or_else(default_config_dir, Path::to_owned));
+    let floto = format!("{}{flag}", shell_quote(&exe.to_string_lossy()));
+    let q = |p: PathBuf| shell_quote(&p.to_string_lossy());
     format!(
-        "# floto-connect: `ssh root@UUID.floto` reaches a device through the broker.\n\
-         Host *.floto *.balena\n    \
-         ProxyCommand {}{dir} proxy %n %p\n    \
+        "# floto-connect: `ssh UUID.floto` reaches a device through the broker, with a fresh\n\
+         # SSH certificate per connection and the device verified by its host certificate.\n\
+         Match host *.floto exec \"{floto} ssh-cert %h\"\n    \
+         ProxyCommand {floto} proxy %h %p\n    \
+         User root\n    \
+         IdentityFile {key}\n    \
+         CertificateFile {certs}/%h-cert.pub\n    \
+         IdentitiesOnly yes\n    \
+         UserKnownHostsFile {first_use} {known}\n    \
+         StrictHostKeyChecking yes\n\
+         # Devices named the openBalena way: no certificates, the host key is asked for once.\n\
+         Host *.balena\n    \
+         ProxyCommand {floto} proxy %n %p\n    \
          User root\n",
-        shell_quote(&exe.to_string_lossy())
+        key = q(files.key()),
+        certs = q(files
+            .certificate("x")
+            .parent()
+            .map(Path::to_owned)
+            .unwrap_or_default()),
+        known = q(files.known_hosts()),
+        first_use = q(files.first_use_hosts()),
     )
 }
 

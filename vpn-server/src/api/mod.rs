@@ -12,6 +12,7 @@ pub mod devices;
 pub mod enroll;
 pub mod events;
 pub mod server;
+pub mod ssh;
 pub mod state;
 
 pub use state::AppState;
@@ -245,6 +246,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(paths::EVENTS, get(events::stream))
         .route(paths::CA, get(admin::ca_pem))
         .route(paths::CRL, get(admin::crl_pem))
+        .route(paths::SSH_USER_CERT, post(ssh::user_cert))
+        .route(paths::SSH_USER_CA, get(ssh::user_ca))
+        .route(paths::SSH_HOST_CA, get(ssh::host_ca))
+        .route(paths::FLEETS, get(ssh::list_fleets))
+        .route("/v1/fleets/{name}", axum::routing::put(ssh::set_fleet))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

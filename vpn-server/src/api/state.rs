@@ -19,7 +19,7 @@ use crate::changes::Feed;
 use crate::cluster::Node;
 use crate::config::Config;
 use crate::crl::CrlPublisher;
-use crate::datadir::{Bound, DataDir};
+use crate::datadir::{Bound, DataDir, SshCas};
 use crate::enroll::{device_endpoint, ServerFacts};
 use crate::events::EventHub;
 use crate::identify::Identifier;
@@ -33,6 +33,8 @@ pub struct AppState {
     pub data: DataDir,
     pub store: Arc<dyn Registry>,
     pub ca: Arc<Ca>,
+    /// The SSH user and host CAs.
+    pub ssh: Arc<SshCas>,
     pub wg: Arc<Concentrator>,
     pub server_wg_public: WgKey,
     /// Who is calling (certificates, tokens, the revoked set).
