@@ -81,6 +81,26 @@ impl Agent {
         self.dir.path().join("floto-tunnel.toml")
     }
 
+    /// Configures several server URLs (a cluster's nodes, in order) instead of the one
+    /// written by [`new`](Self::new): the config file's `server` becomes a list.
+    pub fn set_servers(&self, urls: &[String]) {
+        let config = std::fs::read_to_string(self.config_file()).expect("config file");
+        let list = urls
+            .iter()
+            .map(|u| format!("{u:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let (servers, others): (Vec<&str>, Vec<&str>) =
+            config.lines().partition(|l| l.starts_with("server = "));
+        assert_eq!(servers.len(), 1, "one server line in {config}");
+        let mut config = format!("server = [{list}]\n");
+        for line in others {
+            config.push_str(line);
+            config.push('\n');
+        }
+        std::fs::write(self.config_file(), config).expect("config file");
+    }
+
     /// The `floto-tunnel run` command line (inside the namespace, as the configured user).
     pub fn run_command(&self) -> Command {
         let mut cmd = Command::new("ip");

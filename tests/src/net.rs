@@ -1,7 +1,8 @@
 //! Network namespaces joined to the host by a veth pair, each on its own /29 of
-//! 10.201.0.0/16. Slots are claimed with lock files so that tests running in parallel
-//! processes never collide; everything is deleted on drop, also when the test panics, and
-//! leftovers of a killed run are removed when their slot is claimed again.
+//! 10.201.0.0/16, with their own `/etc/hosts` when a test asks for one. Slots are claimed
+//! with lock files so that tests running in parallel processes never collide; everything is
+//! deleted on drop, also when the test panics, and leftovers of a killed run are removed
+//! when their slot is claimed again.
 
 use std::fs;
 use std::io::Write as _;
@@ -72,6 +73,11 @@ fn dev_if(n: u32) -> String {
     format!("fe{n}d")
 }
 
+/// `ip netns exec` bind-mounts the files in `/etc/netns/NS/` over those in `/etc/`.
+fn etc_dir(ns: &str) -> PathBuf {
+    PathBuf::from("/etc/netns").join(ns)
+}
+
 /// Removes whatever a killed run may have left in this slot.
 fn cleanup_slot(n: u32) {
     let ns = ns_name(n);
@@ -80,6 +86,7 @@ fn cleanup_slot(n: u32) {
         .args(["link", "del", &host_if(n)])
         .output();
     let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+    let _ = fs::remove_dir_all(etc_dir(&ns));
 }
 
 fn kill_netns_processes(ns: &str) {
@@ -221,6 +228,20 @@ impl Netns {
     pub fn current_dev_ip(&self) -> Ipv4Addr {
         *self.current.lock().expect("lock")
     }
+
+    /// Sets the namespace's `/etc/hosts` (its DNS, for the commands [`command`](Self::command)
+    /// starts after the first call): `localhost`, then one line per `(name, address)`, in
+    /// order; a name listed twice resolves to both addresses. Later calls rewrite the file in
+    /// place, so that processes already running see the change. Removed with the namespace.
+    pub fn set_hosts(&self, entries: &[(&str, Ipv4Addr)]) {
+        let dir = etc_dir(&self.name);
+        fs::create_dir_all(&dir).expect("creating /etc/netns/NS");
+        let mut text = String::from("127.0.0.1 localhost\n");
+        for (name, ip) in entries {
+            text.push_str(&format!("{ip} {name}\n"));
+        }
+        fs::write(dir.join("hosts"), text).expect("writing the namespace's hosts file");
+    }
 }
 
 impl Default for Netns {
@@ -234,5 +255,6 @@ impl Drop for Netns {
         kill_netns_processes(&self.name);
         let _ = output(Command::new("ip").args(["link", "del", &self.host_if]));
         let _ = output(Command::new("ip").args(["netns", "del", &self.name]));
+        let _ = fs::remove_dir_all(etc_dir(&self.name));
     }
 }

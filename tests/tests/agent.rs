@@ -2,9 +2,11 @@
 //! network namespace (TUN mode as root; userspace mode as an unprivileged user), OpenSSH's
 //! sshd on the device and `floto ssh` with the real ssh client through the broker. Through a
 //! server SIGKILL and restart, a change of the device's address, certificates that expire
-//! every 30 s, and damaged state dirs.
+//! every 30 s, damaged state dirs, and server endpoints that stop answering (the agent moves
+//! on to the next).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -385,39 +387,12 @@ fn a_revoked_device_stops_retrying_and_says_so() {
     eprintln!("revoked: {}", status["last_error"]);
 }
 
-/// `/etc/netns/NS/hosts`, which `ip netns exec` mounts over `/etc/hosts` inside the
-/// namespace: the device's DNS. Removed on drop.
-struct NetnsHosts(PathBuf);
-
-impl NetnsHosts {
-    fn new(ns: &Netns) -> Self {
-        let dir = PathBuf::from("/etc/netns").join(&ns.name);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn set(&self, name: &str, ip: std::net::Ipv4Addr) {
-        std::fs::write(
-            self.0.join("hosts"),
-            format!("127.0.0.1 localhost\n{ip} {name}\n"),
-        )
-        .unwrap();
-    }
-}
-
-impl Drop for NetnsHosts {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn when_the_server_moves_to_another_address_in_dns_the_device_follows() {
     const NAME: &str = "floto-server.test";
     let mut s = Setup::new(&["--tls-name", NAME], tun(), &["0.0.0.0:22"]);
-    let hosts = NetnsHosts::new(&s.ns);
     let old_ip = s.ns.host_ip();
-    let new_ip = std::net::Ipv4Addr::from(u32::from(old_ip) + 3);
+    let new_ip = Ipv4Addr::from(u32::from(old_ip) + 3);
     // The server's second address on the link; it survives the removal of the first.
     floto_e2e::run(Command::new("sysctl").args([
         "-q",
@@ -431,7 +406,7 @@ fn when_the_server_moves_to_another_address_in_dns_the_device_follows() {
         "dev",
         &s.ns.host_if,
     ]));
-    hosts.set(NAME, old_ip);
+    s.ns.set_hosts(&[(NAME, old_ip)]);
     // The device knows the server by name: the API URL, and so the WireGuard endpoint.
     let config = std::fs::read_to_string(s.agent.config_file()).unwrap();
     std::fs::write(
@@ -459,7 +434,7 @@ fn when_the_server_moves_to_another_address_in_dns_the_device_follows() {
     s.ssh_ok(&uuid, &["true"]);
 
     // The server moves: the name points to the new address, the old one is gone.
-    hosts.set(NAME, new_ip);
+    s.ns.set_hosts(&[(NAME, new_ip)]);
     floto_e2e::run(Command::new("ip").args([
         "addr",
         "del",
@@ -492,6 +467,167 @@ fn when_the_server_moves_to_another_address_in_dns_the_device_follows() {
         "{log}"
     );
     assert_eq!(s.ssh_ok(&uuid, &["echo", "followed"]), "followed");
+}
+
+/// TUN mode with the default timings: a handshake gets 5 s to be answered, and the first
+/// retry follows within 1 s.
+fn tun_default_timings() -> AgentOptions {
+    AgentOptions {
+        args: vec!["--tun".into()],
+        user: None,
+    }
+}
+
+/// An address that never answers the device: its own loopback, where nothing listens on the
+/// server's ports (TCP is refused, UDP goes unanswered).
+const DEAD: Ipv4Addr = Ipv4Addr::LOCALHOST;
+
+/// The most a device with a dead first endpoint may take to come online through the next
+/// one: one handshake timeout (5 s), the first retry's jitter (up to 1 s), and slack for
+/// starting up (and enrolling) on a busy machine.
+const FAILOVER_LIMIT: Duration = Duration::from_secs(10);
+
+/// Checks what the agent's log says about one failover: the first attempt went to `dead` and
+/// got no answer, the next one to `live`, and nothing else failed.
+fn assert_one_failover(log: &str, dead: &str, live: &str) {
+    let dead_at = log
+        .find(&format!("handshaking with the server endpoint={dead}"))
+        .unwrap_or_else(|| panic!("no attempt at {dead}:\n{log}"));
+    let live_at = log
+        .find(&format!("handshaking with the server endpoint={live}"))
+        .unwrap_or_else(|| panic!("no attempt at {live}:\n{log}"));
+    assert!(dead_at < live_at, "{dead} was not tried first:\n{log}");
+    assert_eq!(log.matches("handshake failed").count(), 1, "{log}");
+}
+
+/// A cluster node dies and its name leads nowhere. The device was enrolled through that name
+/// (so it is also its WireGuard endpoint); its config lists a second server. Restarted, the
+/// agent handshakes with the dead name once, then with the second server's host (on the
+/// assigned endpoint's port), stays there, and renews its certificate through the second
+/// server too.
+#[test]
+fn when_the_assigned_endpoint_is_dead_the_agent_comes_online_through_its_second_server() {
+    const NODE_A: &str = "node-a.test";
+    let mut s = Setup::new(
+        &["--tls-name", NODE_A, "--cert-lifetime", "30s"],
+        tun_default_timings(),
+        &["0.0.0.0:22"],
+    );
+    let live = s.ns.host_ip();
+    let (api, wg) = (s.server.bound.api.port(), s.server.bound.wg.port());
+    // At first node A is the server: the device enrolls through it and is told its name.
+    s.ns.set_hosts(&[(NODE_A, live)]);
+    let node_a = format!("https://{NODE_A}:{api}");
+    s.agent
+        .set_servers(&[node_a.clone(), s.server.api_url(live.into())]);
+    s.agent.start();
+    let uuid = s.agent.uuid();
+    let status = s.agent.wait_connected(Duration::from_secs(30));
+    assert_eq!(status["server"], node_a.as_str(), "{status}");
+    assert_eq!(
+        status["configured_endpoint"],
+        format!("{NODE_A}:{wg}").as_str(),
+        "{status}"
+    );
+    s.agent.stop();
+
+    // Node A is gone: its name leads to an address where nothing answers.
+    s.ns.set_hosts(&[(NODE_A, DEAD)]);
+    let started = Instant::now();
+    s.agent.start();
+    let status = s.agent.wait_connected(Duration::from_secs(30));
+    let online_after = started.elapsed();
+    let live_endpoint = format!("{live}:{wg}");
+    eprintln!(
+        "assigned endpoint dead, second server's host live: the agent was online {:.1} s after it started",
+        online_after.as_secs_f64()
+    );
+    assert_eq!(status["endpoint"], live_endpoint.as_str(), "{status}");
+    assert_one_failover(&s.agent.log(), &format!("{DEAD}:{wg}"), &live_endpoint);
+    assert!(
+        online_after < FAILOVER_LIMIT,
+        "online {online_after:?} after the start (limit {FAILOVER_LIMIT:?})\n{}",
+        s.agent.log()
+    );
+    s.server.wait_online(&uuid, true, Duration::from_secs(10));
+    assert_eq!(s.ssh_ok(&uuid, &["echo", "through-b"]), "through-b");
+
+    // The 30 s certificate is renewed at about 20 s: node A, where the device enrolled, is
+    // asked first and does not answer; the second server renews.
+    let renewed = wait_for(Duration::from_secs(40), "a renewal", || {
+        s.agent
+            .status()
+            .filter(|v| v["renewals"].as_u64().unwrap_or(0) >= 1)
+    });
+    let log = s.agent.log();
+    assert!(
+        log.contains("asking the next server") && log.contains(&node_a),
+        "the renewal did not move on from node A:\n{log}"
+    );
+    assert_eq!(renewed["connected"], true, "{renewed}");
+    assert_eq!(s.ssh_ok(&uuid, &["echo", "renewed"]), "renewed");
+}
+
+/// One name with two addresses (two nodes behind one DNS name), the first dead, and a first
+/// server URL that refuses connections. The agent enrolls through the second URL and comes
+/// online through the name's live address after one unanswered handshake.
+#[test]
+fn with_a_dead_first_server_and_a_name_with_a_dead_and_a_live_address_the_agent_comes_online() {
+    const NODES: &str = "nodes.test";
+    let mut s = Setup::new(
+        &["--tls-name", NODES],
+        tun_default_timings(),
+        &["0.0.0.0:22"],
+    );
+    let live = s.ns.host_ip();
+    let (api, wg) = (s.server.bound.api.port(), s.server.bound.wg.port());
+    // The dead address first (a resolver sorting by RFC 6724 puts loopback first anyway).
+    s.ns.set_hosts(&[(NODES, DEAD), (NODES, live)]);
+    let nodes = format!("https://{NODES}:{api}");
+    s.agent
+        .set_servers(&[format!("https://{DEAD}:{api}"), nodes.clone()]);
+    let started = Instant::now();
+    s.agent.start();
+    let uuid = s.agent.uuid();
+    let status = s.agent.wait_connected(Duration::from_secs(30));
+    let online_after = started.elapsed();
+    eprintln!(
+        "first server refusing connections, endpoint name with a dead and a live address: the agent enrolled and was online {:.1} s after it started",
+        online_after.as_secs_f64()
+    );
+    let log = s.agent.log();
+    assert!(
+        log.contains("asking the next server"),
+        "the enrollment did not move on from the first server:\n{log}"
+    );
+    assert_eq!(status["server"], nodes.as_str(), "{status}");
+    assert_eq!(
+        status["configured_endpoint"],
+        format!("{NODES}:{wg}").as_str(),
+        "{status}"
+    );
+    let live_endpoint = format!("{live}:{wg}");
+    assert_eq!(status["endpoint"], live_endpoint.as_str(), "{status}");
+    assert_one_failover(&log, &format!("{DEAD}:{wg}"), &live_endpoint);
+    assert!(
+        online_after < FAILOVER_LIMIT,
+        "online {online_after:?} after the start (limit {FAILOVER_LIMIT:?})\n{log}"
+    );
+    // `floto-tunnel status` names the endpoint in use.
+    let text = stdout(&output(
+        Command::new(bin("floto-tunnel"))
+            .args(["status", "--state-dir"])
+            .arg(s.agent.state_dir()),
+    ));
+    assert!(
+        text.contains(&format!("endpoint     {live_endpoint}")),
+        "{text}"
+    );
+    s.server.wait_online(&uuid, true, Duration::from_secs(10));
+    assert_eq!(
+        s.ssh_ok(&uuid, &["echo", "through-the-live-one"]),
+        "through-the-live-one"
+    );
 }
 
 /// Copies a state dir (files only).

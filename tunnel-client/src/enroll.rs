@@ -1,23 +1,25 @@
 //! Device enrollment: make keys once, keep them before asking, and store what the server
 //! signs. A retry (after a timeout or a crash) reuses the same keys and UUID, so the server
-//! sees a re-enrollment rather than a second device.
+//! sees a re-enrollment rather than a second device. With several servers (a cluster's
+//! nodes), the request goes to each in turn until one answers ([`crate::servers`]).
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tracing::info;
 
-use floto_client::{ApiClient, ClientError};
+use floto_client::ApiClient;
 use floto_proto::enroll::EnrollRequest;
 use floto_proto::{DeviceId, WgKey};
 
+use crate::servers::{call_in_turn, CallError, ServerUrl};
 use crate::state::{DeviceState, StateDir, StateError};
 
 /// What enrolling needs (`floto-tunnel enroll`, and the agent's first start or its
 /// re-enrollment after its certificate expired).
 #[derive(Clone)]
 pub struct EnrollOptions {
-    /// `https://HOST[:PORT]`
-    pub server: String,
+    /// The API servers, asked in this order (at least one).
+    pub servers: Vec<ServerUrl>,
     /// CA of the server's TLS certificate, PEM.
     pub server_ca_pem: String,
     pub provisioning_key: String,
@@ -30,7 +32,7 @@ pub struct EnrollOptions {
 impl std::fmt::Debug for EnrollOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EnrollOptions")
-            .field("server", &self.server)
+            .field("servers", &self.servers)
             .field("uuid", &self.uuid)
             .finish_non_exhaustive()
     }
@@ -42,10 +44,11 @@ pub enum EnrollError {
     /// The state dir cannot be read or written.
     #[error(transparent)]
     State(#[from] StateError),
-    /// The server refused, or could not be reached. Its message is in this error's own text
-    /// and not also its source, so that a printed chain (`{:#}`) says it once.
-    #[error("enrollment refused: {0}")]
-    Client(ClientError),
+    /// A server refused, or none could be reached. The servers' messages are in this
+    /// error's own text and not also its source, so that a printed chain (`{:#}`) says
+    /// them once.
+    #[error("enrollment {}: {}", if .0.is_transient() { "failed" } else { "refused" }, .0)]
+    Client(CallError),
     /// The options do not fit the state dir.
     #[error("{0}")]
     Usage(String),
@@ -54,23 +57,18 @@ pub enum EnrollError {
     Keys(String),
 }
 
-impl From<ClientError> for EnrollError {
-    fn from(e: ClientError) -> Self {
-        Self::Client(e)
-    }
-}
-
 /// Keys kept while an enrollment is in flight.
 #[derive(Debug, Serialize, Deserialize)]
 struct Pending {
     uuid: DeviceId,
+    /// The first server asked (informational).
     server: String,
 }
 
 /// Enrolls (or re-enrolls) the device whose identity lives in `dir`.
 ///
 /// Returns the loaded state and whether the server created a new device (201) rather than
-/// re-enrolling an existing one (200).
+/// re-enrolling an existing one (200). `state.json` records the server that answered.
 pub async fn enroll(
     dir: &StateDir,
     opts: &EnrollOptions,
@@ -91,10 +89,15 @@ pub async fn enroll(
         )
         .map_err(StateError::from)?;
     }
+    let Some(first) = opts.servers.first() else {
+        return Err(EnrollError::Usage(
+            "no server to enroll with: set --server".into(),
+        ));
+    };
     if !dir.is_enrolled() {
         let pending = Pending {
             uuid,
-            server: opts.server.clone(),
+            server: first.to_string(),
         };
         let json =
             serde_json::to_vec_pretty(&pending).map_err(|e| EnrollError::Usage(e.to_string()))?;
@@ -115,19 +118,24 @@ pub async fn enroll(
             file: "device.key",
             reason: e.to_string(),
         })?;
-    let api = ApiClient::new(&opts.server, &opts.server_ca_pem, None)?;
-    let (status, resp) = api
-        .enroll(
-            &opts.provisioning_key,
-            &EnrollRequest {
-                uuid: Some(uuid.to_string()),
-                csr_pem: csr,
-                wg_public_key: wg_public.to_base64(),
-                device_type: opts.device_type.clone(),
-                hostname: opts.hostname.clone(),
-            },
-        )
-        .await?;
+    let clients = opts
+        .servers
+        .iter()
+        .map(|s| ApiClient::new(s.as_str(), &opts.server_ca_pem, None))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| EnrollError::Client(CallError::Refused(e)))?;
+    let req = EnrollRequest {
+        uuid: Some(uuid.to_string()),
+        csr_pem: csr,
+        wg_public_key: wg_public.to_base64(),
+        device_type: opts.device_type.clone(),
+        hostname: opts.hostname.clone(),
+    };
+    let (key, req) = (&opts.provisioning_key, &req);
+    let (api, (status, resp)) =
+        call_in_turn(&clients, |api| async move { api.enroll(key, req).await })
+            .await
+            .map_err(EnrollError::Client)?;
     if resp.assignment.uuid != uuid {
         return Err(EnrollError::Usage(format!(
             "the server enrolled {} instead of {uuid}",
@@ -136,7 +144,7 @@ pub async fn enroll(
     }
     dir.save_enrollment(
         &resp,
-        &opts.server,
+        api.server(),
         &opts.server_ca_pem,
         OffsetDateTime::now_utc(),
     )?;
@@ -184,28 +192,41 @@ fn identity_to_use(dir: &StateDir, opts: &EnrollOptions) -> Result<DeviceId, Enr
 
 #[cfg(test)]
 mod tests {
+    use floto_client::ClientError;
+
+    use super::*;
+
     #[test]
     fn a_refusal_is_said_once() {
-        let refused = EnrollError::from(ClientError::Api {
+        let refused = EnrollError::Client(CallError::Refused(ClientError::Api {
             status: 401,
             error: floto_proto::ApiError::new(
                 floto_proto::ErrorCode::Unauthorized,
                 "unknown provisioning key",
             ),
-        });
+        }));
         let printed = format!("{:#}", anyhow::Error::from(refused));
         assert_eq!(
             printed,
             "enrollment refused: unknown provisioning key (HTTP 401)"
         );
+        let unreachable = EnrollError::Client(CallError::Unanswered(vec![(
+            "https://a".into(),
+            ClientError::Transport {
+                server: "https://a".into(),
+                detail: "connection refused".into(),
+            },
+        )]));
+        assert_eq!(
+            format!("{:#}", anyhow::Error::from(unreachable)),
+            "enrollment failed: cannot reach https://a: connection refused"
+        );
     }
-
-    use super::*;
 
     #[test]
     fn debug_output_never_shows_the_provisioning_key() {
         let opts = EnrollOptions {
-            server: "https://vpn.example:8443".into(),
+            servers: vec!["https://vpn.example:8443".parse().unwrap()],
             server_ca_pem: "-----BEGIN CERTIFICATE-----".into(),
             provisioning_key: "fpk_secret_value_1234".into(),
             uuid: None,

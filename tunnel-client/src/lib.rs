@@ -7,6 +7,7 @@ pub mod agent;
 pub mod enroll;
 pub mod forward;
 pub mod operator;
+pub mod servers;
 pub mod ssh;
 pub mod state;
 

@@ -13,6 +13,8 @@ use floto_files::FileError;
 use floto_proto::admin::{LoginRequest, RenewLoginRequest, Role};
 use floto_proto::rfc3339;
 
+use crate::servers::ServerUrl;
+
 /// Why the operator config cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum OperatorError {
@@ -159,59 +161,15 @@ impl Operator {
     }
 }
 
-/// `https://HOST[:PORT][/]` into host and port (default 8443).
+/// `https://HOST[:PORT][/]` into host (an IPv6 address in brackets) and port (default 8443).
 pub fn split_server(server: &str) -> Result<(String, u16), OperatorError> {
-    let rest = server.strip_prefix("https://").ok_or_else(|| {
-        OperatorError::Usage(format!("server URL {server:?} must start with https://"))
-    })?;
-    let authority = rest.split('/').next().unwrap_or(rest);
-    let parsed: http_authority::Authority = authority
-        .parse()
-        .map_err(|_| OperatorError::Usage(format!("server URL {server:?} has no valid host")))?;
-    Ok((
-        parsed.host,
-        parsed.port.unwrap_or(floto_proto::defaults::API_PORT),
-    ))
-}
-
-mod http_authority {
-    //! `host[:port]` with bracketed IPv6.
-    pub(super) struct Authority {
-        pub(super) host: String,
-        pub(super) port: Option<u16>,
-    }
-
-    impl std::str::FromStr for Authority {
-        type Err = ();
-        fn from_str(s: &str) -> Result<Self, ()> {
-            if s.is_empty() {
-                return Err(());
-            }
-            if let Some(rest) = s.strip_prefix('[') {
-                let (host, after) = rest.split_once(']').ok_or(())?;
-                let port = match after.strip_prefix(':') {
-                    Some(p) => Some(p.parse().map_err(|_| ())?),
-                    None if after.is_empty() => None,
-                    None => return Err(()),
-                };
-                return Ok(Self {
-                    host: format!("[{host}]"),
-                    port,
-                });
-            }
-            match s.rsplit_once(':') {
-                Some((host, port)) if !host.is_empty() => Ok(Self {
-                    host: host.to_owned(),
-                    port: Some(port.parse().map_err(|_| ())?),
-                }),
-                Some(_) => Err(()),
-                None => Ok(Self {
-                    host: s.to_owned(),
-                    port: None,
-                }),
-            }
-        }
-    }
+    let url: ServerUrl = server.parse().map_err(OperatorError::Usage)?;
+    let host = if url.host().contains(':') {
+        format!("[{}]", url.host())
+    } else {
+        url.host().to_owned()
+    };
+    Ok((host, url.port()))
 }
 
 /// `floto login`: trades the one-time token and a fresh key's CSR for a certificate.

@@ -39,7 +39,8 @@ pub enum StateError {
 #[serde(deny_unknown_fields)]
 pub struct StateFile {
     pub version: u32,
-    /// The API URL the device enrolled with.
+    /// The API URL the device enrolled with (of the configured servers, the one that
+    /// answered). Renewals ask it first.
     pub server: String,
     /// Its fields are at the top level of the JSON, as in the enrollment response.
     #[serde(flatten)]
@@ -101,13 +102,10 @@ impl DeviceState {
         }
     }
 
-    /// An API client that presents the device certificate.
-    pub fn api(&self) -> Result<ApiClient, floto_client::ClientError> {
-        ApiClient::new(
-            &self.file.server,
-            &self.server_ca_pem,
-            Some(&self.identity()),
-        )
+    /// A client of the API at `server` that presents the device certificate (`server` is
+    /// [`StateFile::server`] or another node of its cluster).
+    pub fn api(&self, server: &str) -> Result<ApiClient, floto_client::ClientError> {
+        ApiClient::new(server, &self.server_ca_pem, Some(&self.identity()))
     }
 }
 

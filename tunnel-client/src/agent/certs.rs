@@ -1,7 +1,8 @@
 //! The I/O half of certificate upkeep: performs a [`CertAction`] (renewal over mTLS with a
 //! fresh key, or re-enrollment with the provisioning key) and stores the result crash-safely
 //! through [`StateDir::save_renewal`]. When to act is decided by
-//! [`super::renewal::RenewalPlanner`].
+//! [`super::renewal::RenewalPlanner`]. Both fail over between the configured servers
+//! ([`crate::servers`]): a renewal asks the server the device enrolled with first.
 
 use time::OffsetDateTime;
 
@@ -11,6 +12,7 @@ use floto_proto::ErrorCode;
 
 use super::renewal::{CertAction, CertFailure};
 use crate::enroll::EnrollOptions;
+use crate::servers::{self, call_in_turn, CallError, ServerUrl};
 use crate::state::{DeviceState, StateDir, StateError};
 
 /// A failed action: how it failed (for the planner) and what to tell a person.
@@ -63,15 +65,26 @@ fn classify(action: CertAction, e: &ClientError) -> CertFailure {
     }
 }
 
-/// Performs `action` for the device in `dir`.
+/// How a call that went to several servers failed: a refusal as [`classify`] says; when no
+/// server answered, a certificate refused in the TLS handshake by any of them counts.
+fn classify_call(action: CertAction, e: &CallError) -> CertFailure {
+    e.errors()
+        .map(|e| classify(action, e))
+        .find(|f| *f != CertFailure::Transient)
+        .unwrap_or(CertFailure::Transient)
+}
+
+/// Performs `action` for the device in `dir`. `servers`: the configured API servers (a
+/// renewal asks the one in `state.json` first, then these).
 pub async fn perform(
     action: CertAction,
     dir: &StateDir,
     state: &DeviceState,
+    servers: &[ServerUrl],
     enroll: Option<&EnrollOptions>,
 ) -> Result<DeviceState, Failed> {
     match action {
-        CertAction::Renew => renew(dir, state).await,
+        CertAction::Renew => renew(dir, state, servers).await,
         CertAction::Reenroll => match enroll {
             Some(settings) => reenroll(dir, state, settings).await,
             None => Err(Failed::new(
@@ -97,20 +110,32 @@ fn next_key(dir: &StateDir) -> Result<String, Failed> {
     Ok(key)
 }
 
-async fn renew(dir: &StateDir, state: &DeviceState) -> Result<DeviceState, Failed> {
+async fn renew(
+    dir: &StateDir,
+    state: &DeviceState,
+    servers: &[ServerUrl],
+) -> Result<DeviceState, Failed> {
     let key = next_key(dir)?;
     let csr = floto_pki::make_csr(&key, &state.file.assignment.uuid.to_string())
         .map_err(|e| Failed::new(CertFailure::Refused, format!("making the CSR: {e}")))?;
-    let api = state
-        .api()
+    let clients = servers::preferring(&state.file.server, servers)
+        .iter()
+        .map(|server| state.api(server))
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Failed::new(CertFailure::Refused, e.to_string()))?;
-    let resp = api
-        .renew(&RenewRequest {
-            csr_pem: csr,
-            wg_public_key: None,
-        })
+    let req = RenewRequest {
+        csr_pem: csr,
+        wg_public_key: None,
+    };
+    let req = &req;
+    let (_, resp) = call_in_turn(&clients, |api| async move { api.renew(req).await })
         .await
-        .map_err(|e| Failed::new(classify(CertAction::Renew, &e), format!("renewal: {e}")))?;
+        .map_err(|e| {
+            Failed::new(
+                classify_call(CertAction::Renew, &e),
+                format!("renewal: {e}"),
+            )
+        })?;
     Ok(dir.save_renewal(&resp, true, OffsetDateTime::now_utc())?)
 }
 
@@ -119,7 +144,11 @@ async fn reenroll(
     state: &DeviceState,
     settings: &EnrollOptions,
 ) -> Result<DeviceState, Failed> {
-    let api = ApiClient::new(&settings.server, &settings.server_ca_pem, None)
+    let clients = settings
+        .servers
+        .iter()
+        .map(|s| ApiClient::new(s.as_str(), &settings.server_ca_pem, None))
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Failed::new(CertFailure::Refused, e.to_string()))?;
     // A renewal cut short may have reached the server: then its key is the current one.
     let mut keys = Vec::new();
@@ -140,8 +169,10 @@ async fn reenroll(
             device_type: settings.device_type.clone(),
             hostname: settings.hostname.clone(),
         };
-        match api.enroll(&settings.provisioning_key, &req).await {
-            Ok((_, resp)) => {
+        let (key, req) = (&settings.provisioning_key, &req);
+        let answer = call_in_turn(&clients, |api| async move { api.enroll(key, req).await }).await;
+        match answer {
+            Ok((_, (_, resp))) => {
                 let saved = dir.save_renewal(&resp, is_next, OffsetDateTime::now_utc())?;
                 if !is_next {
                     let _ = std::fs::remove_file(dir.device_key_next());
@@ -154,7 +185,7 @@ async fn reenroll(
             }
             Err(e) => {
                 return Err(Failed::new(
-                    classify(CertAction::Reenroll, &e),
+                    classify_call(CertAction::Reenroll, &e),
                     format!("re-enrollment: {e}"),
                 ))
             }

@@ -1,6 +1,11 @@
 //! The agent's configuration: the TOML file (`/etc/floto-tunnel.toml`, or `--config`)
 //! merged under the command-line flags, validated into one [`AgentConfig`] before anything
 //! is opened. It does not read files other than the ones it names (CA, key file).
+//!
+//! `server` is one URL or several (the nodes of a cluster, in order of preference): in the
+//! file `server = "https://a:8443"` or `server = ["https://a:8443", "https://b:8443"]`, on
+//! the command line `--server` repeated (or URLs separated by commas). The flags' list
+//! replaces the file's.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -12,6 +17,7 @@ use floto_proto::DeviceId;
 
 use super::backoff::Backoff;
 use crate::enroll::EnrollOptions;
+use crate::servers::ServerUrl;
 
 /// The config file read when `--config` is not given (if it exists).
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/floto-tunnel.toml";
@@ -97,8 +103,10 @@ impl FromStr for Forward {
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    /// The server's API, `https://HOST[:PORT]` (needed to enroll).
-    pub server: Option<String>,
+    /// The server's API, `https://HOST[:PORT]` (needed to enroll); for a cluster, a list of
+    /// URLs in order of preference.
+    #[serde(default, deserialize_with = "one_or_more_urls")]
+    pub server: Vec<ServerUrl>,
     /// CA certificate (PEM) the server's TLS certificate chains to (needed to enroll).
     pub ca: Option<PathBuf>,
     /// The fleet's provisioning key.
@@ -141,10 +149,39 @@ impl FileConfig {
     }
 }
 
+/// `server = "URL"` or `server = ["URL", ...]`.
+fn one_or_more_urls<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ServerUrl>, D::Error> {
+    struct Urls;
+    impl<'de> serde::de::Visitor<'de> for Urls {
+        type Value = Vec<ServerUrl>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a server URL or a list of server URLs")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+            s.parse().map(|url| vec![url]).map_err(E::custom)
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut urls = Vec::new();
+            while let Some(url) = seq.next_element()? {
+                urls.push(url);
+            }
+            Ok(urls)
+        }
+    }
+    d.deserialize_any(Urls)
+}
+
 /// Flags of `floto-tunnel run`, as given (all optional: the file fills the gaps).
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
-    pub server: Option<String>,
+    /// `--server`, in the order given; when not empty it replaces the file's list.
+    pub servers: Vec<ServerUrl>,
     pub ca: Option<PathBuf>,
     pub provisioning_key: Option<String>,
     pub provisioning_key_file: Option<PathBuf>,
@@ -160,6 +197,11 @@ pub struct Overrides {
 /// The validated configuration of `floto-tunnel run`.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    /// The API servers, in order of preference, each once. Enrollment asks them in this
+    /// order, renewal asks the server the device enrolled with first; their hosts are also
+    /// WireGuard endpoints. May be empty: the device then uses only what it was told at
+    /// enrollment.
+    pub servers: Vec<ServerUrl>,
     pub state_dir: PathBuf,
     pub mode: Mode,
     pub tun_name: String,
@@ -231,11 +273,21 @@ impl AgentConfig {
                 (None, None) => None,
             },
         };
-        let server = flags.server.or(file.server);
+        let listed = if flags.servers.is_empty() {
+            file.server
+        } else {
+            flags.servers
+        };
+        let mut servers: Vec<ServerUrl> = Vec::with_capacity(listed.len());
+        for url in listed {
+            if !servers.contains(&url) {
+                servers.push(url);
+            }
+        }
         let ca = flags.ca.or(file.ca);
-        let enroll = match (key, server, ca) {
+        let enroll = match (key, servers.is_empty(), ca) {
             (None, _, _) => None,
-            (Some(provisioning_key), Some(server), Some(ca)) => {
+            (Some(provisioning_key), false, Some(ca)) => {
                 let server_ca_pem = std::fs::read_to_string(&ca).map_err(|source| {
                     ConfigError::Read {
                         path: ca.clone(),
@@ -243,7 +295,7 @@ impl AgentConfig {
                     }
                 })?;
                 Some(EnrollOptions {
-                    server,
+                    servers: servers.clone(),
                     server_ca_pem,
                     provisioning_key: provisioning_key.trim().to_owned(),
                     uuid: flags.uuid.or(file.uuid),
@@ -251,7 +303,7 @@ impl AgentConfig {
                     hostname: file.hostname,
                 })
             }
-            (Some(_), None, _) => {
+            (Some(_), true, _) => {
                 return Err(invalid(
                     "a provisioning key is configured but no server: set --server (or `server` in the config file)".into(),
                 ))
@@ -263,6 +315,7 @@ impl AgentConfig {
             }
         };
         Ok(Self {
+            servers,
             state_dir: flags
                 .state_dir
                 .or(file.state_dir)
@@ -367,6 +420,67 @@ mod tests {
         assert_eq!(c.enroll.unwrap().provisioning_key, "fpk_flag");
     }
 
+    fn urls(list: &[&str]) -> Vec<ServerUrl> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn server_is_one_url_or_a_list_and_the_flags_list_replaces_the_files() {
+        let parse = |text: &str| toml::from_str::<FileConfig>(text);
+        // The old form, one URL, stays valid.
+        let one = parse("server = \"https://a.example:8443\"\n").unwrap();
+        assert_eq!(one.server, urls(&["https://a.example:8443"]));
+        let many =
+            parse("server = [\"https://a.example:8443\", \"https://10.0.0.2:8443/\"]\n").unwrap();
+        assert_eq!(
+            many.server,
+            urls(&["https://a.example:8443", "https://10.0.0.2:8443"])
+        );
+        assert!(parse("").unwrap().server.is_empty());
+        assert!(parse("server = []\n").unwrap().server.is_empty());
+        for (bad, says) in [
+            ("server = \"http://a.example\"", "https://"),
+            ("server = [\"https://a\", \"b\"]", "https://"),
+            ("server = [\"https://a\", 8443]", "a server URL"),
+            ("server = 8443", "a server URL or a list"),
+            ("server = \"https://a:port\"", "no valid host"),
+        ] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains(says) && err.contains("server"), "{bad}: {err}");
+        }
+
+        // The file's list, each URL once, when no flag says otherwise.
+        let file = FileConfig {
+            server: urls(&["https://a", "https://b", "https://a/"]),
+            ..FileConfig::default()
+        };
+        let c = AgentConfig::build(file.clone(), Overrides::default(), Path::new("/d")).unwrap();
+        assert_eq!(c.servers, urls(&["https://a", "https://b"]));
+        // No provisioning key: nothing to enroll with, but the servers are still known
+        // (renewal and WireGuard endpoints use them).
+        assert!(c.enroll.is_none());
+        // `--server` given: its list, in its order, replaces the file's.
+        let flags = Overrides {
+            servers: urls(&["https://c", "https://b"]),
+            ..Overrides::default()
+        };
+        let c = AgentConfig::build(file, flags, Path::new("/d")).unwrap();
+        assert_eq!(c.servers, urls(&["https://c", "https://b"]));
+
+        // Enrollment gets the same list.
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "CA").unwrap();
+        let flags = Overrides {
+            servers: urls(&["https://c", "https://b"]),
+            ca: Some(ca),
+            provisioning_key: Some("fpk_x".into()),
+            ..Overrides::default()
+        };
+        let c = AgentConfig::build(FileConfig::default(), flags, Path::new("/d")).unwrap();
+        assert_eq!(c.enroll.unwrap().servers, urls(&["https://c", "https://b"]));
+    }
+
     #[test]
     fn the_documented_example_parses() {
         let text = include_str!("../../../deploy/floto-tunnel.toml.example");
@@ -434,8 +548,7 @@ mod tests {
         use super::*;
 
         /// Keys whose value is any string.
-        const TEXT_KEYS: [&str; 8] = [
-            "server",
+        const TEXT_KEYS: [&str; 7] = [
             "ca",
             "provisioning_key",
             "provisioning_key_file",
@@ -472,8 +585,10 @@ mod tests {
         fn well_typed(table: &Table) -> bool {
             table.iter().all(|(k, v)| {
                 let text = v.as_str();
+                let url = |v: &Value| v.as_str().is_some_and(|s| s.parse::<ServerUrl>().is_ok());
                 match k.as_str() {
                     k if TEXT_KEYS.contains(&k) => text.is_some(),
+                    "server" => url(v) || v.as_array().is_some_and(|a| a.iter().all(url)),
                     "uuid" => text.is_some_and(|s| s.parse::<DeviceId>().is_ok()),
                     "mode" => matches!(text, Some("tun" | "userspace")),
                     "forward" => v.as_array().is_some_and(|a| a.iter().all(Value::is_str)),
@@ -493,6 +608,9 @@ mod tests {
                     "\"tun\"", "\"userspace\"", "\"TUN\"", "\"30s\"", "\"5 min\"",
                     "\"0s\"", "\"soon\"", "\"3f2a6b1c-0d4e-4f5a-8b6c-7d8e9f0a1b2c\"",
                     "\"3f2a6b1c\"", "[\"22\", \"80=127.0.0.1:8080\"]", "[]", "[22]",
+                    "\"https://vpn.example:8443\"", "\"http://vpn.example\"",
+                    "[\"https://a.example\", \"https://10.0.0.2:9443/\"]",
+                    "[\"https://a.example\", \"ftp://b\"]", "[\"https://a\", 1]",
                     "\"22\"", "22", "-1", "1.5", "true", "{ a = 1 }", "1979-05-27T07:32:00Z",
                     "'literal'", "\"\"\"multi\nline\"\"\"",
                 ])
@@ -558,7 +676,14 @@ mod tests {
                         let table = table.unwrap();
                         let text_of =
                             |k: &str| table.get(k).and_then(Value::as_str).map(str::to_owned);
-                        prop_assert_eq!(file.server, text_of("server"));
+                        let urls: Vec<ServerUrl> = match table.get("server") {
+                            Some(Value::Array(a)) => {
+                                a.iter().map(|v| v.as_str().unwrap().parse().unwrap()).collect()
+                            }
+                            Some(v) => vec![v.as_str().unwrap().parse().unwrap()],
+                            None => vec![],
+                        };
+                        prop_assert_eq!(file.server, urls);
                         prop_assert_eq!(file.hostname, text_of("hostname"));
                         prop_assert_eq!(file.mode.map(|m| m.to_string()), text_of("mode"));
                         prop_assert_eq!(file.state_dir, text_of("state_dir").map(PathBuf::from));

@@ -22,6 +22,7 @@ use floto_proto::wireguard::is_initiation;
 use super::backoff::{jittered, Backoff};
 use super::certs::{self, Failed};
 use super::config::AgentConfig;
+use super::endpoints::{self, Rotation};
 use super::link::{LinkAction, LinkEvent, LinkParams, LinkSupervisor};
 use super::local::{self, LocalSide};
 use super::probe;
@@ -38,6 +39,9 @@ const ADDRESS_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// The status file is rewritten at least this often (its `updated_at` shows the agent lives).
 const STATUS_EVERY: Duration = Duration::from_secs(10);
+
+/// How long resolving the endpoint candidates may take, all names together.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs the agent until `shutdown` completes: enrolls if needed, then keeps the tunnel up.
 pub async fn run(
@@ -127,13 +131,18 @@ struct Driver {
     udp: Arc<UdpSocket>,
     /// The server's WireGuard endpoint in use.
     endpoint: Option<SocketAddr>,
+    /// Which endpoint candidate the next handshake goes to.
+    rotation: Rotation,
+    /// The candidate the current attempt's initiation went to (silent if it fails).
+    attempt_endpoint: Option<SocketAddr>,
     link: LinkSupervisor,
     planner: RenewalPlanner,
     cert_busy: bool,
     rng: StdRng,
     probe_ident: u16,
     probe_seq: u16,
-    local_address: Option<IpAddr>,
+    /// The device's own address toward the endpoint in use, and that endpoint.
+    local_address: Option<(SocketAddr, IpAddr)>,
     next_address_check: Instant,
     status: AgentStatus,
     status_dirty: bool,
@@ -212,6 +221,8 @@ impl Driver {
             tunn,
             udp: Arc::new(udp),
             endpoint: None,
+            rotation: Rotation::new(),
+            attempt_endpoint: None,
             link,
             planner,
             cert_busy: false,
@@ -317,6 +328,10 @@ impl Driver {
             debug!(%from, "the server initiated a handshake");
         }
         if authenticated {
+            if !self.link.is_up() || self.endpoint != Some(from) {
+                // Also a server that calls the device back from another address: followed.
+                self.rotation.handle_answered(from);
+            }
             if self.endpoint != Some(from) {
                 info!(endpoint = %from, "server endpoint");
                 self.endpoint = Some(from);
@@ -371,6 +386,8 @@ impl Driver {
             self.check_local_address(now);
         }
         self.link.handle_timeout(now, &mut self.rng);
+        // Before acting: a failed attempt or a lost session decides the next endpoint.
+        self.drain_link_events();
         while let Some(action) = self.link.poll_action() {
             match action {
                 LinkAction::Connect => self.connect(now).await,
@@ -399,36 +416,19 @@ impl Driver {
         }
     }
 
-    /// Resolves the server's endpoint again and sends a fresh handshake initiation.
+    /// Resolves the server's endpoint candidates again, picks the one to try and sends it a
+    /// fresh handshake initiation.
     async fn connect(&mut self, now: Instant) {
         let name = self.state.file.assignment.endpoint.clone();
-        let resolved =
-            tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(&name)).await;
-        let addr = match resolved {
-            Ok(Ok(mut addrs)) => addrs.find(SocketAddr::is_ipv4),
-            Ok(Err(e)) => {
-                self.set_error(format!("resolving {name}: {e}"));
-                None
-            }
-            Err(_) => {
-                self.set_error(format!("resolving {name}: timed out"));
-                None
-            }
-        };
-        let Some(addr) = addr else {
-            if self
-                .status
-                .last_error
-                .as_deref()
-                .is_none_or(|e| !e.starts_with("resolving"))
-            {
-                self.set_error(format!("{name} has no IPv4 address"));
-            }
+        let candidates = self.resolve_candidates().await;
+        self.attempt_endpoint = None;
+        let Some(addr) = self.rotation.pick(&candidates) else {
             self.link.handle_attempt_failed(now, &mut self.rng);
             return;
         };
+        self.attempt_endpoint = Some(addr);
         if self.endpoint != Some(addr) {
-            info!(endpoint = %addr, %name, "handshaking with the server");
+            info!(endpoint = %addr, %name, candidates = candidates.len(), "handshaking with the server");
             self.endpoint = Some(addr);
             self.status.endpoint = Some(addr.to_string());
             self.status_dirty = true;
@@ -457,7 +457,67 @@ impl Driver {
         }
     }
 
-    /// Notices a change of the device's own address toward the server.
+    /// The endpoint candidates as the names resolve now, all looked up at once (within
+    /// [`RESOLVE_TIMEOUT`] together). Names that do not resolve are left out; the status
+    /// says why when nothing is left.
+    async fn resolve_candidates(&mut self) -> Vec<SocketAddr> {
+        let lookups =
+            match endpoints::lookups(&self.state.file.assignment.endpoint, &self.config.servers) {
+                Ok(lookups) => lookups,
+                Err(e) => {
+                    self.set_error(e);
+                    return Vec::new();
+                }
+            };
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, lookup) in lookups.iter().enumerate() {
+            let (host, port) = (lookup.host.clone(), lookup.port);
+            tasks.spawn(async move {
+                let addrs = tokio::net::lookup_host((host.as_str(), port)).await;
+                (i, addrs.map(Iterator::collect::<Vec<_>>))
+            });
+        }
+        let mut answers: Vec<Option<std::io::Result<Vec<SocketAddr>>>> =
+            lookups.iter().map(|_| None).collect();
+        let _timed_out = tokio::time::timeout(RESOLVE_TIMEOUT, async {
+            while let Some(joined) = tasks.join_next().await {
+                if let Ok((i, addrs)) = joined {
+                    answers[i] = Some(addrs);
+                }
+            }
+        })
+        .await;
+        let mut problems = Vec::new();
+        let mut resolved = Vec::new();
+        for (lookup, answer) in lookups.iter().zip(answers) {
+            match answer {
+                Some(Ok(addrs)) => {
+                    if !addrs.iter().any(SocketAddr::is_ipv4) {
+                        problems.push(format!("{} has no IPv4 address", lookup.host));
+                    }
+                    resolved.push(addrs);
+                }
+                Some(Err(e)) => problems.push(format!("resolving {}: {e}", lookup.host)),
+                None => problems.push(format!("resolving {}: timed out", lookup.host)),
+            }
+        }
+        let candidates = endpoints::candidates(resolved);
+        if candidates.is_empty() {
+            self.set_error(problems.join("; "));
+        } else if !problems.is_empty() {
+            debug!(
+                ?problems,
+                ?candidates,
+                "some endpoint names did not resolve"
+            );
+        } else {
+            trace!(?candidates, "endpoint candidates");
+        }
+        candidates
+    }
+
+    /// Notices a change of the device's own address toward the server (not a change of the
+    /// endpoint: that is the rotation's doing, and a fresh attempt is under way anyway).
     fn check_local_address(&mut self, now: Instant) {
         let Some(endpoint) = self.endpoint else {
             return;
@@ -469,15 +529,16 @@ impl Driver {
             })
             .ok()
             .map(|a| a.ip());
-        if current != self.local_address {
-            if let (Some(old), Some(new)) = (self.local_address, current) {
-                info!(%old, %new, "the device's address changed");
+        let Some(current) = current else {
+            return;
+        };
+        if let Some((toward, old)) = self.local_address {
+            if toward == endpoint && old != current {
+                info!(%old, new = %current, "the device's address changed");
                 self.link.handle_local_address_changed(now);
             }
-            if current.is_some() {
-                self.local_address = current;
-            }
         }
+        self.local_address = Some((endpoint, current));
     }
 
     fn drain_link_events(&mut self) {
@@ -493,6 +554,9 @@ impl Driver {
                 }
                 LinkEvent::Lost { silent_for } => {
                     warn!(?silent_for, "no answer from the server; handshaking again");
+                    if let Some(ep) = self.endpoint {
+                        self.rotation.handle_silent(ep);
+                    }
                     self.status.connected = false;
                     self.status.since = Some(now_utc);
                     self.set_error(format!(
@@ -502,6 +566,9 @@ impl Driver {
                 }
                 LinkEvent::AttemptFailed { attempt, retry_in } => {
                     info!(attempt, ?retry_in, endpoint = ?self.endpoint, "handshake failed; retrying");
+                    if let Some(ep) = self.attempt_endpoint.take() {
+                        self.rotation.handle_silent(ep);
+                    }
                     self.status.failed_attempts = self.link.consecutive_failures();
                     if let Some(ep) = self.endpoint {
                         let recent = self
@@ -536,9 +603,10 @@ impl Driver {
         let dir = self.dir.clone();
         let state = self.state.clone();
         let settings = self.config.enroll.clone();
+        let servers = self.config.servers.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            let result = certs::perform(action, &dir, &state, settings.as_ref()).await;
+            let result = certs::perform(action, &dir, &state, &servers, settings.as_ref()).await;
             let _ = tx.send((action, result)).await;
         });
     }

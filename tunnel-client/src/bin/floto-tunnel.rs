@@ -13,6 +13,7 @@ use floto_tunnel_client::agent::config::{
 };
 use floto_tunnel_client::agent::status::AgentStatus;
 use floto_tunnel_client::enroll::{enroll, EnrollOptions};
+use floto_tunnel_client::servers::ServerUrl;
 use floto_tunnel_client::state::{StateDir, StateError};
 
 /// Exit status for an invalid configuration (EX_USAGE).
@@ -54,9 +55,19 @@ struct RunArgs {
     /// Name of the TUN interface [default: floto0].
     #[arg(long, env = "FLOTO_TUN_NAME")]
     tun_name: Option<String>,
-    /// The server's API, https://HOST[:PORT] (to enroll when the state dir is empty).
-    #[arg(long, env = "FLOTO_SERVER")]
-    server: Option<String>,
+    /// The server's API, https://HOST[:PORT] (to enroll when the state dir is empty, and to
+    /// renew). For a cluster, repeat it or separate the URLs with commas (also in
+    /// FLOTO_SERVER): enrollment asks them in order until one answers, renewal asks the one
+    /// the device enrolled with first, and each URL's host is also tried as a WireGuard
+    /// endpoint (with the assigned endpoint's port) when the assigned one does not answer.
+    /// Replaces the config file's `server` list.
+    #[arg(
+        long = "server",
+        env = "FLOTO_SERVER",
+        value_name = "URL",
+        value_delimiter = ','
+    )]
+    servers: Vec<ServerUrl>,
     /// CA certificate (PEM) the server's TLS certificate chains to (to enroll).
     #[arg(long, env = "FLOTO_CA")]
     ca: Option<PathBuf>,
@@ -84,9 +95,16 @@ enum Command {
     Enroll {
         #[command(flatten)]
         dir: StateDirArg,
-        /// The server's API, https://HOST[:PORT].
-        #[arg(long, env = "FLOTO_SERVER")]
-        server: String,
+        /// The server's API, https://HOST[:PORT]. For a cluster, repeat it or separate the
+        /// URLs with commas (also in FLOTO_SERVER): they are asked in order until one answers.
+        #[arg(
+            long = "server",
+            env = "FLOTO_SERVER",
+            value_name = "URL",
+            value_delimiter = ',',
+            required = true
+        )]
+        servers: Vec<ServerUrl>,
         /// CA certificate (PEM) the server's TLS certificate chains to.
         #[arg(long, env = "FLOTO_CA")]
         ca: PathBuf,
@@ -143,7 +161,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Enroll {
             dir,
-            server,
+            servers,
             ca,
             provisioning_key,
             uuid,
@@ -155,7 +173,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let (state, created) = enroll(
                 &state_dir,
                 &EnrollOptions {
-                    server,
+                    servers,
                     server_ca_pem,
                     provisioning_key,
                     uuid,
@@ -193,7 +211,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = AgentConfig::build(
         file,
         Overrides {
-            server: args.server,
+            servers: args.servers,
             ca: args.ca,
             provisioning_key: args.provisioning_key,
             provisioning_key_file: args.provisioning_key_file,
