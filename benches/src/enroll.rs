@@ -138,6 +138,7 @@ async fn one_run(mode: Mode, args: Args) -> anyhow::Result<Run> {
                             wg_public_key: m.wg_public.to_base64(),
                             device_type: None,
                             hostname: None,
+                            ssh_host_keys: Vec::new(),
                         },
                     )
                     .await;

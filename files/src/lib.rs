@@ -64,10 +64,19 @@ pub fn write_public(path: &Path, contents: &[u8]) -> Result<(), FileError> {
 
 /// Creates a directory (and its parents) with mode 0700 if it does not exist.
 pub fn create_private_dir(path: &Path) -> Result<(), FileError> {
+    create_dir_with_mode(path, 0o700)
+}
+
+/// Creates a directory (and its parents) with mode 0755 if it does not exist.
+pub fn create_public_dir(path: &Path) -> Result<(), FileError> {
+    create_dir_with_mode(path, 0o755)
+}
+
+fn create_dir_with_mode(path: &Path, mode: u32) -> Result<(), FileError> {
     if !path.exists() {
         fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o700)
+            .mode(mode)
             .create(path)
             .map_err(|e| FileError::new("creating directory", path, e))?;
     }

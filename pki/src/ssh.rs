@@ -56,8 +56,9 @@ pub fn parse_public_key(line: &str) -> Result<PublicKey, SshError> {
     }
     let key = PublicKey::from_openssh(line).map_err(|e| {
         // The type word, if it is a type we do not know, is the clearer reason.
-        match line.split_whitespace().next() {
-            Some(kind) if Algorithm::new(kind).is_err() => {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some(kind), Some(_)) if Algorithm::new(kind).is_err() => {
                 SshError::Unsupported(kind.chars().take(64).collect())
             }
             _ => SshError::Malformed(e.to_string()),

@@ -26,6 +26,10 @@ pub struct EnrollRequest {
     pub device_type: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// The public host keys of the device's sshd (OpenSSH lines), to get host certificates
+    /// for; none when the agent does not manage sshd.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_host_keys: Vec<String>,
 }
 
 /// Body of `POST /v1/renew` (over mTLS with the device's current certificate).
@@ -37,6 +41,9 @@ pub struct RenewRequest {
     /// A new WireGuard public key, when the device rotates it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wg_public_key: Option<String>,
+    /// As in [`EnrollRequest::ssh_host_keys`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_host_keys: Vec<String>,
 }
 
 /// Response to enrollment (201 new device, 200 re-enrollment) and to renewal (200).
@@ -51,6 +58,10 @@ pub struct EnrollResponse {
     pub ca_pem: String,
     /// A wg-quick config with every line but `PrivateKey`, which only the device has.
     pub wg_quick_config: String,
+    /// Host certificates for the host keys the request carried, the user CA and the fleet's
+    /// logins; absent when it carried none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<crate::ssh::DeviceSsh>,
 }
 
 /// What the server assigns a device at enrollment and renewal: its place in the overlay,

@@ -45,7 +45,9 @@ impl Agent {
         std::fs::write(
             d.join("floto-tunnel.toml"),
             format!(
-                "server = \"{}\"\nca = \"{}\"\nprovisioning_key_file = \"{}\"\nstate_dir = \"{}\"\n",
+                // sshd is left alone unless a test hands the agent one of its own
+                // (`--manage-sshd --sshd-dir`): never the machine's /etc/ssh.
+                "server = \"{}\"\nca = \"{}\"\nprovisioning_key_file = \"{}\"\nstate_dir = \"{}\"\nmanage_sshd = false\n",
                 server.api_url(ns.host_ip().into()),
                 d.join("ca.pem").display(),
                 d.join("provisioning.key").display(),
@@ -217,6 +219,56 @@ fn set_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+}
+
+/// An sshd of a device for its agent to manage, in `dir` (its own config directory: host key,
+/// an `sshd_config` that includes `sshd_config.d/*.conf`, no authorized keys at all, a pid
+/// file), listening on port 22 of namespace `ns`. Returns it with the flags that hand it to
+/// `floto-tunnel run`. Killed on drop.
+pub fn start_managed_sshd(ns: &Netns, dir: &Path) -> (Child, Vec<String>) {
+    crate::require(&["sshd", "ssh-keygen", "ss"]);
+    let host_key = dir.join("ssh_host_ed25519_key");
+    if !host_key.exists() {
+        crate::run(
+            Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(&host_key),
+        );
+    }
+    let pid = dir.join("sshd.pid");
+    std::fs::write(
+        dir.join("sshd_config"),
+        format!(
+            "Include {dir}/sshd_config.d/*.conf\nPort 22\nListenAddress 0.0.0.0\nHostKey {key}\n\
+             AuthorizedKeysFile none\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile {pid}\n\
+             LogLevel VERBOSE\nSetEnv HOME={dir}\n",
+            dir = dir.display(),
+            key = host_key.display(),
+            pid = pid.display(),
+        ),
+    )
+    .expect("sshd_config");
+    std::fs::create_dir_all("/run/sshd").expect("sshd privilege separation dir");
+    let sshd = crate::which("sshd").expect("sshd");
+    let mut cmd = ns.command(sshd);
+    cmd.arg("-D")
+        .arg("-e")
+        .arg("-f")
+        .arg(dir.join("sshd_config"));
+    let child = Child::spawn(&format!("sshd-{}", ns.name), cmd, dir);
+    wait_for(Duration::from_secs(10), "sshd to listen", || {
+        let out = output(ns.command("ss").args(["-ltn", "sport = :22"]));
+        stdout(&out).contains(":22").then_some(())
+    });
+    let flags = vec![
+        "--manage-sshd".to_owned(),
+        "--sshd-dir".to_owned(),
+        dir.display().to_string(),
+        "--sshd-reload".to_owned(),
+        format!("kill -HUP $(cat {})", pid.display()),
+    ];
+    (child, flags)
 }
 
 /// OpenSSH's sshd in a namespace, listening on `listen` (e.g. `["0.0.0.0:22"]`) and

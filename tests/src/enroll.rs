@@ -117,6 +117,7 @@ pub async fn enroll_devices(
                     wg_public_key: public.to_base64(),
                     device_type: None,
                     hostname: None,
+                    ssh_host_keys: Vec::new(),
                 };
                 let mut attempt = 0;
                 let resp = loop {

@@ -394,6 +394,24 @@ fn bad_enrollments_get_clear_errors_and_store_nothing() {
     assert_error(s, &b, 409, "conflict", "already bound");
     check_nothing_stored("wg key conflict");
 
+    // SSH host keys that cannot be certified: a type we do not sign, and no key at all.
+    for (keys, words) in [
+        (
+            json!(["ssh-dss AAAAB3NzaC1kc3MAAACBAP1/U4EddRIpUt9KnC7s5Of2EbdSPO9EAMMeP4C2USZpRV1AIlH7WT2NWPq/xfW6MPbLm1Vs14E7gB00b/JmYLdrmVClpJ+f6AR7ECLCT7up1/63xhv4O1fnxqimFQ8E+4P208UewwI1VBNaFpEy9nXzrith1yrv8iIDGZ3RSAHHAAAAFQCXYFCPFSMLzLKSuYKi64QL8Fgc9QAAAIEA9+GghdabPd7LvKtcNrhXuXmUr7v6OuqC+VdMCz0HgmdRWVeOutRZT+ZxBxCBgLRJFnEj6EwoFhO3zwkyjMim4TwWeotUfI0o4KOuHiuzpnWRbqN/C/ohNWLx+2J6ASQ7zKTxvqhRkImog9/hWuWfBpKLZl6Ae1UlZAFMO/7PSSoAAACBAPFLsUyB4J2/yCaIhd2x1I7FHrnjbtCkGNntkyGrk4JNyRSNqoZYvtnj0cMXhO2OPLQkthVd36sjbmNivNzNIsUCnONvgbbK9Cto9bD8cAXGsDRiMtFoIIO9sYJ5KtbTGQ5DuP6c5cOMX8TWmv0N+3gMpsAx8pRL1odxhvSp+fzQ x"]),
+            "ssh_host_keys[0]: ssh-dss keys are not accepted",
+        ),
+        (
+            json!(["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBNbH2xjFuqCKRs3l0v4ZvDZYQ3W7u8UuXxgrmZ1R4i7", "garbage"]),
+            "ssh_host_keys[1]: not an openssh public key",
+        ),
+    ] {
+        let mut v: Value = serde_json::from_str(&body).unwrap();
+        v["ssh_host_keys"] = keys;
+        let (s, b) = curl(&server, "/v1/enroll", Some(&lab), &v.to_string(), None);
+        assert_error(s, &b, 400, "bad_request", words);
+        check_nothing_stored("a bad SSH host key");
+    }
+
     // Malformed input, each naming the field.
     let rsa_dir = tmp.path().join("rsa");
     std::fs::create_dir_all(&rsa_dir).unwrap();

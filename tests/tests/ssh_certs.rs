@@ -341,3 +341,141 @@ fn bad_certificate_requests_are_refused_with_their_reason() {
         assert!(stdout(&out).starts_with(words), "{path}: {}", stdout(&out));
     }
 }
+
+/// A device running the agent, whose sshd has no authorized keys at all: the agent sends
+/// sshd's host keys and sets sshd up with what the server answers. `floto ssh` logs in as
+/// root and verifies the device by its host certificate with `StrictHostKeyChecking yes`
+/// (nothing is trusted on first use); after a re-flash made new host keys, the device is
+/// verified again with no "host identification has changed"; a device showing a host
+/// certificate for another UUID is refused.
+#[test]
+fn the_agent_sets_sshd_up_and_devices_are_verified_by_their_host_certificates() {
+    use floto_e2e::agent::{start_managed_sshd, Agent, AgentOptions};
+    require_root();
+    require(TOOLS);
+    let ns = Netns::new();
+    let server = Server::start(&["--tls-name", &ns.host_ip().to_string()]);
+    let key = server.create_key("lab", None);
+    let sshd_dir = tempfile::Builder::new()
+        .prefix("floto-sshd-")
+        .tempdir()
+        .unwrap();
+    let (sshd, flags) = start_managed_sshd(&ns, sshd_dir.path());
+    let mut args: Vec<String> = ["--tun", "--keepalive", "2s"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(flags);
+    let mut agent = Agent::new(&ns, &server, &key, AgentOptions { args, user: None });
+    agent.start();
+    let uuid = agent.uuid();
+    agent.wait_connected(Duration::from_secs(30));
+    let drop_in = sshd_dir.path().join("sshd_config.d/50-floto.conf");
+    let ready = || {
+        floto_e2e::wait_for(Duration::from_secs(20), "the agent to set sshd up", || {
+            agent
+                .log()
+                .contains("sshd set up for floto-connect certificates")
+                .then_some(())
+        })
+    };
+    ready();
+    let conf = std::fs::read_to_string(&drop_in).unwrap();
+    assert!(
+        conf.contains("TrustedUserCAKeys") && conf.contains("HostCertificate"),
+        "{conf}"
+    );
+
+    let ops = tempfile::tempdir().unwrap();
+    let cfg = ops.path().join("alice");
+    server.login_operator("alice", "operator", &["lab"], &cfg);
+    let ssh = |cfg: &Path| {
+        output(floto(cfg).args(["ssh", &uuid, "--", "-o", "BatchMode=yes", "id", "-un"]))
+    };
+    let out = ssh(&cfg);
+    assert!(
+        out.status.success(),
+        "{}\nagent:\n{}\nsshd:\n{}",
+        stderr(&out),
+        agent.log(),
+        sshd.log()
+    );
+    assert_eq!(stdout(&out).trim(), "root");
+    assert!(
+        !stderr(&out).contains("trusted on first use"),
+        "{}",
+        stderr(&out)
+    );
+    // Nothing was learnt on first use: the CA line is the only trust.
+    let first_use = cfg.join("ssh/known_hosts.first_use");
+    assert!(
+        std::fs::read_to_string(&first_use)
+            .unwrap_or_default()
+            .trim()
+            .is_empty(),
+        "a host key was trusted on first use"
+    );
+    let known = std::fs::read_to_string(cfg.join("ssh/known_hosts")).unwrap();
+    assert!(
+        known.starts_with("@cert-authority *.floto ssh-ed25519 "),
+        "{known}"
+    );
+
+    // Re-flash: sshd gets new host keys; the agent (same identity) restarts, asks for host
+    // certificates for them, and the device is verified again without a warning.
+    agent.stop();
+    for f in ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"] {
+        std::fs::remove_file(sshd_dir.path().join(f)).unwrap();
+    }
+    drop(sshd);
+    let (sshd, _) = start_managed_sshd(&ns, sshd_dir.path());
+    agent.start();
+    agent.wait_connected(Duration::from_secs(30));
+    floto_e2e::wait_for(Duration::from_secs(20), "new host certificates", || {
+        // (The log is this run's.)
+        agent
+            .log()
+            .contains("sshd set up for floto-connect certificates")
+            .then_some(())
+    });
+    let out = ssh(&cfg);
+    assert!(
+        out.status.success(),
+        "{}\nagent:\n{}\nsshd:\n{}",
+        stderr(&out),
+        agent.log(),
+        sshd.log()
+    );
+    assert!(
+        !stderr(&out).contains("IDENTIFICATION HAS CHANGED"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The device shows a host certificate of the real CA for another device: refused.
+    let other = "00000000-1111-4222-8333-444444444444";
+    let host_pub = sshd_dir.path().join("ssh_host_ed25519_key.pub");
+    let cert = sshd_dir.path().join("floto/ssh_host_ed25519_key-cert.pub");
+    let forged_pub = ops.path().join("forged.pub");
+    std::fs::copy(&host_pub, &forged_pub).unwrap();
+    run(Command::new("ssh-keygen")
+        .arg("-s")
+        .arg(server.data_dir().join("ssh_host_ca"))
+        .args(["-h", "-q", "-I", "other", "-n"])
+        .arg(format!("{other}.floto,{other}"))
+        .arg(&forged_pub));
+    std::fs::copy(ops.path().join("forged-cert.pub"), &cert).unwrap();
+    run(Command::new("sh").arg("-c").arg(format!(
+        "kill -HUP $(cat {})",
+        sshd_dir.path().join("sshd.pid").display()
+    )));
+    std::thread::sleep(Duration::from_millis(500));
+    let out = ssh(&cfg);
+    assert_eq!(out.status.code(), Some(255), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Host key verification failed"),
+        "{}",
+        stderr(&out)
+    );
+    agent.stop();
+}

@@ -26,6 +26,8 @@ pub struct EnrollOptions {
     pub uuid: Option<DeviceId>,
     pub device_type: Option<String>,
     pub hostname: Option<String>,
+    /// sshd's public host keys, for host certificates (empty when sshd is not managed).
+    pub ssh_host_keys: Vec<String>,
 }
 
 // Never prints the provisioning key.
@@ -130,6 +132,7 @@ pub async fn enroll(
         wg_public_key: wg_public.to_base64(),
         device_type: opts.device_type.clone(),
         hostname: opts.hostname.clone(),
+        ssh_host_keys: opts.ssh_host_keys.clone(),
     };
     let (key, req) = (&opts.provisioning_key, &req);
     let (api, (status, resp)) =
@@ -232,6 +235,7 @@ mod tests {
             uuid: None,
             device_type: Some("rpi4".into()),
             hostname: Some("sensor-1".into()),
+            ssh_host_keys: Vec::new(),
         };
         let shown = format!("{opts:?} {opts:#?}");
         assert!(shown.contains("vpn.example"), "{shown}");

@@ -126,6 +126,27 @@ impl StateDir {
     pub fn state_json(&self) -> PathBuf {
         self.root.join("state.json")
     }
+    /// What the server last said about SSH (host certificates, user CA, logins).
+    pub fn ssh_json(&self) -> PathBuf {
+        self.root.join("ssh.json")
+    }
+
+    /// What the server last said about SSH; `None` when it said nothing, or the file is
+    /// unreadable (it is asked for again at the next renewal).
+    pub fn load_ssh(&self) -> Option<floto_proto::ssh::DeviceSsh> {
+        let text = std::fs::read_to_string(self.ssh_json()).ok()?;
+        serde_json::from_str(&text)
+            .inspect_err(|e| tracing::warn!(error = %e, "ssh.json is damaged; ignoring it"))
+            .ok()
+    }
+
+    fn save_ssh(&self, resp: &EnrollResponse) -> Result<(), StateError> {
+        if let Some(ssh) = &resp.ssh {
+            let json = serde_json::to_vec_pretty(ssh).map_err(|e| self.damaged("ssh.json", e))?;
+            floto_files::write_public(&self.ssh_json(), &json)?;
+        }
+        Ok(())
+    }
     pub fn device_key(&self) -> PathBuf {
         self.root.join("device.key")
     }
@@ -288,6 +309,7 @@ impl StateDir {
             ..StateFile::from_response(resp, current.file.server, now)
         };
         self.write_state_json(&file)?;
+        self.save_ssh(resp)?;
         self.load()
     }
 
@@ -359,6 +381,7 @@ impl StateDir {
         let file = StateFile::from_response(resp, server.to_owned(), now);
         floto_files::write_public(&self.server_ca(), server_ca_pem.as_bytes())?;
         floto_files::write_public(&self.device_cert(), resp.certificate_pem.as_bytes())?;
+        self.save_ssh(resp)?;
         // state.json last: its presence means the rest is complete.
         self.write_state_json(&file)?;
         Ok(file)

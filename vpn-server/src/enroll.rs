@@ -136,6 +136,7 @@ pub fn enroll_response(
     certificate_pem: String,
     issued: OffsetDateTime,
     server: &ServerFacts<'_>,
+    ssh: Option<floto_proto::ssh::DeviceSsh>,
 ) -> EnrollResponse {
     // The device's own network, and the server's address there. (A device outside every
     // configured network cannot be: the registry refuses to open.)
@@ -159,6 +160,7 @@ pub fn enroll_response(
         assignment,
         certificate_pem,
         ca_pem: server.ca_pem.to_owned(),
+        ssh,
     }
 }
 
@@ -246,6 +248,7 @@ mod tests {
                 wg_public_key: WgKey(wg.to_bytes()).to_base64(),
                 device_type: Some("raspberrypi4-64".into()),
                 hostname: Some("sensor-1".into()),
+                ssh_host_keys: Vec::new(),
             }
         });
 

@@ -75,18 +75,20 @@ fn classify_call(action: CertAction, e: &CallError) -> CertFailure {
 }
 
 /// Performs `action` for the device in `dir`. `servers`: the configured API servers (a
-/// renewal asks the one in `state.json` first, then these).
+/// renewal asks the one in `state.json` first, then these). `ssh_host_keys`: sshd's host
+/// keys, to get host certificates for.
 pub async fn perform(
     action: CertAction,
     dir: &StateDir,
     state: &DeviceState,
     servers: &[ServerUrl],
     enroll: Option<&EnrollOptions>,
+    ssh_host_keys: &[String],
 ) -> Result<DeviceState, Failed> {
     match action {
-        CertAction::Renew => renew(dir, state, servers).await,
+        CertAction::Renew => renew(dir, state, servers, ssh_host_keys).await,
         CertAction::Reenroll => match enroll {
-            Some(settings) => reenroll(dir, state, settings).await,
+            Some(settings) => reenroll(dir, state, settings, ssh_host_keys).await,
             None => Err(Failed::new(
                 CertFailure::Refused,
                 "the certificate cannot be renewed and no provisioning key is configured to re-enroll with",
@@ -114,6 +116,7 @@ async fn renew(
     dir: &StateDir,
     state: &DeviceState,
     servers: &[ServerUrl],
+    ssh_host_keys: &[String],
 ) -> Result<DeviceState, Failed> {
     let key = next_key(dir)?;
     let csr = floto_pki::make_csr(&key, &state.file.assignment.uuid.to_string())
@@ -126,6 +129,7 @@ async fn renew(
     let req = RenewRequest {
         csr_pem: csr,
         wg_public_key: None,
+        ssh_host_keys: ssh_host_keys.to_vec(),
     };
     let req = &req;
     let (_, resp) = call_in_turn(&clients, |api| async move { api.renew(req).await })
@@ -143,6 +147,7 @@ async fn reenroll(
     dir: &StateDir,
     state: &DeviceState,
     settings: &EnrollOptions,
+    ssh_host_keys: &[String],
 ) -> Result<DeviceState, Failed> {
     let clients = settings
         .servers
@@ -168,6 +173,7 @@ async fn reenroll(
             wg_public_key: state.wg_public().to_base64(),
             device_type: settings.device_type.clone(),
             hostname: settings.hostname.clone(),
+            ssh_host_keys: ssh_host_keys.to_vec(),
         };
         let (key, req) = (&settings.provisioning_key, &req);
         let answer = call_in_turn(&clients, |api| async move { api.enroll(key, req).await }).await;

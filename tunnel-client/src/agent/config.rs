@@ -16,6 +16,7 @@ use serde::Deserialize;
 use floto_proto::DeviceId;
 
 use super::backoff::Backoff;
+use super::sshd::SshdConfig;
 use crate::enroll::EnrollOptions;
 use crate::servers::ServerUrl;
 
@@ -126,6 +127,13 @@ pub struct FileConfig {
     pub backoff_cap: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub keepalive: Option<Duration>,
+    /// Whether the agent sets sshd up for certificates (default true).
+    pub manage_sshd: Option<bool>,
+    /// sshd's configuration directory (default `/etc/ssh`).
+    pub sshd_dir: Option<PathBuf>,
+    /// A shell command that reloads sshd (default: SIGHUP to `/run/sshd.pid`, else
+    /// `systemctl reload ssh`).
+    pub sshd_reload: Option<String>,
 }
 
 impl FileConfig {
@@ -192,6 +200,9 @@ pub struct Overrides {
     pub forward: Vec<Forward>,
     pub backoff_cap: Option<Duration>,
     pub keepalive: Option<Duration>,
+    pub manage_sshd: Option<bool>,
+    pub sshd_dir: Option<PathBuf>,
+    pub sshd_reload: Option<String>,
 }
 
 /// The validated configuration of `floto-tunnel run`.
@@ -212,6 +223,8 @@ pub struct AgentConfig {
     /// `None`: no provisioning key configured (the device must be enrolled already, and
     /// cannot come back by itself once its certificate expired).
     pub enroll: Option<EnrollOptions>,
+    /// How sshd is set up for certificates; `None` with `--manage-sshd=false`.
+    pub sshd: Option<SshdConfig>,
 }
 
 impl AgentConfig {
@@ -301,6 +314,7 @@ impl AgentConfig {
                     uuid: flags.uuid.or(file.uuid),
                     device_type: file.device_type,
                     hostname: file.hostname,
+                    ssh_host_keys: Vec::new(),
                 })
             }
             (Some(_), true, _) => {
@@ -329,6 +343,17 @@ impl AgentConfig {
             backoff_cap,
             keepalive,
             enroll,
+            sshd: flags
+                .manage_sshd
+                .or(file.manage_sshd)
+                .unwrap_or(true)
+                .then(|| SshdConfig {
+                    dir: flags
+                        .sshd_dir
+                        .or(file.sshd_dir)
+                        .unwrap_or_else(|| SshdConfig::default().dir),
+                    reload: flags.sshd_reload.or(file.sshd_reload),
+                }),
         })
     }
 }

@@ -27,6 +27,7 @@ use super::link::{LinkAction, LinkEvent, LinkParams, LinkSupervisor};
 use super::local::{self, LocalSide};
 use super::probe;
 use super::renewal::{CertAction, RenewalPlanner, REVOKED_RETRY};
+use super::sshd;
 use super::status::AgentStatus;
 use crate::enroll::{enroll, EnrollError};
 use crate::state::{DeviceState, StateDir, StateError};
@@ -90,7 +91,10 @@ async fn obtain_identity(
                 dir.root().display()
             );
         };
-        let wait = match enroll(dir, settings).await {
+        // sshd's host keys go with the enrollment, for host certificates.
+        let mut settings = settings.clone();
+        settings.ssh_host_keys = host_key_lines(config);
+        let wait = match enroll(dir, &settings).await {
             Ok((state, _created)) => return Ok(Some(state)),
             Err(EnrollError::Client(e)) if e.is_transient() => {
                 let wait = backoff.delay(attempt, rng);
@@ -175,12 +179,20 @@ impl Driver {
             state.file.assignment.persistent_keepalive.max(1),
         )));
         let link = LinkSupervisor::new(LinkParams::new(keepalive, config.backoff_cap));
+        // Host keys without host certificates (a new device, a re-flash, an agent that did not
+        // manage sshd before): renew at once to get them.
+        let uncertified = config.sshd.as_ref().is_some_and(|cfg| {
+            !sshd::certifies_all(dir.load_ssh().as_ref(), &sshd::host_keys(&cfg.dir))
+        });
+        if uncertified {
+            info!("sshd's host keys have no host certificates yet; renewing now to get them");
+        }
         let planner = RenewalPlanner::new(
             state.file.assignment.expires_at,
             state.file.assignment.renew_after,
             config.enroll.is_some(),
             config.backoff_cap,
-            dir.has_pending_key(),
+            dir.has_pending_key() || uncertified,
             &mut rng,
         );
         let tunn = new_tunn(&state, &mut rng);
@@ -240,6 +252,8 @@ impl Driver {
     }
 
     async fn run(mut self, token: &CancellationToken) -> anyhow::Result<()> {
+        // What the last enrollment or renewal said (a renewal for new host keys may be due).
+        self.install_sshd();
         let udp = self.udp.clone();
         let Some(LocalSide {
             to_local,
@@ -604,9 +618,18 @@ impl Driver {
         let state = self.state.clone();
         let settings = self.config.enroll.clone();
         let servers = self.config.servers.clone();
+        let host_keys = host_key_lines(&self.config);
         let tx = tx.clone();
         tokio::spawn(async move {
-            let result = certs::perform(action, &dir, &state, &servers, settings.as_ref()).await;
+            let result = certs::perform(
+                action,
+                &dir,
+                &state,
+                &servers,
+                settings.as_ref(),
+                &host_keys,
+            )
+            .await;
             let _ = tx.send((action, result)).await;
         });
     }
@@ -648,6 +671,7 @@ impl Driver {
                 }
                 self.status.cert_expires_at = self.state.file.assignment.expires_at;
                 self.status.renewals += 1;
+                self.install_sshd();
             }
             Err(Failed { failure, message }) => {
                 let newly_revoked = self.planner.handle_failure(failure, now_utc, &mut self.rng);
@@ -669,6 +693,35 @@ impl Driver {
             }
         }
         self.status_dirty = true;
+    }
+
+    /// Sets sshd up with what the server last said (in the background: it runs `sshd -t`
+    /// and a reload). Nothing to do when sshd is not managed or nothing changed.
+    fn install_sshd(&self) {
+        let Some(cfg) = self.config.sshd.clone() else {
+            return;
+        };
+        let Some(ssh) = self.dir.load_ssh() else {
+            return;
+        };
+        tokio::task::spawn_blocking(move || {
+            let keys = sshd::host_keys(&cfg.dir);
+            if !sshd::certifies_all(Some(&ssh), &keys) {
+                warn!(dir = %cfg.dir.display(), "sshd's host keys changed since the last renewal; its certificates wait for the next one");
+                return;
+            }
+            match sshd::install(&cfg, &ssh, &keys) {
+                Ok(sshd::Installed::Changed) => info!(
+                    dir = %cfg.dir.display(),
+                    host_certificates = keys.len(),
+                    logins = %ssh.logins.join(","),
+                    "sshd set up for floto-connect certificates and reloaded"
+                ),
+                Ok(sshd::Installed::Unchanged) => debug!("sshd's floto-connect setup is current"),
+                Ok(sshd::Installed::Unsupported(why)) => warn!("{why}"),
+                Err(e) => error!(error = %e, "cannot set sshd up for floto-connect certificates"),
+            }
+        });
     }
 
     // ---- status ----------------------------------------------------------------------
@@ -719,4 +772,18 @@ fn overlay_network(cidr: &str) -> anyhow::Result<(Ipv4Addr, u8)> {
         .filter(|l| *l <= 32)
         .with_context(|| format!("overlay network {cidr:?}: bad prefix length"))?;
     Ok((net, len))
+}
+
+/// sshd's public host key lines, when the agent manages sshd.
+fn host_key_lines(config: &AgentConfig) -> Vec<String> {
+    config
+        .sshd
+        .as_ref()
+        .map(|cfg| {
+            sshd::host_keys(&cfg.dir)
+                .into_iter()
+                .map(|(_, line)| line)
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -13,6 +13,7 @@ mod local;
 pub mod probe;
 pub mod renewal;
 mod socket;
+pub mod sshd;
 pub mod status;
 
 pub use driver::run;

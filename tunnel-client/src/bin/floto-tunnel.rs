@@ -87,6 +87,17 @@ struct RunArgs {
     /// two of them plus 5 s without an answer.
     #[arg(long, env = "FLOTO_KEEPALIVE", value_parser = humantime::parse_duration)]
     keepalive: Option<std::time::Duration>,
+    /// Set sshd up so operators log in with certificates and the device shows host
+    /// certificates (an sshd_config.d drop-in, checked with `sshd -t`) [default: true].
+    #[arg(long, env = "FLOTO_MANAGE_SSHD", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    manage_sshd: Option<bool>,
+    /// sshd's configuration directory [default: /etc/ssh].
+    #[arg(long, env = "FLOTO_SSHD_DIR", value_name = "DIR")]
+    sshd_dir: Option<PathBuf>,
+    /// Shell command that reloads sshd [default: SIGHUP to /run/sshd.pid, else `systemctl
+    /// reload ssh`].
+    #[arg(long, env = "FLOTO_SSHD_RELOAD", value_name = "COMMAND")]
+    sshd_reload: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -179,6 +190,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     uuid,
                     device_type,
                     hostname,
+                    // The agent asks for host certificates when it runs.
+                    ssh_host_keys: Vec::new(),
                 },
             )
             .await?;
@@ -222,6 +235,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             forward: args.forwards,
             backoff_cap: args.backoff_cap,
             keepalive: args.keepalive,
+            manage_sshd: args.manage_sshd,
+            sshd_dir: args.sshd_dir,
+            sshd_reload: args.sshd_reload,
         },
         std::path::Path::new(floto_proto::defaults::STATE_DIR),
     )?;

@@ -92,6 +92,7 @@ async fn enroll(
     // 2. The request.
     let req: EnrollRequest = parse_json(body)?;
     let valid = validate_enroll_request(&req)?;
+    super::ssh::check_host_keys(&req.ssh_host_keys)?;
     let device = valid.device.unwrap_or_else(DeviceId::new_random);
     tracing::Span::current().record("device", tracing::field::display(device));
 
@@ -155,9 +156,10 @@ async fn enroll(
         })
         .await;
     info!(fleet = %device_row.fleet, ip = %device_row.overlay_ip, status = status.as_u16(), "device enrolled");
+    let ssh = device_ssh(state, device_row, &req.ssh_host_keys, now).await?;
     Ok((
         status,
-        enroll_response(device_row, cert.pem, now, &state.server_facts(conn)),
+        enroll_response(device_row, cert.pem, now, &state.server_facts(conn), ssh),
     ))
 }
 
@@ -184,6 +186,7 @@ async fn renew(
     tracing::Span::current().record("device", tracing::field::display(device));
     let req: RenewRequest = parse_json(body)?;
     let csr = parse_csr_field(&req.csr_pem)?;
+    super::ssh::check_host_keys(&req.ssh_host_keys)?;
     let new_wg_public_key = req
         .wg_public_key
         .as_deref()
@@ -229,10 +232,40 @@ async fn renew(
         })
         .await;
     info!("certificate renewed");
+    let ssh = device_ssh(state, &renewed.device, &req.ssh_host_keys, now).await?;
     Ok(enroll_response(
         &renewed.device,
         cert.pem,
         now,
         &state.server_facts(conn),
+        ssh,
     ))
+}
+
+/// Host certificates for the host keys an enrollment or renewal sent (valid as long as the
+/// device certificate), and the record of those keys (operators' `floto ssh` then verifies
+/// the device strictly).
+async fn device_ssh(
+    state: &AppState,
+    device: &floto_registry::Device,
+    host_keys: &[String],
+    now: OffsetDateTime,
+) -> Result<Option<floto_proto::ssh::DeviceSsh>, Failure> {
+    let ssh = super::ssh::device_ssh(
+        &state.ssh,
+        state.store.as_ref(),
+        &device.id,
+        &device.fleet,
+        host_keys,
+        now,
+        device.cert_expires_at,
+    )
+    .await?;
+    if ssh.is_some() {
+        state
+            .store
+            .set_device_ssh_host_keys(&device.id, host_keys, now)
+            .await?;
+    }
+    Ok(ssh)
 }
