@@ -867,6 +867,7 @@ fn a_damaged_state_dir_is_refused_with_a_clear_error_never_replaced() {
         let mut cmd = Command::new(bin("floto-tunnel"));
         cmd.args([
             "run",
+            "--manage-sshd=false",
             "--userspace",
             "--forward",
             "22",
