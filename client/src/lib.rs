@@ -329,6 +329,16 @@ impl ApiClient {
             .1)
     }
 
+    /// `GET /v1/ssh/device` (needs the device identity).
+    pub async fn ssh_device_policy(
+        &self,
+    ) -> Result<floto_proto::ssh::DeviceSshPolicy, ClientError> {
+        Ok(self
+            .call::<(), _>(Method::GET, paths::SSH_DEVICE, None, None)
+            .await?
+            .1)
+    }
+
     /// `GET /v1/fleets`
     pub async fn fleets(&self) -> Result<Vec<floto_proto::ssh::FleetSettings>, ClientError> {
         Ok(self

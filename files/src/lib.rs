@@ -100,10 +100,14 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), FileE
     let name = path
         .file_name()
         .ok_or_else(|| FileError::new("writing", path, std::io::Error::other("no file name")))?;
+    // Unique per write, so that concurrent writers (threads of one process too) never share
+    // a temporary file; the last rename wins whole.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let tmp = dir.join(format!(
-        ".{}.tmp-{}",
+        ".{}.tmp-{}-{}",
         name.to_string_lossy(),
-        std::process::id()
+        std::process::id(),
+        WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let result = (|| {
         let mut f = fs::OpenOptions::new()
@@ -142,6 +146,29 @@ mod tests {
         );
         let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "temporary file left behind");
+    }
+
+    /// Threads writing one file at once each write whole: the file ends as one of them wrote
+    /// it, never mixed or missing, and no temporary file is left.
+    #[test]
+    fn concurrent_writes_of_one_file_never_mix() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("known_hosts");
+        std::thread::scope(|s| {
+            for t in 0..8u8 {
+                let p = &p;
+                s.spawn(move || {
+                    for _ in 0..50 {
+                        write_public(p, &[b'a' + t; 4096]).unwrap();
+                    }
+                });
+            }
+        });
+        let got = fs::read(&p).unwrap();
+        assert_eq!(got.len(), 4096);
+        assert!(got.iter().all(|b| *b == got[0]), "mixed writes");
+        let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "temporary files left behind");
     }
 
     #[test]

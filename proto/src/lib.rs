@@ -59,6 +59,7 @@ pub mod paths {
     pub const SSH_USER_CERT: &str = "/v1/ssh/user-cert";
     pub const SSH_USER_CA: &str = "/v1/ssh/user-ca";
     pub const SSH_HOST_CA: &str = "/v1/ssh/host-ca";
+    pub const SSH_DEVICE: &str = "/v1/ssh/device";
     pub const FLEETS: &str = "/v1/fleets";
     pub const HEALTHZ: &str = "/healthz";
     pub const READYZ: &str = "/readyz";

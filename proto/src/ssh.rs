@@ -57,6 +57,17 @@ pub struct DeviceSsh {
     pub logins: Vec<String>,
 }
 
+/// Response to `GET /v1/ssh/device` (a device's mTLS identity): what its sshd should accept
+/// now. Agents ask every few minutes, so a change of its fleet's logins reaches the device
+/// without waiting for a renewal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSshPolicy {
+    /// The user CA's public key line.
+    pub user_ca: String,
+    /// The logins operators may use on the device's fleet.
+    pub logins: Vec<String>,
+}
+
 /// A fleet's settings, as `GET /v1/fleets` lists them and `PUT /v1/fleets/{name}` sets
 /// them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -327,6 +327,16 @@ fn bad_certificate_requests_are_refused_with_their_reason() {
         (401..=403).contains(&status),
         "a device certificate got {status}: {answer}"
     );
+    // The device route gives a device its fleet's logins, and nobody else anything.
+    let (status, answer) = curl(&server, "GET", "/v1/ssh/device")
+        .client_cert(state.join("device.pem"), state.join("device.key"))
+        .send();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["logins"], serde_json::json!(["root"]));
+    let (status, answer) = curl(&server, "GET", "/v1/ssh/device")
+        .client_cert(alice.join("operator.pem"), alice.join("operator.key"))
+        .send();
+    assert_error(status, &answer, 403, "forbidden", "for devices");
     // The CAs' public keys are published.
     for (path, words) in [
         ("/v1/ssh/user-ca", "ssh-ed25519 "),
@@ -361,7 +371,7 @@ fn the_agent_sets_sshd_up_and_devices_are_verified_by_their_host_certificates() 
         .tempdir()
         .unwrap();
     let (sshd, flags) = start_managed_sshd(&ns, sshd_dir.path());
-    let mut args: Vec<String> = ["--tun", "--keepalive", "2s"]
+    let mut args: Vec<String> = ["--tun", "--keepalive", "2s", "--sshd-refresh", "1s"]
         .iter()
         .map(|s| s.to_string())
         .collect();
@@ -421,6 +431,14 @@ fn the_agent_sets_sshd_up_and_devices_are_verified_by_their_host_certificates() 
         "{known}"
     );
 
+    // Keep this session's root certificate for later.
+    let root_cert = ops.path().join("root-cert.pub");
+    std::fs::copy(
+        cfg.join(format!("ssh/certs/{uuid}.floto-cert.pub")),
+        &root_cert,
+    )
+    .unwrap();
+
     // Re-flash: sshd gets new host keys; the agent (same identity) restarts, asks for host
     // certificates for them, and the device is verified again without a warning.
     agent.stop();
@@ -450,6 +468,79 @@ fn the_agent_sets_sshd_up_and_devices_are_verified_by_their_host_certificates() 
         !stderr(&out).contains("IDENTIFICATION HAS CHANGED"),
         "{}",
         stderr(&out)
+    );
+
+    // The fleet now allows only another login: the agent learns it within its refresh
+    // interval, and the device itself refuses the root certificate issued before, though it
+    // has not expired (its principals files).
+    server.admin(&["fleet", "set", "lab", "--ssh-login", OTHER_LOGIN]);
+    floto_e2e::wait_for(
+        Duration::from_secs(20),
+        "the agent to learn the logins",
+        || {
+            agent
+                .log()
+                .contains("the fleet's SSH logins changed")
+                .then_some(())
+        },
+    );
+    let principals = sshd_dir.path().join("floto/principals");
+    floto_e2e::wait_for(Duration::from_secs(10), "the principals files", || {
+        (principals.join(OTHER_LOGIN).exists() && !principals.join("root").exists()).then_some(())
+    });
+    let mut old = Command::new("ssh");
+    old.args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o"])
+        .arg("IdentityAgent=none")
+        .arg("-i")
+        .arg(cfg.join("ssh/id_ed25519"))
+        .arg("-o")
+        .arg(format!("CertificateFile={}", root_cert.display()))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .arg("-o")
+        .arg(format!(
+            "ProxyCommand={} --config-dir {} proxy {uuid} 22",
+            floto_e2e::bin("floto").display(),
+            cfg.display()
+        ))
+        .args(["-l", "root", &format!("{uuid}.floto"), "id", "-un"]);
+    let out = output(&mut old);
+    assert!(
+        !out.status.success(),
+        "the old root certificate still works"
+    );
+    assert!(
+        stderr(&out).contains("Permission denied"),
+        "{}",
+        stderr(&out)
+    );
+    let out = output(floto(&cfg).args([
+        "ssh",
+        &uuid,
+        "-l",
+        OTHER_LOGIN,
+        "--",
+        "-o",
+        "BatchMode=yes",
+        "id",
+        "-un",
+    ]));
+    assert!(
+        sshd.log()
+            .contains(&format!("Accepted publickey for {OTHER_LOGIN} ")),
+        "{}\n{}",
+        stderr(&out),
+        sshd.log()
+    );
+    server.admin(&["fleet", "set", "lab", "--default"]);
+    floto_e2e::wait_for(
+        Duration::from_secs(10),
+        "root back in the principals",
+        || principals.join("root").exists().then_some(()),
     );
 
     // The device shows a host certificate of the real CA for another device: refused.

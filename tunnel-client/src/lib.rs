@@ -1,10 +1,11 @@
 //! floto-tunnel-client: the two client programs of floto-connect. `floto-tunnel`, the
 //! device agent (enrolls once, keeps its identity in a state dir, prints its wg-quick
-//! config), and `floto`, the operator CLI (login, devices, ssh, proxy, tunnel). The
+//! config), and `floto`, the operator CLI (login, devices, ssh, exec, proxy, tunnel). The
 //! protocol types and the HTTPS/QUIC client live in floto-proto and floto-client.
 
 pub mod agent;
 pub mod enroll;
+pub mod exec;
 pub mod forward;
 pub mod operator;
 pub mod servers;

@@ -140,6 +140,24 @@ impl StateDir {
             .ok()
     }
 
+    /// Records the fleet's current logins and user CA; returns whether they changed.
+    pub fn save_ssh_policy(
+        &self,
+        policy: &floto_proto::ssh::DeviceSshPolicy,
+    ) -> Result<bool, StateError> {
+        let Some(mut ssh) = self.load_ssh() else {
+            return Ok(false);
+        };
+        if ssh.logins == policy.logins && ssh.user_ca == policy.user_ca {
+            return Ok(false);
+        }
+        ssh.logins.clone_from(&policy.logins);
+        ssh.user_ca.clone_from(&policy.user_ca);
+        let json = serde_json::to_vec_pretty(&ssh).map_err(|e| self.damaged("ssh.json", e))?;
+        floto_files::write_public(&self.ssh_json(), &json)?;
+        Ok(true)
+    }
+
     fn save_ssh(&self, resp: &EnrollResponse) -> Result<(), StateError> {
         if let Some(ssh) = &resp.ssh {
             let json = serde_json::to_vec_pretty(ssh).map_err(|e| self.damaged("ssh.json", e))?;

@@ -134,6 +134,9 @@ pub struct FileConfig {
     /// A shell command that reloads sshd (default: SIGHUP to `/run/sshd.pid`, else
     /// `systemctl reload ssh`).
     pub sshd_reload: Option<String>,
+    /// How often to ask for the fleet's current logins and user CA (default 5m).
+    #[serde(default, with = "humantime_serde")]
+    pub sshd_refresh: Option<Duration>,
 }
 
 impl FileConfig {
@@ -203,6 +206,7 @@ pub struct Overrides {
     pub manage_sshd: Option<bool>,
     pub sshd_dir: Option<PathBuf>,
     pub sshd_reload: Option<String>,
+    pub sshd_refresh: Option<Duration>,
 }
 
 /// The validated configuration of `floto-tunnel run`.
@@ -353,6 +357,11 @@ impl AgentConfig {
                         .or(file.sshd_dir)
                         .unwrap_or_else(|| SshdConfig::default().dir),
                     reload: flags.sshd_reload.or(file.sshd_reload),
+                    refresh: flags
+                        .sshd_refresh
+                        .or(file.sshd_refresh)
+                        .unwrap_or(super::sshd::REFRESH)
+                        .max(Duration::from_secs(1)),
                 }),
         })
     }

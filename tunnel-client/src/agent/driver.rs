@@ -151,6 +151,8 @@ struct Driver {
     status: AgentStatus,
     status_dirty: bool,
     next_status_write: Instant,
+    /// When to ask for the fleet's SSH logins next (when sshd is managed).
+    next_ssh_refresh: Instant,
     buf: Vec<u8>,
     local: Option<LocalSide>,
 }
@@ -226,6 +228,7 @@ impl Driver {
             "agent started"
         );
         let now = Instant::now();
+        let config_refresh = config.sshd.as_ref().map_or(Duration::ZERO, |c| c.refresh);
         Ok(Self {
             config,
             dir,
@@ -246,6 +249,7 @@ impl Driver {
             status,
             status_dirty: true,
             next_status_write: now,
+            next_ssh_refresh: now + config_refresh,
             buf: vec![0u8; 65_536 + 256],
             local: Some(local),
         })
@@ -427,6 +431,12 @@ impl Driver {
         if self.status_dirty || now >= self.next_status_write {
             self.write_status();
             self.next_status_write = now + STATUS_EVERY;
+        }
+        if let Some(cfg) = &self.config.sshd {
+            if now >= self.next_ssh_refresh {
+                self.next_ssh_refresh = now + jittered(cfg.refresh, 0.2, &mut self.rng);
+                self.refresh_ssh_policy();
+            }
         }
     }
 
@@ -695,33 +705,51 @@ impl Driver {
         self.status_dirty = true;
     }
 
-    /// Sets sshd up with what the server last said (in the background: it runs `sshd -t`
-    /// and a reload). Nothing to do when sshd is not managed or nothing changed.
-    fn install_sshd(&self) {
+    /// Asks the server for the fleet's current logins and user CA (in the background), and
+    /// sets sshd up again when they changed.
+    fn refresh_ssh_policy(&self) {
         let Some(cfg) = self.config.sshd.clone() else {
             return;
         };
-        let Some(ssh) = self.dir.load_ssh() else {
-            return;
-        };
-        tokio::task::spawn_blocking(move || {
-            let keys = sshd::host_keys(&cfg.dir);
-            if !sshd::certifies_all(Some(&ssh), &keys) {
-                warn!(dir = %cfg.dir.display(), "sshd's host keys changed since the last renewal; its certificates wait for the next one");
+        let dir = self.dir.clone();
+        let state = self.state.clone();
+        let servers = self.config.servers.clone();
+        tokio::spawn(async move {
+            let Ok(clients) = crate::servers::preferring(&state.file.server, &servers)
+                .iter()
+                .map(|server| state.api(server))
+                .collect::<Result<Vec<_>, _>>()
+            else {
                 return;
-            }
-            match sshd::install(&cfg, &ssh, &keys) {
-                Ok(sshd::Installed::Changed) => info!(
-                    dir = %cfg.dir.display(),
-                    host_certificates = keys.len(),
-                    logins = %ssh.logins.join(","),
-                    "sshd set up for floto-connect certificates and reloaded"
-                ),
-                Ok(sshd::Installed::Unchanged) => debug!("sshd's floto-connect setup is current"),
-                Ok(sshd::Installed::Unsupported(why)) => warn!("{why}"),
-                Err(e) => error!(error = %e, "cannot set sshd up for floto-connect certificates"),
+            };
+            let policy = match crate::servers::call_in_turn(&clients, |api| async move {
+                api.ssh_device_policy().await
+            })
+            .await
+            {
+                Ok((_, policy)) => policy,
+                Err(e) => {
+                    debug!(error = %e, "cannot ask for the fleet's SSH logins now");
+                    return;
+                }
+            };
+            match dir.save_ssh_policy(&policy) {
+                Ok(true) => {
+                    info!(logins = %policy.logins.join(","), "the fleet's SSH logins changed");
+                    install_sshd_now(cfg, dir).await;
+                }
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, "cannot record the fleet's SSH logins"),
             }
         });
+    }
+
+    /// Sets sshd up with what the server last said (in the background: it runs `sshd -t`
+    /// and a reload). Nothing to do when sshd is not managed or nothing changed.
+    fn install_sshd(&self) {
+        if let Some(cfg) = self.config.sshd.clone() {
+            tokio::spawn(install_sshd_now(cfg, self.dir.clone()));
+        }
     }
 
     // ---- status ----------------------------------------------------------------------
@@ -786,4 +814,35 @@ fn host_key_lines(config: &AgentConfig) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Sets sshd up with what the state dir holds from the server (host certificates, user CA,
+/// logins); logs what happened.
+async fn install_sshd_now(cfg: sshd::SshdConfig, dir: StateDir) {
+    let Some(ssh) = dir.load_ssh() else {
+        return;
+    };
+    let done = tokio::task::spawn_blocking(move || {
+        let keys = sshd::host_keys(&cfg.dir);
+        if !sshd::certifies_all(Some(&ssh), &keys) {
+            warn!(dir = %cfg.dir.display(), "sshd's host keys changed since the last renewal; its certificates wait for the next one");
+            return;
+        }
+        match sshd::install(&cfg, &ssh, &keys) {
+            Ok(sshd::Installed::Changed { reloaded }) => info!(
+                dir = %cfg.dir.display(),
+                host_certificates = keys.len(),
+                logins = %ssh.logins.join(","),
+                reloaded,
+                "sshd set up for floto-connect certificates"
+            ),
+            Ok(sshd::Installed::Unchanged) => debug!("sshd's floto-connect setup is current"),
+            Ok(sshd::Installed::Unsupported(why)) => warn!("{why}"),
+            Err(e) => error!(error = %e, "cannot set sshd up for floto-connect certificates"),
+        }
+    })
+    .await;
+    if let Err(e) = done {
+        error!(error = %e, "setting sshd up failed");
+    }
 }

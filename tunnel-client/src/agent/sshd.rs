@@ -33,13 +33,20 @@ pub struct SshdConfig {
     /// A shell command that makes sshd read its configuration again; `None`: SIGHUP to the
     /// pid in `/run/sshd.pid`, else `systemctl reload ssh` (or `sshd`).
     pub reload: Option<String>,
+    /// How often the agent asks the server for the user CA and its fleet's logins, so that
+    /// a change reaches the device without waiting for a renewal.
+    pub refresh: std::time::Duration,
 }
+
+/// Default of [`SshdConfig::refresh`].
+pub const REFRESH: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl Default for SshdConfig {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("/etc/ssh"),
             reload: None,
+            refresh: REFRESH,
         }
     }
 }
@@ -60,8 +67,10 @@ pub enum SshdError {
 /// What [`install`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Installed {
-    /// Files changed, checked, and sshd reloaded.
-    Changed,
+    /// Files changed; `reloaded` when sshd had to read its configuration again (the drop-in
+    /// or a host certificate changed: the user CA and the principals files are read at each
+    /// login).
+    Changed { reloaded: bool },
     /// Everything was already in place.
     Unchanged,
     /// This system's sshd reads no drop-ins; nothing was touched.
@@ -191,14 +200,18 @@ pub fn install(
                 .collect()
         })
         .unwrap_or_default();
-    let same = stale.is_empty()
-        && want
-            .iter()
-            .all(|(path, content)| std::fs::read_to_string(path).is_ok_and(|c| &c == content));
-    if same {
+    let changed: Vec<&PathBuf> = want
+        .iter()
+        .filter(|(path, content)| std::fs::read_to_string(path).ok().as_ref() != Some(*content))
+        .map(|(path, _)| path)
+        .collect();
+    if changed.is_empty() && stale.is_empty() {
         return Ok(Installed::Unchanged);
     }
     let drop_in = cfg.dir.join("sshd_config.d").join(DROP_IN);
+    let reload_needed = changed
+        .iter()
+        .any(|p| **p == drop_in || p.to_string_lossy().ends_with("-cert.pub"));
     let previous = std::fs::read(&drop_in).ok();
     for dir in [cfg.dir.join("sshd_config.d"), principals.clone()] {
         floto_files::create_public_dir(&dir)?;
@@ -211,6 +224,9 @@ pub fn install(
     for path in &stale {
         let _ = std::fs::remove_file(path);
     }
+    if !reload_needed {
+        return Ok(Installed::Changed { reloaded: false });
+    }
     floto_files::write_public(&drop_in, want[&drop_in].as_bytes())?;
     if let Err(why) = check(&main) {
         match previous {
@@ -222,7 +238,7 @@ pub fn install(
         return Err(SshdError::Invalid(why));
     }
     reload(cfg).map_err(SshdError::Reload)?;
-    Ok(Installed::Changed)
+    Ok(Installed::Changed { reloaded: true })
 }
 
 /// `sshd -t -f CONFIG`.
@@ -298,7 +314,7 @@ mod tests {
     fn the_files_name_every_certificate_and_login() {
         let cfg = SshdConfig {
             dir: PathBuf::from("/x"),
-            reload: None,
+            ..SshdConfig::default()
         };
         let ssh = DeviceSsh {
             host_certificates: vec!["cert-a".into(), "cert-b".into()],
@@ -334,6 +350,7 @@ mod tests {
         let cfg = SshdConfig {
             dir: dir.path().to_owned(),
             reload: Some("false".into()),
+            ..SshdConfig::default()
         };
         let ssh = DeviceSsh {
             host_certificates: vec!["c".into()],

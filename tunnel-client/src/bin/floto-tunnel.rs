@@ -98,6 +98,10 @@ struct RunArgs {
     /// reload ssh`].
     #[arg(long, env = "FLOTO_SSHD_RELOAD", value_name = "COMMAND")]
     sshd_reload: Option<String>,
+    /// How often to ask the server for the fleet's current SSH logins and user CA
+    /// [default: 5m].
+    #[arg(long, env = "FLOTO_SSHD_REFRESH", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    sshd_refresh: Option<std::time::Duration>,
 }
 
 #[derive(Subcommand)]
@@ -238,6 +242,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             manage_sshd: args.manage_sshd,
             sshd_dir: args.sshd_dir,
             sshd_reload: args.sshd_reload,
+            sshd_refresh: args.sshd_refresh,
         },
         std::path::Path::new(floto_proto::defaults::STATE_DIR),
     )?;

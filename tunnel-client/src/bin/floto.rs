@@ -9,9 +9,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use floto_client::broker::{self, Transport};
 use floto_client::cli::Program;
 use floto_proto::{rfc3339, DeviceId};
+use floto_tunnel_client::exec;
 use floto_tunnel_client::forward::{self, ForwardSpec};
 use floto_tunnel_client::operator::{self, default_config_dir, Operator};
-use floto_tunnel_client::ssh;
+use floto_tunnel_client::ssh::{self, shell_quote};
 
 #[derive(Parser)]
 #[command(
@@ -105,6 +106,43 @@ enum Command {
     },
     /// Print an ssh_config block so plain ssh, scp, rsync and ansible reach UUID.floto.
     SshConfig,
+    /// Run a command on every device of a fleet (ssh in batch mode through the broker,
+    /// each session audited) and print one row per device, by UUID: UUID, STATUS (the
+    /// exit code, or offline, timeout, refused, error), DURATION, the first line of
+    /// output. Devices the list shows offline are not tried; they get an `offline` row.
+    /// Exits 0 when every device ran the command with exit 0, 1 when any did not, 255
+    /// when nothing could be run (not logged in, server unreachable, no devices).
+    Exec {
+        /// The fleet whose devices run the command.
+        #[arg(long)]
+        fleet: String,
+        /// Only devices that are online (offline ones get no row).
+        #[arg(long)]
+        online: bool,
+        /// Devices at once (1 to 256).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=256))]
+        parallel: u16,
+        /// Per device, from its certificate request to the end of ssh; ssh is killed then.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// A JSON array of rows instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Save each device's stdout and stderr as DIR/<uuid>.out and DIR/<uuid>.err
+        /// (DIR made 0700, files 0600), for the devices whose ssh ran.
+        #[arg(long, value_name = "DIR")]
+        output_dir: Option<PathBuf>,
+        /// Remote user.
+        #[arg(short = 'l', default_value = "root")]
+        user: String,
+        /// Remote port.
+        #[arg(short = 'p', default_value_t = 22)]
+        port: u16,
+        /// The command, run by the user's shell on each device (words joined by spaces,
+        /// as ssh does).
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -159,49 +197,77 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let id = DeviceId::from_host(&device)?;
             let op = Operator::load_renewing(&dir).await?;
-            // A login the fleet does not allow is refused here, once, before any connection.
             let files = ssh::SshFiles::new(&dir);
-            let issued = match files.refresh(&op, &id, std::slice::from_ref(&user)).await {
-                Ok(issued) => issued,
-                Err(e) => {
+            let opened = ssh::Session::open(
+                &op,
+                &files,
+                &id,
+                &user,
+                port,
+                transport.transport(),
+                own_keys,
+            )
+            .await;
+            let mut session = match opened {
+                Ok(session) => session,
+                Err(ssh::OpenError::Certificate(e)) => {
                     eprintln!("floto: {e:#}");
                     return Ok(ExitCode::from(255));
                 }
+                // The broker's own error, so that main exits 255 for it.
+                Err(ssh::OpenError::Broker(e)) => return Err(e.into()),
+                Err(e) => return Err(e.into()),
             };
-            if !issued.host_certified {
+            if !session.issued().host_certified {
                 tracing::warn!(
                     "{id} has no SSH host certificate; its host key is trusted on first use"
                 );
             }
-            let stream = broker::open(
-                &op.broker_target()?,
-                &id.to_string(),
-                port,
-                transport.transport(),
-            )
-            .await?;
-            let handover = ssh::Handover::new()?;
-            let exe = std::env::current_exe()?;
-            let proxy = format!(
-                "{} proxy --attach {} {id} %p",
-                shell_quote(&exe.to_string_lossy()),
-                shell_quote(&handover.socket().to_string_lossy()),
-            );
-            let host = format!("{id}.floto");
-            let mut command = std::process::Command::new("ssh");
-            command.arg("-o").arg(format!("ProxyCommand={proxy}"));
-            for opt in files.options(&host, issued.host_certified, own_keys) {
-                command.arg("-o").arg(opt);
-            }
-            command
-                .arg("-p")
-                .arg(port.to_string())
-                .arg("-l")
-                .arg(&user)
-                .arg(&host)
-                .args(&ssh_args);
-            let status = handover.run(stream, command).await?;
+            let host = session.host().to_owned();
+            session.command().arg(host).args(&ssh_args);
+            let status = session.run().await?;
             return Ok(ExitCode::from(ssh::exit_code(status)));
+        }
+        Command::Exec {
+            fleet,
+            online,
+            parallel,
+            timeout,
+            json,
+            output_dir,
+            user,
+            port,
+            command,
+        } => {
+            let options = exec::Options {
+                fleet,
+                online_only: online,
+                parallel: parallel.into(),
+                timeout,
+                login: user,
+                port,
+                command,
+                output_dir,
+                transport: transport.transport(),
+            };
+            let ran = async {
+                let op = Operator::load_renewing(&dir).await?;
+                exec::run(&op, ssh::SshFiles::new(&dir), options).await
+            };
+            let rows = match ran.await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    eprintln!("floto: {e:#}");
+                    return Ok(ExitCode::from(exec::NOTHING_RAN));
+                }
+            };
+            if json {
+                println!("{}", exec::json(&rows)?);
+            } else {
+                print!("{}", exec::table(&rows));
+            }
+            eprintln!("{}", exec::summary(&rows));
+            return Ok(ExitCode::from(exec::exit_status(&rows)));
         }
         Command::Proxy {
             device,
@@ -311,15 +377,4 @@ fn system_roots() -> anyhow::Result<String> {
     anyhow::bail!(
         "no --ca given and no system CA bundle found; pass --ca with the server's CA certificate"
     )
-}
-
-/// Quotes for /bin/sh, which runs ssh's ProxyCommand.
-fn shell_quote(s: &str) -> String {
-    if !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"/._-+=:,@".contains(&b))
-    {
-        return s.to_owned();
-    }
-    format!("'{}'", s.replace('\'', "'\\''"))
 }

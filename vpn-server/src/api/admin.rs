@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use time::OffsetDateTime;
@@ -41,9 +41,12 @@ fn bad(message: impl Into<String>) -> Failure {
 /// `POST /v1/keys` (admin): a new provisioning key, shown once.
 pub async fn create_key(
     State(state): State<Arc<AppState>>,
-    caller: Caller,
+    axum::Extension(conn): axum::Extension<ConnInfo>,
+    headers: HeaderMap,
     LimitedBody(body): LimitedBody,
 ) -> Result<(StatusCode, Json<CreateKeyResponse>), Failure> {
+    // The body first (see `Caller::of`).
+    let caller = Caller::of(&state, &conn, &headers).await?;
     caller.require(Action::Administer, None)?;
     let op = caller.0;
     let req: CreateKeyRequest = parse_json(&body)?;
@@ -175,9 +178,12 @@ pub async fn revoke_key(
 /// `POST /v1/operators` (admin): a new operator and its one-time login token.
 pub async fn add_operator(
     State(state): State<Arc<AppState>>,
-    caller: Caller,
+    axum::Extension(conn): axum::Extension<ConnInfo>,
+    headers: HeaderMap,
     LimitedBody(body): LimitedBody,
 ) -> Result<(StatusCode, Json<AddOperatorResponse>), Failure> {
+    // The body first (see `Caller::of`).
+    let caller = Caller::of(&state, &conn, &headers).await?;
     caller.require(Action::Administer, None)?;
     let admin = caller.0;
     let req: AddOperatorRequest = parse_json(&body)?;

@@ -201,6 +201,24 @@ impl Caller {
     }
 }
 
+impl Caller {
+    /// The operator behind a request with these headers on connection `conn`. A handler
+    /// with a request body calls it after taking the body: answering before the body was
+    /// read makes HTTP/2 reset the stream, and some clients (curl) then report a framing
+    /// error instead of the answer.
+    pub async fn of(
+        state: &AppState,
+        conn: &ConnInfo,
+        headers: &HeaderMap,
+    ) -> Result<Self, Failure> {
+        let op = state
+            .identify
+            .operator(&conn.peer_cert, bearer(headers), OffsetDateTime::now_utc())
+            .await?;
+        Ok(Caller(op))
+    }
+}
+
 impl axum::extract::FromRequestParts<Arc<AppState>> for Caller {
     type Rejection = Failure;
 
@@ -212,15 +230,7 @@ impl axum::extract::FromRequestParts<Arc<AppState>> for Caller {
             .extensions
             .get::<ConnInfo>()
             .ok_or_else(|| Failure::internal("request without connection info"))?;
-        let op = state
-            .identify
-            .operator(
-                &conn.peer_cert,
-                bearer(&parts.headers),
-                OffsetDateTime::now_utc(),
-            )
-            .await?;
-        Ok(Caller(op))
+        Caller::of(state, conn, &parts.headers).await
     }
 }
 
@@ -249,6 +259,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(paths::SSH_USER_CERT, post(ssh::user_cert))
         .route(paths::SSH_USER_CA, get(ssh::user_ca))
         .route(paths::SSH_HOST_CA, get(ssh::host_ca))
+        .route(paths::SSH_DEVICE, get(ssh::device_policy))
         .route(paths::FLEETS, get(ssh::list_fleets))
         .route("/v1/fleets/{name}", axum::routing::put(ssh::set_fleet))
         .fallback(not_found)

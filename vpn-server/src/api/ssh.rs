@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::header;
+use axum::http::{header, HeaderMap};
 use axum::response::IntoResponse;
 use axum::{Extension, Json};
 use bytes::Bytes;
@@ -19,7 +19,8 @@ use tracing::info;
 
 use floto_pki::ssh::{check_login, parse_public_key, CertSpec, SshError, BACKDATE};
 use floto_proto::ssh::{
-    DeviceSsh, FleetSettings, UserCertRequest, UserCertResponse, DEFAULT_LOGIN, HOST_SUFFIX,
+    DeviceSsh, DeviceSshPolicy, FleetSettings, UserCertRequest, UserCertResponse, DEFAULT_LOGIN,
+    HOST_SUFFIX,
 };
 use floto_proto::{DeviceId, ErrorCode};
 use floto_registry::{AuditRecord, Registry};
@@ -64,10 +65,11 @@ fn bad(e: SshError) -> Failure {
 /// `POST /v1/ssh/user-cert`.
 pub async fn user_cert(
     State(state): State<Arc<AppState>>,
-    caller: Caller,
     Extension(conn): Extension<ConnInfo>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<UserCertResponse>, Failure> {
+    let caller = Caller::of(&state, &conn, &headers).await?;
     let req: UserCertRequest = parse_json(&body)?;
     let id = parse_uuid(&req.device)?;
     // A device outside the caller's fleets gets the same 404 as an unknown one: the caller
@@ -164,6 +166,31 @@ pub async fn user_cert(
     }))
 }
 
+/// `GET /v1/ssh/device` (a device's certificate): the user CA and its fleet's logins now.
+pub async fn device_policy(
+    State(state): State<Arc<AppState>>,
+    Extension(conn): Extension<ConnInfo>,
+) -> Result<Json<DeviceSshPolicy>, Failure> {
+    let (id, _) = state
+        .identify
+        .device(&conn.peer_cert, OffsetDateTime::now_utc())?;
+    let device = state
+        .store
+        .device(&id)
+        .await?
+        .ok_or_else(|| unknown_device(&id))?;
+    if device.is_revoked() {
+        return Err(Failure::new(
+            ErrorCode::Revoked,
+            format!("device {id} was revoked"),
+        ));
+    }
+    Ok(Json(DeviceSshPolicy {
+        user_ca: state.ssh.user.public_line(),
+        logins: fleet_logins(state.store.as_ref(), &device.fleet).await?,
+    }))
+}
+
 /// What a device is told about SSH: host certificates for the host keys it sent (valid
 /// `<uuid>.floto` and `<uuid>`, until `until`), the user CA and its fleet's logins. `None`
 /// when it sent no host key (an agent that does not manage sshd).
@@ -247,10 +274,12 @@ pub async fn list_fleets(
 /// default.
 pub async fn set_fleet(
     State(state): State<Arc<AppState>>,
-    caller: Caller,
+    Extension(conn): Extension<ConnInfo>,
+    headers: HeaderMap,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Json<FleetSettings>, Failure> {
+    let caller = Caller::of(&state, &conn, &headers).await?;
     caller.require(Action::Administer, None)?;
     let admin = caller.0;
     let req: FleetSettings = parse_json(&body)?;
