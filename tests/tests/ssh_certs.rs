@@ -431,6 +431,22 @@ fn the_agent_sets_sshd_up_and_devices_are_verified_by_their_host_certificates() 
         "{known}"
     );
 
+    // Plain OpenSSH with the block `floto ssh-config` prints (and no other configuration):
+    // a fresh certificate before the connection, the device verified strictly.
+    let block = stdout(&output(floto(&cfg).arg("ssh-config")));
+    assert!(block.contains("Match host *.floto exec"), "{block}");
+    let config = ops.path().join("ssh_config");
+    std::fs::write(&config, &block).unwrap();
+    let out = output(Command::new("ssh").arg("-F").arg(&config).args([
+        "-o",
+        "BatchMode=yes",
+        &format!("root@{uuid}.floto"),
+        "id",
+        "-un",
+    ]));
+    assert!(out.status.success(), "{}\n{block}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "root");
+
     // Keep this session's root certificate for later.
     let root_cert = ops.path().join("root-cert.pub");
     std::fs::copy(
