@@ -45,6 +45,10 @@ pub struct DeviceInfo {
     /// for a device that is offline).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// How the device's datagrams travel while it is online here: `udp`, or `tls`
+    /// (WireGuard over TLS, for networks that block UDP; `endpoint` is then the TCP peer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
 }
 
 impl DeviceInfo {

@@ -60,6 +60,8 @@ pub mod paths {
     pub const SSH_USER_CA: &str = "/v1/ssh/user-ca";
     pub const SSH_HOST_CA: &str = "/v1/ssh/host-ca";
     pub const SSH_DEVICE: &str = "/v1/ssh/device";
+    /// WireGuard over TLS (an HTTP/1.1 upgrade to `floto-wg/1`).
+    pub const WG: &str = "/v1/wg";
     pub const FLEETS: &str = "/v1/fleets";
     pub const HEALTHZ: &str = "/healthz";
     pub const READYZ: &str = "/readyz";

@@ -17,6 +17,9 @@ pub struct Bound {
     pub api: SocketAddr,
     pub quic: SocketAddr,
     pub metrics: SocketAddr,
+    /// The extra HTTPS listener (`--wg-tls-listen`), when asked for.
+    #[serde(default)]
+    pub wg_tls: Option<SocketAddr>,
 }
 
 #[derive(Debug, Deserialize)]

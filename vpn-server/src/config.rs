@@ -70,6 +70,12 @@ pub struct ServerSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// Another TCP address serving the same HTTPS (for devices that may only reach TCP 443
+    /// for WireGuard over TLS), e.g. `0.0.0.0:443`.
+    #[arg(long, env = "FLOTO_WG_TLS_LISTEN", value_name = "ADDR:PORT")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wg_tls_listen: Option<SocketAddr>,
+
     /// Lifetime of device certificates, e.g. `30d`, `12h`, `60s`.
     #[arg(long, env = "FLOTO_CERT_LIFETIME", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(
@@ -278,6 +284,7 @@ pub struct Config {
     pub api_listen: SocketAddr,
     pub quic_listen: SocketAddr,
     pub metrics_listen: SocketAddr,
+    pub wg_tls_listen: Option<SocketAddr>,
     pub cert_lifetime: Duration,
     pub operator_cert_lifetime: Duration,
     pub ssh_cert_lifetime: Duration,
@@ -403,6 +410,7 @@ impl Config {
             api_listen: s.api_listen.unwrap_or(any(defaults::API_PORT)),
             quic_listen: s.quic_listen.unwrap_or(any(defaults::API_PORT)),
             metrics_listen: s.metrics_listen.unwrap_or(any(defaults::METRICS_PORT)),
+            wg_tls_listen: s.wg_tls_listen,
             cert_lifetime: s
                 .cert_lifetime
                 .unwrap_or(Duration::from_secs(defaults::DEVICE_CERT_LIFETIME_SECS)),
@@ -565,6 +573,7 @@ impl ServerSettings {
             api_listen: self.api_listen.or(lower.api_listen),
             quic_listen: self.quic_listen.or(lower.quic_listen),
             metrics_listen: self.metrics_listen.or(lower.metrics_listen),
+            wg_tls_listen: self.wg_tls_listen.or(lower.wg_tls_listen),
             cert_lifetime: self.cert_lifetime.or(lower.cert_lifetime),
             operator_cert_lifetime: self.operator_cert_lifetime.or(lower.operator_cert_lifetime),
             ssh_cert_lifetime: self.ssh_cert_lifetime.or(lower.ssh_cert_lifetime),

@@ -28,6 +28,9 @@ pub struct Bound {
     pub api: SocketAddr,
     pub quic: SocketAddr,
     pub metrics: SocketAddr,
+    /// The extra HTTPS listener for WireGuard over TLS (`--wg-tls-listen`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wg_tls: Option<SocketAddr>,
 }
 
 /// What a running server writes to `server.json` in its data dir, for the admin CLI.

@@ -55,6 +55,16 @@ impl WallClock {
     }
 }
 
+/// How an event shows where a device is: its address, or `tls` for a WireGuard over TLS
+/// stream (whose endpoint address is one of our own).
+fn endpoint_text(e: &std::net::SocketAddr) -> String {
+    if crate::wg::streams::is_stream(e) {
+        "tls".to_owned()
+    } else {
+        e.to_string()
+    }
+}
+
 /// A cluster event's generation: twice the session's epoch, plus one when it ended, so a
 /// newer session on any node outranks the end of an older one.
 pub fn cluster_generation(epoch_ms: i64, ended: bool) -> u64 {
@@ -272,7 +282,7 @@ impl EventHub {
                 kind,
                 generation: cluster_generation(epoch, kind != DeviceEventKind::Online),
                 at: self.clock.wall(at),
-                endpoint: endpoint.map(|e| e.to_string()),
+                endpoint: endpoint.map(|e| endpoint_text(&e)),
                 node: Some(o.node.clone()),
             });
             drop(p);
@@ -287,7 +297,7 @@ impl EventHub {
             kind,
             generation,
             at: self.clock.wall(at),
-            endpoint: endpoint.map(|e| e.to_string()),
+            endpoint: endpoint.map(|e| endpoint_text(&e)),
             node: None,
         };
         inner.next_seq += 1;

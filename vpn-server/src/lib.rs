@@ -248,6 +248,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         metrics.handshake_histogram(),
     )?;
     let concentrator = Arc::new(concentrator);
+    metrics.watch_streams(concentrator.streams.clone());
 
     // Sockets, all bound before anything is served.
     let api_listener = TcpListener::bind(config.api_listen)
@@ -260,11 +261,21 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         .await
         .with_context(|| format!("binding the QUIC broker on UDP {}", config.quic_listen))?
         .into_std()?;
+    let wg_tls_listener = match config.wg_tls_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+            format!("binding the extra HTTPS listener for WireGuard over TLS on TCP {addr}")
+        })?),
+        None => None,
+    };
     let bound = Bound {
         wg: concentrator.local_addr(),
         api: api_listener.local_addr()?,
         quic: quic_socket.local_addr()?,
         metrics: metrics_listener.local_addr()?,
+        wg_tls: wg_tls_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()?,
     };
     let https = tls::https_config(server_cert.clone())?;
     // In a cluster, the QUIC port also carries the node link, with a node certificate.
@@ -352,6 +363,16 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let mut tasks = JoinSet::new();
     tasks.spawn(concentrator.clone().run(shutdown.clone()));
     tasks.spawn(netstack_task.run(shutdown.clone()));
+    if let Some(listener) = wg_tls_listener {
+        // The same HTTPS service: devices that may only reach 443 use it for /v1/wg (and
+        // enrollment and renewal, which they need too).
+        tasks.spawn(api::server::serve_https(
+            listener,
+            https.clone(),
+            state.clone(),
+            shutdown.clone(),
+        ));
+    }
     tasks.spawn(api::server::serve_https(
         api_listener,
         https,

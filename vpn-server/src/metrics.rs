@@ -14,7 +14,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::wg::{DropReason, PeerTable};
+use crate::wg::{DropReason, PeerTable, StreamEndpoints};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
@@ -31,6 +31,8 @@ pub struct Metrics {
     broker_sessions: Family<ResultLabel, Counter>,
     broker_active: Gauge,
     cluster: Arc<ClusterCounts>,
+    /// The concentrator's TLS streams, once it runs.
+    streams: Arc<std::sync::OnceLock<Arc<StreamEndpoints>>>,
 }
 
 /// What a cluster node last read of the whole cluster; exported only in a cluster.
@@ -103,11 +105,16 @@ impl Metrics {
             "Broker sessions open now",
             broker_active.clone(),
         );
-        registry.register_collector(Box::new(LiveCollector { table }));
+        let streams = Arc::new(std::sync::OnceLock::new());
+        registry.register_collector(Box::new(LiveCollector {
+            table,
+            streams: streams.clone(),
+        }));
         let cluster = Arc::new(ClusterCounts::default());
         registry.register_collector(Box::new(SharedCounts(cluster.clone())));
         Self {
             cluster,
+            streams,
             registry,
             enrollments,
             enrollment_seconds,
@@ -147,6 +154,11 @@ impl Metrics {
         self.cluster.nodes.store(nodes as i64, Relaxed);
         self.cluster.online.store(online as i64, Relaxed);
         self.cluster.known.store(true, Relaxed);
+    }
+
+    /// Exports the concentrator's TLS streams (sessions by transport, stream bytes).
+    pub fn watch_streams(&self, streams: Arc<StreamEndpoints>) {
+        let _ = self.streams.set(streams);
     }
 
     /// A broker request refused before a session started.
@@ -216,6 +228,7 @@ impl Collector for SharedCounts {
 #[derive(Debug)]
 struct LiveCollector {
     table: Arc<PeerTable>,
+    streams: Arc<std::sync::OnceLock<Arc<StreamEndpoints>>>,
 }
 
 impl Collector for LiveCollector {
@@ -234,12 +247,65 @@ impl Collector for LiveCollector {
             "Enrolled devices that are not revoked",
             t.len() as i64,
         )?;
-        gauge(
-            &mut encoder,
-            "floto_wg_sessions",
-            "Peers holding a WireGuard session state (Tunn)",
-            t.active_sessions() as i64,
-        )?;
+        {
+            #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+            struct Transport {
+                transport: &'static str,
+            }
+            let (udp, tls) = t.sessions_by_transport();
+            let mut family = encoder.encode_descriptor(
+                "floto_wg_sessions",
+                "Peers holding a WireGuard session state (Tunn), by the transport of their endpoint (udp, or tls: WireGuard over TLS)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (transport, n) in [("udp", udp), ("tls", tls)] {
+                ConstGauge::new(n as i64)
+                    .encode(family.encode_family(&Transport { transport })?)?;
+            }
+        }
+        if let Some(s) = self.streams.get() {
+            #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+            struct Direction {
+                direction: &'static str,
+            }
+            let mut family = encoder.encode_descriptor(
+                "floto_wg_tls_bytes",
+                "WireGuard datagram bytes carried over TLS streams",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (direction, v) in [
+                ("rx", s.rx_bytes.load(Ordering::Relaxed)),
+                ("tx", s.tx_bytes.load(Ordering::Relaxed)),
+            ] {
+                ConstCounter::new(v).encode(family.encode_family(&Direction { direction })?)?;
+            }
+            gauge(
+                &mut encoder,
+                "floto_wg_tls_streams",
+                "WireGuard over TLS streams open now",
+                s.len() as i64,
+            )?;
+            counter(
+                &mut encoder,
+                "floto_wg_tls_streams_opened",
+                "WireGuard over TLS streams opened",
+                s.opened.load(Ordering::Relaxed),
+            )?;
+            counter(
+                &mut encoder,
+                "floto_wg_tls_streams_refused",
+                "WireGuard over TLS streams the server closed (a bad frame, silence, a revoked device)",
+                s.refused.load(Ordering::Relaxed),
+            )?;
+            counter(
+                &mut encoder,
+                "floto_wg_tls_dropped",
+                "Datagrams for a TLS stream dropped because its queue was full or it had closed",
+                s.dropped.load(Ordering::Relaxed),
+            )?;
+        }
         {
             let help = "WireGuard handshakes by result";
             let mut family = encoder.encode_descriptor(

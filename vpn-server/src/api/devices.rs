@@ -82,6 +82,7 @@ pub fn device_info(
         device_type: d.device_type.clone(),
         hostname: d.hostname.clone(),
         node,
+        transport: None,
     }
 }
 

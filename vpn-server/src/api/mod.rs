@@ -14,6 +14,7 @@ pub mod events;
 pub mod server;
 pub mod ssh;
 pub mod state;
+pub mod wg_tls;
 
 pub use state::AppState;
 

@@ -128,6 +128,11 @@ pub async fn serve_https(
                             super::connect::http_connect(state, info, req).await,
                         );
                     }
+                    if super::wg_tls::is_wg_request(&req) {
+                        // The connection becomes a WireGuard stream, which times out by itself.
+                        request.keep_forever();
+                        return Ok(super::wg_tls::upgrade(state, info, req).await);
+                    }
                     let mut req = req.map(Body::new);
                     req.extensions_mut().insert(info);
                     let response = router.oneshot(req).await.into_response();

@@ -71,13 +71,24 @@ impl std::fmt::Debug for AppState {
 impl AppState {
     /// A device's registry row joined with its live state.
     pub fn live_info(&self, d: &Device, elsewhere: &Elsewhere) -> DeviceInfo {
-        device_info(
+        let mut live = self.wg.table.status(&d.id);
+        // A TLS stream's endpoint is an address of our own: show its TCP peer.
+        let mut transport = live.as_ref().filter(|s| s.online).map(|_| "udp");
+        if let Some(s) = live.as_mut() {
+            if let Some(e) = s.endpoint.filter(crate::wg::streams::is_stream) {
+                s.endpoint = self.wg.streams.remote(&e);
+                transport = transport.map(|_| "tls");
+            }
+        }
+        let mut info = device_info(
             d,
-            self.wg.table.status(&d.id).as_ref(),
+            live.as_ref(),
             self.events.clock(),
             self.node.as_ref().map(|n| n.name()),
             elsewhere.0.get(&d.id),
-        )
+        );
+        info.transport = transport.map(str::to_owned);
+        info
     }
 
     /// In a cluster, the devices online on any node (one device, or all): for the device

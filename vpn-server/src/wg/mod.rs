@@ -13,6 +13,7 @@ pub mod host_queue;
 pub mod peers;
 #[cfg(test)]
 mod proptests;
+pub mod streams;
 #[cfg(test)]
 mod tests;
 pub mod timers;
@@ -36,6 +37,7 @@ pub use effects::Effects;
 pub use handshake_queue::HandshakeQueue;
 pub use host_queue::HostQueue;
 pub use peers::{Peer, PeerConfig, PeerEvent, PeerStatus, PeerTable};
+pub use streams::StreamEndpoints;
 
 /// Who hears of the concentrator's online-state transitions and endpoint changes.
 pub trait PeerEventSink: Send + Sync {
@@ -77,6 +79,8 @@ pub struct Concentrator {
     handshakes: HandshakeQueue,
     /// Time to answer one handshake initiation (`floto_handshake_duration_seconds`).
     handshake_seconds: Histogram,
+    /// Devices' TLS streams, as endpoints (see [`streams`]).
+    pub streams: Arc<StreamEndpoints>,
 }
 
 impl std::fmt::Debug for Concentrator {
@@ -116,6 +120,7 @@ impl Concentrator {
                 local_addr,
                 handshakes: HandshakeQueue::new(HANDSHAKE_QUEUE),
                 handshake_seconds,
+                streams: Arc::new(StreamEndpoints::new()),
             },
             from_devices,
         ))
@@ -133,6 +138,10 @@ impl Concentrator {
     /// netstack, events to the sink.
     fn carry_out(&self, socket: &UdpSocket, fx: &mut Effects) {
         while let Some((to, datagram)) = fx.poll_transmit() {
+            if streams::is_stream(&to) {
+                self.streams.send(&to, datagram);
+                continue;
+            }
             if let Err(e) = socket.try_send_to(datagram, to) {
                 // UDP: a full send buffer drops, as the kernel would.
                 debug!(%to, error = %e, "datagram not sent");
@@ -144,7 +153,11 @@ impl Concentrator {
     /// Like [`Self::carry_out`], but datagrams wait in `batch` until [`Self::flush`].
     fn carry_out_batched(&self, fx: &mut Effects, batch: &mut SendBatch) {
         while let Some((to, datagram)) = fx.poll_transmit() {
-            batch.push(&self.sockets[0], to, datagram);
+            if streams::is_stream(&to) {
+                self.streams.send(&to, datagram);
+            } else {
+                batch.push(&self.sockets[0], to, datagram);
+            }
         }
         self.deliver(fx);
     }
@@ -292,22 +305,7 @@ impl Concentrator {
             for _ in 0..256 {
                 match socket.try_recv_from(&mut buf) {
                     Ok((n, from)) => {
-                        let datagram = &buf[..n];
-                        let now = Instant::now();
-                        if is_initiation(datagram) {
-                            // Cheap checks here; the Diffie-Hellmans on a worker.
-                            let backlogged = self.handshakes.backlogged(now, HANDSHAKE_BACKLOG);
-                            if self
-                                .table
-                                .admit(from, datagram, backlogged, &mut scratch, &mut fx)
-                                && !self.handshakes.push(from, datagram, now)
-                            {
-                                self.table.count_drop(DropReason::Overloaded);
-                            }
-                        } else {
-                            self.table
-                                .route_datagram(from, datagram, now, &mut scratch, &mut fx);
-                        }
+                        self.on_datagram(from, &buf[..n], &mut scratch, &mut fx);
                         self.carry_out(socket, &mut fx);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -319,6 +317,38 @@ impl Concentrator {
                 }
             }
         }
+    }
+
+    /// One datagram from `from` (a UDP peer or a stream): an initiation is checked cheaply
+    /// here and queued for a worker (the Diffie-Hellmans), anything else is routed.
+    fn on_datagram(&self, from: SocketAddr, datagram: &[u8], scratch: &mut [u8], fx: &mut Effects) {
+        let now = Instant::now();
+        if is_initiation(datagram) {
+            let backlogged = self.handshakes.backlogged(now, HANDSHAKE_BACKLOG);
+            if self.table.admit(from, datagram, backlogged, scratch, fx)
+                && !self.handshakes.push(from, datagram, now)
+            {
+                self.table.count_drop(DropReason::Overloaded);
+            }
+        } else {
+            self.table.route_datagram(from, datagram, now, scratch, fx);
+        }
+    }
+
+    /// A datagram that arrived on the TLS stream at endpoint `from` (see [`streams`]):
+    /// handled as a UDP one. `scratch` must hold [`peers::MAX_DATAGRAM`] bytes.
+    pub fn receive_from_stream(
+        &self,
+        from: SocketAddr,
+        datagram: &[u8],
+        scratch: &mut [u8],
+        fx: &mut Effects,
+    ) {
+        self.streams
+            .rx_bytes
+            .fetch_add(datagram.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.on_datagram(from, datagram, scratch, fx);
+        self.carry_out(&self.sockets[0], fx);
     }
 
     /// Answers queued handshake initiations until `shutdown`.

@@ -370,25 +370,45 @@ impl PeerTable {
         })
     }
 
+    /// Peers holding a session, by whether their endpoint is a UDP address or a TLS stream
+    /// ([`super::streams`]): `(udp, tls)`.
+    pub fn sessions_by_transport(&self) -> (usize, usize) {
+        let (mut udp, mut tls) = (0, 0);
+        for p in self.by_id.iter() {
+            let st = p.state.lock();
+            if st.tunn.is_none() {
+                continue;
+            }
+            match st.endpoint {
+                Some(e) if super::streams::is_stream(&e) => tls += 1,
+                _ => udp += 1,
+            }
+        }
+        (udp, tls)
+    }
+
     /// Live endpoints of all peers that have one, for persisting.
+    /// (A TLS stream's endpoint is left out: nobody can call a device back at it.)
     pub fn endpoints(&self) -> Vec<(DeviceId, SocketAddr, Instant)> {
         self.by_id
             .iter()
             .filter_map(|p| {
                 let st = p.state.lock();
-                Some((p.id, st.endpoint?, st.last_rx?))
+                let endpoint = st.endpoint.filter(|e| !super::streams::is_stream(e))?;
+                Some((p.id, endpoint, st.last_rx?))
             })
             .collect()
     }
 
-    /// Peers online now: when their session came up and where they are, for a cluster's
-    /// session rows.
+    /// Peers online now: when their session came up and where they are (no address for a
+    /// TLS stream: another node cannot call it), for a cluster's session rows.
     pub fn online_sessions(&self) -> Vec<(DeviceId, Instant, Option<SocketAddr>)> {
         self.by_id
             .iter()
             .filter_map(|p| {
                 let st = p.state.lock();
-                st.online.then_some((p.id, st.online_since?, st.endpoint))
+                let endpoint = st.endpoint.filter(|e| !super::streams::is_stream(e));
+                st.online.then_some((p.id, st.online_since?, endpoint))
             })
             .collect()
     }
