@@ -77,6 +77,7 @@ mod tests {
             device_type: None,
             hostname: None,
             node: None,
+            transport: None,
         }
     }
 

@@ -662,6 +662,7 @@ mod tests {
             device_type: None,
             hostname: None,
             node: None,
+            transport: None,
         }
     }
 
