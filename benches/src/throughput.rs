@@ -7,6 +7,8 @@
 //!
 //! A third device runs the product's own agent (`floto-tunnel run`, TUN mode) in its own
 //! namespace, reached through the same server and operator path: what a FLOTO device gets.
+//! A fourth runs the agent with `--transport tls` (WireGuard over TLS, for networks that
+//! block UDP), so the two transports are compared in the same run.
 
 use std::process::Command;
 use std::time::Duration;
@@ -51,6 +53,7 @@ struct Results {
 const OURS: &str = "floto-vpn-server";
 const WG_GO: &str = "wireguard-go";
 const AGENT: &str = "floto-tunnel";
+const AGENT_TLS: &str = "floto-tunnel (tls)";
 
 /// `floto tunnel <uuid> 127.0.0.1:0:5201`; returns the process and its local port.
 fn operator_tunnel(
@@ -132,12 +135,15 @@ pub fn main(args: Args, command: String) -> anyhow::Result<()> {
     // floto-vpn-server, a wireguard-go device, `floto tunnel` to its iperf3.
     let ns = Netns::new();
     let agent_ns = Netns::new();
+    let tls_ns = Netns::new();
     let server = Server::start_logging(
         &[
             "--tls-name",
             &ns.host_ip().to_string(),
             "--tls-name",
             &agent_ns.host_ip().to_string(),
+            "--tls-name",
+            &tls_ns.host_ip().to_string(),
         ],
         "warn",
     );
@@ -167,6 +173,27 @@ pub fn main(args: Args, command: String) -> anyhow::Result<()> {
     server.wait_online(&agent_uuid, true, Duration::from_secs(30));
     let (_agent_tunnel, agent_port) = operator_tunnel(&cfg, &agent_uuid, "agent", logs.path());
 
+    // The agent again, its datagrams over TLS.
+    let mut tls_agent = Agent::new(
+        &tls_ns,
+        &server,
+        &key,
+        AgentOptions {
+            args: vec!["--transport".into(), "tls".into()],
+            user: None,
+        },
+    );
+    tls_agent.start();
+    tls_agent.wait_connected(Duration::from_secs(30));
+    let tls_uuid = tls_agent.uuid();
+    let _iperf_tls = iperf_server(&tls_ns, logs.path());
+    server.wait_online(&tls_uuid, true, Duration::from_secs(30));
+    anyhow::ensure!(
+        server.device(&tls_uuid)["transport"] == "tls",
+        "the TLS agent's datagrams do not travel over TLS"
+    );
+    let (_tls_tunnel, tls_port) = operator_tunnel(&cfg, &tls_uuid, "agent-tls", logs.path());
+
     // The reference: wireguard-go server and device.
     let tag = std::process::id() % 250;
     let host = WgGoHost::new(
@@ -188,7 +215,7 @@ pub fn main(args: Args, command: String) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     for run in 1..=args.runs {
         for (direction, reverse) in [("to device", false), ("from device", true)] {
-            for (device, port) in [(WG_GO, port), (AGENT, agent_port)] {
+            for (device, port) in [(WG_GO, port), (AGENT, agent_port), (AGENT_TLS, tls_port)] {
                 let cpu = report::cpu_seconds(server.child.pid());
                 let mbit = iperf("127.0.0.1", port, args.seconds, reverse)?;
                 runs.push(Run {
@@ -240,10 +267,15 @@ pub fn main(args: Args, command: String) -> anyhow::Result<()> {
     );
     let mut medians = Vec::new();
     for direction in ["to device", "from device"] {
-        let mut m = [0.0f64; 3];
-        for (i, (server, device)) in [(OURS, WG_GO), (OURS, AGENT), (WG_GO, WG_GO)]
-            .into_iter()
-            .enumerate()
+        let mut m = [0.0f64; 4];
+        for (i, (server, device)) in [
+            (OURS, WG_GO),
+            (OURS, AGENT),
+            (WG_GO, WG_GO),
+            (OURS, AGENT_TLS),
+        ]
+        .into_iter()
+        .enumerate()
         {
             let mut v: Vec<f64> = runs
                 .iter()
@@ -256,11 +288,14 @@ pub fn main(args: Args, command: String) -> anyhow::Result<()> {
         let reference = m[2].max(1e-9);
         println!(
             "median {direction}: floto-vpn-server {:.0} Mbit/s (wireguard-go device, ratio {:.2}), \
-             {:.0} Mbit/s (floto-tunnel device, ratio {:.2}); wireguard-go {:.0} Mbit/s",
+             {:.0} Mbit/s (floto-tunnel device, ratio {:.2}), {:.0} Mbit/s (floto-tunnel over \
+             TLS, {:.2} of the same agent over UDP); wireguard-go {:.0} Mbit/s",
             m[0],
             m[0] / reference,
             m[1],
             m[1] / reference,
+            m[3],
+            m[3] / m[1].max(1e-9),
             m[2]
         );
     }

@@ -4,6 +4,13 @@
 /// Length of a WireGuard handshake initiation (message type 1).
 pub const INITIATION_LEN: usize = 148;
 
+/// WireGuard over TLS (`GET /v1/wg`): the protocol named in `Upgrade:`.
+pub const TLS_UPGRADE: &str = "floto-wg/1";
+
+/// WireGuard over TLS: the largest datagram one frame carries (a frame is a 2-byte
+/// big-endian length, 1 to this, and the datagram).
+pub const TLS_MAX_FRAME: usize = 2048;
+
 /// Whether `datagram` is a WireGuard handshake initiation: type 1 (three reserved zero
 /// bytes) and exactly [`INITIATION_LEN`] bytes.
 pub fn is_initiation(datagram: &[u8]) -> bool {

@@ -6,6 +6,10 @@
 //! file `server = "https://a:8443"` or `server = ["https://a:8443", "https://b:8443"]`, on
 //! the command line `--server` repeated (or URLs separated by commas). The flags' list
 //! replaces the file's.
+//!
+//! `transport` (`auto`, `udp` or `tls`) says what carries WireGuard's datagrams, and `proxy`
+//! an HTTP proxy for the TLS transport (default: `HTTPS_PROXY`, then `https_proxy`, from the
+//! environment; `NO_PROXY` is not read; `proxy = ""` or `--proxy ""` means none).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -17,6 +21,8 @@ use floto_proto::DeviceId;
 
 use super::backoff::Backoff;
 use super::sshd::SshdConfig;
+use super::transport::{MIN_UDP_PROBE_EVERY, UDP_PROBE_EVERY};
+use super::wg_tls::ProxyUrl;
 use crate::enroll::EnrollOptions;
 use crate::servers::ServerUrl;
 
@@ -58,6 +64,43 @@ impl std::fmt::Display for Mode {
         f.write_str(match self {
             Self::Tun => "tun",
             Self::Userspace => "userspace",
+        })
+    }
+}
+
+/// What may carry WireGuard's datagrams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportChoice {
+    /// UDP first; a TLS stream to the server's HTTPS port when UDP gets no answer, and back
+    /// to UDP when it answers again.
+    #[default]
+    Auto,
+    /// UDP only (any WireGuard peer).
+    Udp,
+    /// A TLS stream only (networks that let nothing but HTTPS out).
+    Tls,
+}
+
+impl FromStr for TransportChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "udp" => Ok(Self::Udp),
+            "tls" => Ok(Self::Tls),
+            _ => Err(format!("transport {s:?}: expected auto, udp or tls")),
+        }
+    }
+}
+
+impl std::fmt::Display for TransportChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Udp => "udp",
+            Self::Tls => "tls",
         })
     }
 }
@@ -137,6 +180,13 @@ pub struct FileConfig {
     /// How often to ask for the fleet's current logins and user CA (default 5m).
     #[serde(default, with = "humantime_serde")]
     pub sshd_refresh: Option<Duration>,
+    /// What carries WireGuard's datagrams (default auto).
+    pub transport: Option<TransportChoice>,
+    /// An HTTP proxy for the TLS transport, `http://HOST:PORT`; `""` for none.
+    pub proxy: Option<String>,
+    /// While on TLS, how often UDP is tried again (default 3m).
+    #[serde(default, with = "humantime_serde")]
+    pub udp_probe_every: Option<Duration>,
 }
 
 impl FileConfig {
@@ -207,6 +257,13 @@ pub struct Overrides {
     pub sshd_dir: Option<PathBuf>,
     pub sshd_reload: Option<String>,
     pub sshd_refresh: Option<Duration>,
+    pub transport: Option<TransportChoice>,
+    /// `--proxy`, as given (`""`: none).
+    pub proxy: Option<String>,
+    /// `HTTPS_PROXY` (or `https_proxy`) from the environment: the proxy when neither the
+    /// flag nor the file names one.
+    pub proxy_from_env: Option<String>,
+    pub udp_probe_every: Option<Duration>,
 }
 
 /// The validated configuration of `floto-tunnel run`.
@@ -229,6 +286,11 @@ pub struct AgentConfig {
     pub enroll: Option<EnrollOptions>,
     /// How sshd is set up for certificates; `None` with `--manage-sshd=false`.
     pub sshd: Option<SshdConfig>,
+    pub transport: TransportChoice,
+    /// The HTTP proxy the TLS transport goes through.
+    pub proxy: Option<ProxyUrl>,
+    /// While on TLS (auto), how often UDP is tried again.
+    pub udp_probe_every: Duration,
 }
 
 impl AgentConfig {
@@ -301,6 +363,38 @@ impl AgentConfig {
                 servers.push(url);
             }
         }
+        let transport = flags.transport.or(file.transport).unwrap_or_default();
+        let proxy = match flags.proxy.or(file.proxy) {
+            Some(p) if p.trim().is_empty() => None,
+            Some(_) if transport == TransportChoice::Udp => {
+                return Err(invalid(
+                    "a proxy is configured but the transport is udp: a proxy carries only the TLS transport (set transport to auto or tls, or leave the proxy out)".into(),
+                ))
+            }
+            Some(p) => Some(p.parse::<ProxyUrl>().map_err(invalid)?),
+            // The environment's proxy is for many programs: one this agent cannot use is
+            // left out, not a reason to stop.
+            None => flags
+                .proxy_from_env
+                .filter(|p| !p.trim().is_empty() && transport != TransportChoice::Udp)
+                .and_then(|p| {
+                    p.parse::<ProxyUrl>()
+                        .inspect_err(|e| {
+                            tracing::warn!(error = %e, "HTTPS_PROXY is not usable for WireGuard over TLS; going without a proxy (set --proxy)")
+                        })
+                        .ok()
+                }),
+        };
+        let udp_probe_every = flags
+            .udp_probe_every
+            .or(file.udp_probe_every)
+            .unwrap_or(UDP_PROBE_EVERY);
+        if udp_probe_every < MIN_UDP_PROBE_EVERY {
+            return Err(invalid(format!(
+                "udp_probe_every must be at least {} (a probe's handshake must be over before the next)",
+                humantime::format_duration(MIN_UDP_PROBE_EVERY)
+            )));
+        }
         let ca = flags.ca.or(file.ca);
         let enroll = match (key, servers.is_empty(), ca) {
             (None, _, _) => None,
@@ -363,6 +457,9 @@ impl AgentConfig {
                         .unwrap_or(super::sshd::REFRESH)
                         .max(Duration::from_secs(1)),
                 }),
+            transport,
+            proxy,
+            udp_probe_every,
         })
     }
 }
@@ -545,6 +642,95 @@ mod tests {
     }
 
     #[test]
+    fn transport_and_proxy_from_flags_file_and_environment() {
+        let build = |file: &str, flags: Overrides| {
+            let file: FileConfig = toml::from_str(file).unwrap();
+            AgentConfig::build(file, flags, Path::new("/d"))
+        };
+        // Defaults: auto, no proxy, UDP probed every 3 minutes.
+        let c = build("", Overrides::default()).unwrap();
+        assert_eq!(c.transport, TransportChoice::Auto);
+        assert_eq!(c.proxy, None);
+        assert_eq!(c.udp_probe_every, Duration::from_secs(180));
+        // The file's, then the flags' over them.
+        let file =
+            "transport = \"tls\"\nproxy = \"http://10.0.0.1:3128\"\nudp_probe_every = \"10s\"\n";
+        let c = build(file, Overrides::default()).unwrap();
+        assert_eq!(c.transport, TransportChoice::Tls);
+        assert_eq!(c.proxy.unwrap().to_string(), "http://10.0.0.1:3128");
+        assert_eq!(c.udp_probe_every, Duration::from_secs(10));
+        let flags = Overrides {
+            transport: Some(TransportChoice::Auto),
+            proxy: Some("proxy.corp:8080".into()),
+            udp_probe_every: Some(Duration::from_secs(20)),
+            proxy_from_env: Some("http://env:1".into()),
+            ..Overrides::default()
+        };
+        let c = build(file, flags).unwrap();
+        assert_eq!(c.transport, TransportChoice::Auto);
+        assert_eq!(c.proxy.unwrap().to_string(), "http://proxy.corp:8080");
+        assert_eq!(c.udp_probe_every, Duration::from_secs(20));
+        // The environment's proxy when none is configured; `""` turns it off.
+        let env = |proxy: Option<&str>, from_env: &str| Overrides {
+            proxy: proxy.map(str::to_owned),
+            proxy_from_env: Some(from_env.to_owned()),
+            ..Overrides::default()
+        };
+        let c = build("", env(None, "http://env:3128")).unwrap();
+        assert_eq!(c.proxy.unwrap().to_string(), "http://env:3128");
+        assert_eq!(
+            build("", env(Some(""), "http://env:3128")).unwrap().proxy,
+            None
+        );
+        assert_eq!(
+            build("proxy = \"\"", env(None, "http://env:1"))
+                .unwrap()
+                .proxy,
+            None
+        );
+        // An environment proxy this agent cannot use is left out, not fatal; a configured
+        // one is an error that says why.
+        assert_eq!(build("", env(None, "https://env:443")).unwrap().proxy, None);
+        let err = build("proxy = \"https://p:443\"", Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("only http://"), "{err}");
+        // A proxy with UDP only is a contradiction, unless it only came from the environment.
+        let err = build(
+            "transport = \"udp\"\nproxy = \"http://p:1\"",
+            Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("transport is udp"), "{err}");
+        assert_eq!(
+            build("transport = \"udp\"", env(None, "http://env:1"))
+                .unwrap()
+                .proxy,
+            None
+        );
+        let fast = Overrides {
+            udp_probe_every: Some(Duration::from_secs(9)),
+            ..Overrides::default()
+        };
+        assert!(build("", fast)
+            .unwrap_err()
+            .to_string()
+            .contains("udp_probe_every"));
+        for (text, want) in [
+            ("auto", TransportChoice::Auto),
+            ("UDP", TransportChoice::Udp),
+            (" tls", TransportChoice::Tls),
+        ] {
+            assert_eq!(text.parse::<TransportChoice>(), Ok(want));
+        }
+        assert!("quic"
+            .parse::<TransportChoice>()
+            .unwrap_err()
+            .contains("auto, udp or tls"));
+    }
+
+    #[test]
     fn bad_configs_say_what_is_wrong() {
         let msg = |file: FileConfig, flags: Overrides| {
             AgentConfig::build(file, flags, Path::new("/d"))
@@ -582,7 +768,8 @@ mod tests {
         use super::*;
 
         /// Keys whose value is any string.
-        const TEXT_KEYS: [&str; 7] = [
+        const TEXT_KEYS: [&str; 8] = [
+            "proxy",
             "ca",
             "provisioning_key",
             "provisioning_key_file",
@@ -591,7 +778,10 @@ mod tests {
             "state_dir",
             "tun_name",
         ];
-        const KEYS: [&str; 13] = [
+        const KEYS: [&str; 16] = [
+            "transport",
+            "proxy",
+            "udp_probe_every",
             "server",
             "ca",
             "provisioning_key",
@@ -625,8 +815,9 @@ mod tests {
                     "server" => url(v) || v.as_array().is_some_and(|a| a.iter().all(url)),
                     "uuid" => text.is_some_and(|s| s.parse::<DeviceId>().is_ok()),
                     "mode" => matches!(text, Some("tun" | "userspace")),
+                    "transport" => matches!(text, Some("auto" | "udp" | "tls")),
                     "forward" => v.as_array().is_some_and(|a| a.iter().all(Value::is_str)),
-                    "backoff_cap" | "keepalive" => {
+                    "backoff_cap" | "keepalive" | "udp_probe_every" => {
                         text.is_some_and(|s| humantime::parse_duration(s).is_ok())
                     }
                     _ => false,
@@ -640,6 +831,7 @@ mod tests {
                 3 => any::<String>().prop_map(|s| Value::String(s).to_string()),
                 1 => prop::sample::select(vec![
                     "\"tun\"", "\"userspace\"", "\"TUN\"", "\"30s\"", "\"5 min\"",
+                    "\"auto\"", "\"udp\"", "\"tls\"", "\"Tls\"", "\"http://10.0.0.1:3128\"",
                     "\"0s\"", "\"soon\"", "\"3f2a6b1c-0d4e-4f5a-8b6c-7d8e9f0a1b2c\"",
                     "\"3f2a6b1c\"", "[\"22\", \"80=127.0.0.1:8080\"]", "[]", "[22]",
                     "\"https://vpn.example:8443\"", "\"http://vpn.example\"",
@@ -743,6 +935,8 @@ mod tests {
                     "hostname = \"sensor-17\"\nstate_dir = \"/var/lib/floto-tunnel\"\n",
                     "mode = \"userspace\"\ntun_name = \"floto0\"\nforward = [\"22\"]\n",
                     "backoff_cap = \"5m\"\nkeepalive = \"25s\"\n",
+                    "transport = \"tls\"\nproxy = \"http://10.0.0.1:3128\"\n",
+                    "udp_probe_every = \"3m\"\n",
                 ))
                 .unwrap();
                 prop_assert_eq!(table.len(), KEYS.len());

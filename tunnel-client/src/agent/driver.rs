@@ -1,7 +1,8 @@
-//! The agent's I/O shell: one task that owns the UDP socket, boringtun's `Tunn`, the link
-//! supervisor and the renewal planner, and moves packets between the socket and the local
-//! side. All decisions are the sans-IO cores' ([`LinkSupervisor`], [`RenewalPlanner`]);
-//! this module only reads, writes and reports.
+//! The agent's I/O shell: one task that owns the UDP socket, the TLS stream (when one is
+//! open), boringtun's `Tunn`, the link supervisor, the transport selector and the renewal
+//! planner, and moves packets between the network and the local side. All decisions are the
+//! sans-IO cores' ([`LinkSupervisor`], [`TransportSelector`], [`RenewalPlanner`]); this
+//! module only reads, writes and reports.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -29,7 +30,13 @@ use super::probe;
 use super::renewal::{CertAction, RenewalPlanner, REVOKED_RETRY};
 use super::sshd;
 use super::status::AgentStatus;
+use super::tls_stream::{self, OpenError, StreamEvent, StreamHandle, StreamTarget};
+use super::transport::{
+    AttemptVia, Transport, TransportAction, TransportEvent, TransportParams, TransportSelector,
+};
+use super::wg_tls::authority;
 use crate::enroll::{enroll, EnrollError};
+use crate::servers::{self, ServerUrl};
 use crate::state::{DeviceState, StateDir, StateError};
 
 /// How often the driver runs its timers.
@@ -43,6 +50,9 @@ const STATUS_EVERY: Duration = Duration::from_secs(10);
 
 /// How long resolving the endpoint candidates may take, all names together.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Events from the TLS stream's tasks waiting for the driver at most.
+const STREAM_EVENTS: usize = 1024;
 
 /// Runs the agent until `shutdown` completes: enrolls if needed, then keeps the tunnel up.
 pub async fn run(
@@ -117,6 +127,24 @@ async fn obtain_identity(
     }
 }
 
+/// Where a datagram came from, or goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// The UDP socket, from or to this address.
+    Udp(SocketAddr),
+    /// The TLS stream.
+    Stream,
+}
+
+impl Route {
+    fn transport(self) -> Transport {
+        match self {
+            Self::Udp(_) => Transport::Udp,
+            Self::Stream => Transport::Tls,
+        }
+    }
+}
+
 /// Kind of an incoming datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -139,6 +167,26 @@ struct Driver {
     rotation: Rotation,
     /// The candidate the current attempt's initiation went to (silent if it fails).
     attempt_endpoint: Option<SocketAddr>,
+    /// The endpoint candidates as last resolved (where UDP probes go).
+    candidates: Vec<SocketAddr>,
+    /// UDP or TLS, and the stream's life.
+    selector: TransportSelector,
+    /// The open stream.
+    stream: Option<StreamHandle>,
+    /// The server the open stream goes to.
+    stream_server: Option<ServerUrl>,
+    /// The stream being opened: its id and server.
+    opening: Option<(u64, ServerUrl)>,
+    next_stream_id: u64,
+    /// Which server's API the next stream goes to.
+    tls_rotation: Rotation<ServerUrl>,
+    /// The server the current attempt's stream went to (silent if it fails).
+    attempt_server: Option<ServerUrl>,
+    /// Where the stream tasks report; the receiver is the main loop's.
+    stream_tx: mpsc::Sender<StreamEvent>,
+    stream_rx: Option<mpsc::Receiver<StreamEvent>>,
+    /// Stream tasks end with it.
+    token: CancellationToken,
     link: LinkSupervisor,
     planner: RenewalPlanner,
     cert_busy: bool,
@@ -181,6 +229,12 @@ impl Driver {
             state.file.assignment.persistent_keepalive.max(1),
         )));
         let link = LinkSupervisor::new(LinkParams::new(keepalive, config.backoff_cap));
+        let selector = TransportSelector::new(TransportParams::new(
+            config.transport,
+            config.udp_probe_every,
+            config.backoff_cap,
+        ));
+        let (stream_tx, stream_rx) = mpsc::channel(STREAM_EVENTS);
         // Host keys without host certificates (a new device, a re-flash, an agent that did not
         // manage sshd before): renew at once to get them.
         let uncertified = config.sshd.as_ref().is_some_and(|cfg| {
@@ -207,6 +261,8 @@ impl Driver {
             connected: false,
             since: Some(now_utc),
             endpoint: None,
+            transport: Some(selector.current()),
+            proxy: None,
             cert_expires_at: state.file.assignment.expires_at,
             last_error: None,
             last_error_at: None,
@@ -221,6 +277,8 @@ impl Driver {
             device = %state.file.assignment.uuid,
             ip = %state.file.assignment.overlay_ip,
             mode = %config.mode,
+            transport = %config.transport,
+            proxy = ?config.proxy.as_ref().map(ToString::to_string),
             ?keepalive,
             backoff_cap = ?config.backoff_cap,
             cert_expires_at = %state.file.assignment.expires_at,
@@ -238,6 +296,17 @@ impl Driver {
             endpoint: None,
             rotation: Rotation::new(),
             attempt_endpoint: None,
+            candidates: Vec::new(),
+            selector,
+            stream: None,
+            stream_server: None,
+            opening: None,
+            next_stream_id: 0,
+            tls_rotation: Rotation::new(),
+            attempt_server: None,
+            stream_tx,
+            stream_rx: Some(stream_rx),
+            token: token.clone(),
             link,
             planner,
             cert_busy: false,
@@ -266,6 +335,9 @@ impl Driver {
         else {
             bail!("the local side is gone");
         };
+        let Some(mut stream_rx) = self.stream_rx.take() else {
+            bail!("the stream events are gone");
+        };
         let (cert_tx, mut cert_rx) = mpsc::channel(4);
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -275,9 +347,10 @@ impl Driver {
                 biased;
                 _ = token.cancelled() => break,
                 r = udp.recv_from(&mut datagram) => match r {
-                    Ok((n, from)) => self.on_datagram(&datagram[..n], from, &to_local),
+                    Ok((n, from)) => self.on_datagram(&datagram[..n], Route::Udp(from), &to_local),
                     Err(e) => debug!(error = %e, "UDP receive failed"),
                 },
+                Some(event) = stream_rx.recv() => self.on_stream_event(event, &to_local),
                 p = from_local.recv() => match p {
                     Some(p) => self.on_local_packet(&p),
                     None if token.is_cancelled() => break,
@@ -296,7 +369,11 @@ impl Driver {
 
     // ---- network input ---------------------------------------------------------------
 
-    fn on_datagram(&mut self, data: &[u8], from: SocketAddr, to_local: &mpsc::Sender<Vec<u8>>) {
+    fn on_datagram(&mut self, data: &[u8], from: Route, to_local: &mpsc::Sender<Vec<u8>>) {
+        if !self.selector.allows(from.transport()) {
+            trace!(?from, "not a transport this agent uses; datagram dropped");
+            return;
+        }
         let now = Instant::now();
         let kind = match Tunn::parse_incoming_packet(data) {
             Ok(Packet::HandshakeInit(_)) => Kind::Initiation,
@@ -304,19 +381,30 @@ impl Driver {
             Ok(Packet::PacketCookieReply(_)) => Kind::CookieReply,
             Ok(Packet::PacketData(_)) => Kind::Data,
             Err(_) => {
-                trace!(%from, len = data.len(), "not a WireGuard datagram");
+                trace!(?from, len = data.len(), "not a WireGuard datagram");
                 return;
             }
         };
+        let src = match from {
+            Route::Udp(addr) => Some(addr.ip()),
+            Route::Stream => None,
+        };
         let mut flush = false;
-        let authenticated = match self.tunn.decapsulate(Some(from.ip()), data, &mut self.buf) {
+        let authenticated = match self.tunn.decapsulate(src, data, &mut self.buf) {
             TunnResult::Done => kind == Kind::Data,
             TunnResult::Err(e) => {
-                debug!(%from, ?kind, error = ?e, "datagram refused");
+                debug!(?from, ?kind, error = ?e, "datagram refused");
                 return;
             }
             TunnResult::WriteToNetwork(p) => {
-                transmit(&self.udp, &mut self.link, p, from, now);
+                transmit(
+                    &self.udp,
+                    self.stream.as_ref(),
+                    &mut self.link,
+                    p,
+                    from,
+                    now,
+                );
                 flush = true;
                 matches!(kind, Kind::Response | Kind::Data)
             }
@@ -326,7 +414,7 @@ impl Driver {
                     self.state.file.assignment.server_overlay_ip,
                     self.probe_ident,
                 ) {
-                    trace!("probe answered");
+                    trace!(?from, "probe answered");
                 } else if to_local.try_send(p.to_vec()).is_err() {
                     trace!("local side full; packet dropped");
                 }
@@ -339,25 +427,49 @@ impl Driver {
             while let TunnResult::WriteToNetwork(p) =
                 self.tunn.decapsulate(None, &[], &mut self.buf)
             {
-                transmit(&self.udp, &mut self.link, p, from, now);
+                transmit(
+                    &self.udp,
+                    self.stream.as_ref(),
+                    &mut self.link,
+                    p,
+                    from,
+                    now,
+                );
             }
         }
         if kind == Kind::Initiation {
-            debug!(%from, "the server initiated a handshake");
+            debug!(?from, "the server initiated a handshake");
         }
         if authenticated {
-            if !self.link.is_up() || self.endpoint != Some(from) {
-                // Also a server that calls the device back from another address: followed.
-                self.rotation.handle_answered(from);
-            }
-            if self.endpoint != Some(from) {
-                info!(endpoint = %from, "server endpoint");
-                self.endpoint = Some(from);
-                self.status.endpoint = Some(from.to_string());
-                self.status_dirty = true;
+            // First: an answer over UDP while on TLS moves the session back to UDP.
+            self.selector.handle_authenticated(from.transport(), now);
+            match from {
+                Route::Udp(from) => {
+                    if !self.link.is_up()
+                        || self.endpoint != Some(from)
+                        || self.rotation.silent().contains(&from)
+                    {
+                        // Also a server that calls the device back from another address:
+                        // followed.
+                        self.rotation.handle_answered(from);
+                    }
+                    if self.endpoint != Some(from) {
+                        info!(endpoint = %from, "server endpoint");
+                        self.endpoint = Some(from);
+                        self.status_dirty = true;
+                    }
+                }
+                Route::Stream => {
+                    if let Some(server) = &self.stream_server {
+                        if self.tls_rotation.current() != Some(server) || !self.link.is_up() {
+                            self.tls_rotation.handle_answered(server.clone());
+                        }
+                    }
+                }
             }
             self.link.handle_authenticated(now);
-            self.drain_link_events();
+            self.drain_transport(now);
+            self.show_route();
         }
     }
 
@@ -370,14 +482,22 @@ impl Driver {
 
     fn encapsulate_and_send(&mut self, packet: &[u8]) {
         let now = Instant::now();
+        let route = self.route();
         match self.tunn.encapsulate(packet, &mut self.buf) {
             TunnResult::WriteToNetwork(p) => {
                 if is_initiation(p) && !self.link.allows_initiation() {
                     trace!("initiation held back by the backoff");
                     return;
                 }
-                if let Some(to) = self.endpoint {
-                    transmit(&self.udp, &mut self.link, p, to, now);
+                if let Some(route) = route {
+                    transmit(
+                        &self.udp,
+                        self.stream.as_ref(),
+                        &mut self.link,
+                        p,
+                        route,
+                        now,
+                    );
                 }
             }
             TunnResult::Err(e) => debug!(error = ?e, "encapsulation failed"),
@@ -385,15 +505,223 @@ impl Driver {
         }
     }
 
+    /// Where datagrams to the server go now: the UDP endpoint in use, or the stream.
+    fn route(&self) -> Option<Route> {
+        match self.selector.current() {
+            Transport::Udp => self.endpoint.map(Route::Udp),
+            Transport::Tls => Some(Route::Stream),
+        }
+    }
+
+    // ---- the TLS stream ----------------------------------------------------------------
+
+    fn on_stream_event(&mut self, event: StreamEvent, to_local: &mpsc::Sender<Vec<u8>>) {
+        let now = Instant::now();
+        match event {
+            // Datagrams from any stream of ours: one still on its way after a switch is as
+            // good as any.
+            StreamEvent::Datagram(datagram) => {
+                self.on_datagram(&datagram, Route::Stream, to_local);
+            }
+            StreamEvent::Opened { id, result } => {
+                let Some((_, server)) = self.opening.take_if(|(o, _)| *o == id) else {
+                    return; // no longer wanted: dropping the handle closes it
+                };
+                match result {
+                    Ok(handle) => {
+                        info!(server = %authority(server.host(), server.port()), proxy = ?self.config.proxy.as_ref().map(ToString::to_string), "TLS stream open");
+                        self.stream = Some(handle);
+                        self.stream_server = Some(server);
+                        self.selector.handle_stream_opened(now);
+                    }
+                    Err(e) => {
+                        match &e {
+                            OpenError::Refused { error, .. } => {
+                                warn!(error = %error.message, code = %error.error, "the server refused WireGuard over TLS");
+                            }
+                            _ => info!(error = %e, "cannot open a TLS stream"),
+                        }
+                        self.set_error(e.to_string());
+                        self.tls_rotation.handle_silent(server);
+                        self.selector.handle_stream_failed(now, &mut self.rng);
+                    }
+                }
+            }
+            StreamEvent::Closed { id, reason } => {
+                if self.stream.as_ref().is_none_or(|s| s.id != id) {
+                    return;
+                }
+                self.stream = None;
+                self.stream_server = None;
+                info!(%reason, "TLS stream closed");
+                self.set_error(format!("the TLS stream closed: {reason}"));
+                self.selector.handle_stream_closed(now, &mut self.rng);
+            }
+        }
+        self.drain_transport(now);
+        self.show_route();
+    }
+
+    /// Reports what the link supervisor and the transport selector say, and does what the
+    /// selector asks, until neither has anything left (each one's news can be the other's
+    /// input: a stream that cannot open fails the link's attempt, a failed attempt switches
+    /// the transport).
+    fn drain_transport(&mut self, now: Instant) {
+        loop {
+            self.drain_link_events(now);
+            while let Some(TransportEvent::Switched { to, why }) = self.selector.poll_event() {
+                info!(transport = %to, why, "transport");
+                self.status_dirty = true;
+            }
+            let Some(action) = self.selector.poll_action() else {
+                break;
+            };
+            match action {
+                TransportAction::OpenStream => self.open_stream(now),
+                TransportAction::CloseStream => {
+                    if self.stream.take().is_some() {
+                        debug!("TLS stream closed by the agent");
+                    }
+                    self.stream_server = None;
+                    self.opening = None;
+                }
+                TransportAction::SendInitiation => self.initiate_over_stream(now),
+                TransportAction::AttemptFailed => {
+                    self.link.handle_attempt_failed(now, &mut self.rng);
+                }
+                TransportAction::StreamKeepalive => {
+                    if let TunnResult::WriteToNetwork(p) = self.tunn.encapsulate(&[], &mut self.buf)
+                    {
+                        if !is_initiation(p) {
+                            transmit(
+                                &self.udp,
+                                self.stream.as_ref(),
+                                &mut self.link,
+                                p,
+                                Route::Stream,
+                                now,
+                            );
+                        }
+                    }
+                }
+                TransportAction::ProbeUdp => self.probe_udp(now),
+            }
+        }
+    }
+
+    /// The servers a stream may go to: the one the device enrolled with first, then the
+    /// others configured.
+    fn tls_servers(&self) -> Vec<ServerUrl> {
+        servers::preferring(&self.state.file.server, &self.config.servers)
+            .iter()
+            .filter_map(|u| u.parse().ok())
+            .collect()
+    }
+
+    /// Opens a stream to the next server in turn (in the background).
+    fn open_stream(&mut self, now: Instant) {
+        let Some(server) = self.tls_rotation.pick(&self.tls_servers()) else {
+            self.set_error("no server URL to open a TLS stream to".to_owned());
+            self.selector.handle_stream_failed(now, &mut self.rng);
+            return;
+        };
+        let tls = match tls_stream::client_config(&self.state.server_ca_pem, &self.state.identity())
+        {
+            Ok(tls) => tls,
+            Err(e) => {
+                self.set_error(format!("TLS for WireGuard over TLS: {e}"));
+                self.selector.handle_stream_failed(now, &mut self.rng);
+                return;
+            }
+        };
+        self.next_stream_id += 1;
+        let id = self.next_stream_id;
+        let target = StreamTarget {
+            server: server.clone(),
+            proxy: self.config.proxy.clone(),
+            tls,
+        };
+        debug!(id, target = %target.describe(), "opening a TLS stream");
+        self.opening = Some((id, server));
+        tls_stream::spawn(id, target, self.stream_tx.clone(), &self.token);
+    }
+
+    /// The waiting attempt's initiation, over the stream.
+    fn initiate_over_stream(&mut self, now: Instant) {
+        self.attempt_server.clone_from(&self.stream_server);
+        let sent = match (
+            &self.stream,
+            self.tunn.format_handshake_initiation(&mut self.buf, true),
+        ) {
+            (Some(stream), TunnResult::WriteToNetwork(p)) => {
+                debug!(server = ?self.stream_server.as_ref().map(|s| authority(s.host(), s.port())), "handshaking over TLS");
+                stream.send(p)
+            }
+            _ => false,
+        };
+        if sent {
+            self.link.handle_sent(now);
+            self.link.handle_attempt_started(now);
+        } else {
+            self.set_error("cannot send a handshake initiation over the TLS stream".to_owned());
+            self.link.handle_attempt_failed(now, &mut self.rng);
+        }
+    }
+
+    /// A handshake initiation over UDP, to the endpoint candidate in turn: its answer
+    /// comes over UDP only when UDP works both ways, and moves the session back to UDP.
+    fn probe_udp(&mut self, now: Instant) {
+        let Some(to) = self.rotation.pick(&self.candidates) else {
+            return;
+        };
+        if let TunnResult::WriteToNetwork(p) =
+            self.tunn.format_handshake_initiation(&mut self.buf, true)
+        {
+            debug!(endpoint = %to, "probing UDP");
+            // Unanswered, the next probe goes to the next candidate.
+            self.rotation.handle_silent(to);
+            transmit(&self.udp, None, &mut self.link, p, Route::Udp(to), now);
+        }
+    }
+
+    /// The transport and endpoint in the status file.
+    fn show_route(&mut self) {
+        let transport = self.selector.current();
+        let endpoint = self.route_name();
+        let proxy = match transport {
+            Transport::Tls => self.config.proxy.as_ref().map(ToString::to_string),
+            Transport::Udp => None,
+        };
+        if self.status.transport != Some(transport)
+            || (endpoint.is_some() && self.status.endpoint != endpoint)
+            || self.status.proxy != proxy
+        {
+            self.status.transport = Some(transport);
+            if endpoint.is_some() {
+                self.status.endpoint = endpoint;
+            }
+            self.status.proxy = proxy;
+            self.status_dirty = true;
+        }
+    }
+
     // ---- timers ----------------------------------------------------------------------
 
     async fn on_tick(&mut self, cert_tx: &mpsc::Sender<(CertAction, Result<DeviceState, Failed>)>) {
         let now = Instant::now();
+        let route = self.route();
         match self.tunn.update_timers(&mut self.buf) {
             // boringtun's own initiations (retransmits, rekeys) wait while backing off.
             TunnResult::WriteToNetwork(p) if !is_initiation(p) || self.link.allows_initiation() => {
-                if let Some(to) = self.endpoint {
-                    transmit(&self.udp, &mut self.link, p, to, now);
+                if let Some(route) = route {
+                    transmit(
+                        &self.udp,
+                        self.stream.as_ref(),
+                        &mut self.link,
+                        p,
+                        route,
+                        now,
+                    );
                 }
             }
             TunnResult::Err(e) => trace!(error = ?e, "boringtun timers"),
@@ -404,8 +732,9 @@ impl Driver {
             self.check_local_address(now);
         }
         self.link.handle_timeout(now, &mut self.rng);
-        // Before acting: a failed attempt or a lost session decides the next endpoint.
-        self.drain_link_events();
+        // Before acting: a failed attempt or a lost session decides the next endpoint and
+        // transport.
+        self.drain_transport(now);
         while let Some(action) = self.link.poll_action() {
             match action {
                 LinkAction::Connect => self.connect(now).await,
@@ -422,7 +751,9 @@ impl Driver {
                 LinkAction::Keepalive => self.encapsulate_and_send(&[]),
             }
         }
-        self.drain_link_events();
+        self.selector.handle_timeout(now);
+        self.drain_transport(now);
+        self.show_route();
         if !self.cert_busy {
             if let Some(action) = self.planner.poll_action(OffsetDateTime::now_utc()) {
                 self.start_cert_action(action, cert_tx);
@@ -440,12 +771,24 @@ impl Driver {
         }
     }
 
-    /// Resolves the server's endpoint candidates again, picks the one to try and sends it a
-    /// fresh handshake initiation.
+    /// Starts an attempt over the transport the selector says: over UDP, resolves the
+    /// server's endpoint candidates again, picks the one to try and sends it a fresh
+    /// handshake initiation; over TLS, sends it over the stream, once one is open.
     async fn connect(&mut self, now: Instant) {
+        self.attempt_endpoint = None;
+        self.attempt_server = None;
+        match self.selector.handle_connect(now) {
+            AttemptVia::Udp => self.connect_udp(now).await,
+            AttemptVia::Stream => self.initiate_over_stream(now),
+            AttemptVia::StreamWhenOpen => {}
+        }
+        self.drain_transport(now);
+    }
+
+    async fn connect_udp(&mut self, now: Instant) {
         let name = self.state.file.assignment.endpoint.clone();
         let candidates = self.resolve_candidates().await;
-        self.attempt_endpoint = None;
+        self.candidates.clone_from(&candidates);
         let Some(addr) = self.rotation.pick(&candidates) else {
             self.link.handle_attempt_failed(now, &mut self.rng);
             return;
@@ -454,7 +797,6 @@ impl Driver {
         if self.endpoint != Some(addr) {
             info!(endpoint = %addr, %name, candidates = candidates.len(), "handshaking with the server");
             self.endpoint = Some(addr);
-            self.status.endpoint = Some(addr.to_string());
             self.status_dirty = true;
         } else {
             debug!(endpoint = %addr, "handshaking with the server");
@@ -565,21 +907,32 @@ impl Driver {
         self.local_address = Some((endpoint, current));
     }
 
-    fn drain_link_events(&mut self) {
+    fn drain_link_events(&mut self, now: Instant) {
         while let Some(event) = self.link.poll_event() {
             let now_utc = OffsetDateTime::now_utc();
             match event {
                 LinkEvent::Connected { failed_attempts } => {
-                    info!(endpoint = ?self.endpoint, failed_attempts, "connected");
+                    let transport = self.selector.current();
+                    info!(%transport, endpoint = ?self.route_name(), failed_attempts, "connected");
                     self.status.connected = true;
                     self.status.since = Some(now_utc);
                     self.status.connects += 1;
                     self.status.failed_attempts = 0;
+                    self.selector.handle_link_up(now);
                 }
                 LinkEvent::Lost { silent_for } => {
-                    warn!(?silent_for, "no answer from the server; handshaking again");
-                    if let Some(ep) = self.endpoint {
-                        self.rotation.handle_silent(ep);
+                    warn!(?silent_for, transport = %self.selector.current(), "no answer from the server; handshaking again");
+                    match self.selector.current() {
+                        Transport::Udp => {
+                            if let Some(ep) = self.endpoint {
+                                self.rotation.handle_silent(ep);
+                            }
+                        }
+                        Transport::Tls => {
+                            if let Some(server) = &self.stream_server {
+                                self.tls_rotation.handle_silent(server.clone());
+                            }
+                        }
                     }
                     self.status.connected = false;
                     self.status.since = Some(now_utc);
@@ -587,20 +940,39 @@ impl Driver {
                         "no answer from the server for {} s",
                         silent_for.as_secs()
                     ));
+                    self.selector.handle_link_down(now);
                 }
                 LinkEvent::AttemptFailed { attempt, retry_in } => {
-                    info!(attempt, ?retry_in, endpoint = ?self.endpoint, "handshake failed; retrying");
+                    let transport = self.selector.current();
+                    info!(attempt, ?retry_in, %transport, endpoint = ?self.route_name(), "handshake failed; retrying");
                     if let Some(ep) = self.attempt_endpoint.take() {
                         self.rotation.handle_silent(ep);
                     }
+                    if let Some(server) = self.attempt_server.take() {
+                        self.tls_rotation.handle_silent(server);
+                    }
+                    // Over UDP, a dead node's address is left for the next candidate before
+                    // the transport changes; over TLS, the same for the servers.
+                    let tried_all = match transport {
+                        Transport::Udp => self
+                            .candidates
+                            .iter()
+                            .all(|c| self.rotation.silent().contains(c)),
+                        Transport::Tls => self
+                            .tls_servers()
+                            .iter()
+                            .all(|u| self.tls_rotation.silent().contains(u)),
+                    };
                     self.status.failed_attempts = self.link.consecutive_failures();
-                    if let Some(ep) = self.endpoint {
+                    if let Some(to) = self.route_name() {
                         let recent = self
                             .status
                             .last_error_at
                             .is_some_and(|t| now_utc - t < time::Duration::seconds(1));
                         if !recent {
-                            self.set_error(format!("handshake with {ep} got no answer"));
+                            self.set_error(format!(
+                                "handshake with {to} over {transport} got no answer"
+                            ));
                         }
                     }
                     if self
@@ -609,9 +981,23 @@ impl Driver {
                     {
                         info!("checking in with the API (renewal) while the tunnel fails");
                     }
+                    self.selector.handle_attempt_failed(now, tried_all);
                 }
             }
             self.status_dirty = true;
+        }
+    }
+
+    /// The server's address on the transport in use: the UDP endpoint, or the stream's
+    /// `HOST:PORT`.
+    fn route_name(&self) -> Option<String> {
+        match self.selector.current() {
+            Transport::Udp => self.endpoint.map(|e| e.to_string()),
+            Transport::Tls => self
+                .stream_server
+                .as_ref()
+                .or(self.opening.as_ref().map(|(_, s)| s))
+                .map(|s| authority(s.host(), s.port())),
         }
     }
 
@@ -693,6 +1079,7 @@ impl Driver {
                         "this device was REVOKED by the server: it stops reconnecting and asks again only about every 30 minutes; an admin must enroll it under a new UUID"
                     );
                     self.link.suspend();
+                    self.selector.handle_link_down(Instant::now());
                     self.status.revoked = true;
                     self.status.connected = false;
                     self.status.since = Some(now_utc);
@@ -715,24 +1102,26 @@ impl Driver {
         let state = self.state.clone();
         let servers = self.config.servers.clone();
         tokio::spawn(async move {
-            let Ok(clients) = crate::servers::preferring(&state.file.server, &servers)
+            let Ok(clients) = servers::preferring(&state.file.server, &servers)
                 .iter()
                 .map(|server| state.api(server))
                 .collect::<Result<Vec<_>, _>>()
             else {
                 return;
             };
-            let policy = match crate::servers::call_in_turn(&clients, |api| async move {
-                api.ssh_device_policy().await
-            })
-            .await
-            {
-                Ok((_, policy)) => policy,
-                Err(e) => {
-                    debug!(error = %e, "cannot ask for the fleet's SSH logins now");
-                    return;
-                }
-            };
+            let policy =
+                match servers::call_in_turn(
+                    &clients,
+                    |api| async move { api.ssh_device_policy().await },
+                )
+                .await
+                {
+                    Ok((_, policy)) => policy,
+                    Err(e) => {
+                        debug!(error = %e, "cannot ask for the fleet's SSH logins now");
+                        return;
+                    }
+                };
             match dir.save_ssh_policy(&policy) {
                 Ok(true) => {
                     info!(logins = %policy.logins.join(","), "the fleet's SSH logins changed");
@@ -778,11 +1167,28 @@ fn new_tunn(state: &DeviceState, rng: &mut StdRng) -> Tunn {
     Tunn::new(secret, server, None, None, rng.random::<u32>() >> 8, None)
 }
 
-/// Sends one datagram without waiting (a full socket buffer drops it, as a NIC would).
-fn transmit(udp: &UdpSocket, link: &mut LinkSupervisor, p: &[u8], to: SocketAddr, now: Instant) {
-    match udp.try_send_to(p, to) {
-        Ok(_) => link.handle_sent(now),
-        Err(e) => debug!(%to, error = %e, "UDP send failed"),
+/// Sends one datagram without waiting (a full socket buffer or stream queue drops it, as a
+/// NIC would).
+fn transmit(
+    udp: &UdpSocket,
+    stream: Option<&StreamHandle>,
+    link: &mut LinkSupervisor,
+    p: &[u8],
+    route: Route,
+    now: Instant,
+) {
+    match route {
+        Route::Udp(to) => match udp.try_send_to(p, to) {
+            Ok(_) => link.handle_sent(now),
+            Err(e) => debug!(%to, error = %e, "UDP send failed"),
+        },
+        Route::Stream => {
+            if stream.is_some_and(|s| s.send(p)) {
+                link.handle_sent(now);
+            } else {
+                trace!(len = p.len(), "no room on the TLS stream; datagram dropped");
+            }
+        }
     }
 }
 

@@ -70,28 +70,38 @@ where
     out
 }
 
-/// Which candidate the next handshake goes to. See the module documentation.
-#[derive(Debug, Clone, Default)]
-pub struct Rotation {
+/// Which candidate the next handshake goes to. See the module documentation. The TLS
+/// transport rotates the same way through the servers' URLs (`A` = [`ServerUrl`]).
+#[derive(Debug, Clone)]
+pub struct Rotation<A = SocketAddr> {
     /// The endpoint picked last, or the one that answered since.
-    current: Option<SocketAddr>,
+    current: Option<A>,
     /// Endpoints that got no answer since the server last answered.
-    silent: Vec<SocketAddr>,
+    silent: Vec<A>,
 }
 
-impl Rotation {
+impl<A> Default for Rotation<A> {
+    fn default() -> Self {
+        Self {
+            current: None,
+            silent: Vec::new(),
+        }
+    }
+}
+
+impl<A: Clone + PartialEq> Rotation<A> {
     /// A rotation that starts with the first candidate.
     pub fn new() -> Self {
         Self::default()
     }
 
     /// The endpoint picked last, or the one that answered since.
-    pub fn current(&self) -> Option<SocketAddr> {
-        self.current
+    pub fn current(&self) -> Option<&A> {
+        self.current.as_ref()
     }
 
     /// Endpoints that got no answer since the server last answered.
-    pub fn silent(&self) -> &[SocketAddr] {
+    pub fn silent(&self) -> &[A] {
         &self.silent
     }
 
@@ -99,7 +109,7 @@ impl Rotation {
     /// one while it has not been silent, else the next one after it that has not been, else
     /// (a new round) the one after it. `None` when there is no candidate.
     #[must_use]
-    pub fn pick(&mut self, candidates: &[SocketAddr]) -> Option<SocketAddr> {
+    pub fn pick(&mut self, candidates: &[A]) -> Option<A> {
         self.silent.retain(|a| candidates.contains(a));
         let n = candidates.len();
         if n == 0 {
@@ -107,22 +117,24 @@ impl Rotation {
         }
         let at = self
             .current
-            .and_then(|c| candidates.iter().position(|a| *a == c));
+            .as_ref()
+            .and_then(|c| candidates.iter().position(|a| a == c));
         let start = at.unwrap_or(0);
         let next = (0..n)
-            .map(|i| candidates[(start + i) % n])
+            .map(|i| &candidates[(start + i) % n])
             .find(|a| !self.silent.contains(a))
             .unwrap_or_else(|| {
                 // Every candidate was silent: a new round, going on from the current one.
                 self.silent.clear();
-                candidates[at.map_or(0, |i| (i + 1) % n)]
-            });
-        self.current = Some(next);
+                &candidates[at.map_or(0, |i| (i + 1) % n)]
+            })
+            .clone();
+        self.current = Some(next.clone());
         Some(next)
     }
 
     /// An attempt to `endpoint` got no answer, or the session with it died.
-    pub fn handle_silent(&mut self, endpoint: SocketAddr) {
+    pub fn handle_silent(&mut self, endpoint: A) {
         if !self.silent.contains(&endpoint) {
             self.silent.push(endpoint);
         }
@@ -131,7 +143,7 @@ impl Rotation {
     /// The server answered from `endpoint` (a candidate or not: a node that took the device
     /// over calls it back from its own address). The agent stays there, and every candidate
     /// may be tried again.
-    pub fn handle_answered(&mut self, endpoint: SocketAddr) {
+    pub fn handle_answered(&mut self, endpoint: A) {
         self.current = Some(endpoint);
         self.silent.clear();
     }
@@ -242,7 +254,7 @@ mod tests {
         assert_eq!(r.pick(&[a, b]), Some(a));
         r.handle_silent(a);
         r.handle_answered(takeover);
-        assert_eq!(r.current(), Some(takeover));
+        assert_eq!(r.current(), Some(&takeover));
         r.handle_silent(takeover);
         assert_eq!(r.pick(&[a, b]), Some(a));
     }

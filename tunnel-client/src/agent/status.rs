@@ -1,5 +1,5 @@
 //! `status.json`: what a running agent reports about itself (connected, since when, to which
-//! endpoint, certificate expiry, last error), rewritten atomically on every change, and read by
+//! endpoint over which transport, certificate expiry, last error), rewritten atomically on every change, and read by
 //! `floto-tunnel status`.
 
 use std::net::Ipv4Addr;
@@ -12,6 +12,7 @@ use floto_files::FileError;
 use floto_proto::DeviceId;
 
 use super::config::Mode;
+use super::transport::Transport;
 
 /// The agent's report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,8 +27,15 @@ pub struct AgentStatus {
     /// When `connected` last changed.
     #[serde(with = "time::serde::rfc3339::option")]
     pub since: Option<OffsetDateTime>,
-    /// The server's WireGuard endpoint in use (resolved `IP:PORT`).
+    /// The server's WireGuard endpoint in use: the resolved `IP:PORT` over UDP, the API's
+    /// `HOST:PORT` over TLS.
     pub endpoint: Option<String>,
+    /// What carries the datagrams now (`udp` or `tls`).
+    #[serde(default)]
+    pub transport: Option<Transport>,
+    /// The HTTP proxy the TLS transport goes through, when one is configured.
+    #[serde(default)]
+    pub proxy: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub cert_expires_at: OffsetDateTime,
     /// The most recent failure (connecting, renewing), cleared by nothing: read it with `since`.

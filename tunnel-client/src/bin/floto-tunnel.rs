@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use floto_client::cli::Program;
 use floto_proto::{rfc3339, DeviceId};
 use floto_tunnel_client::agent::config::{
-    AgentConfig, ConfigError, FileConfig, Forward, Mode, Overrides,
+    AgentConfig, ConfigError, FileConfig, Forward, Mode, Overrides, TransportChoice,
 };
 use floto_tunnel_client::agent::status::AgentStatus;
 use floto_tunnel_client::enroll::{enroll, EnrollOptions};
@@ -102,6 +102,19 @@ struct RunArgs {
     /// [default: 5m].
     #[arg(long, env = "FLOTO_SSHD_REFRESH", value_name = "DURATION", value_parser = humantime::parse_duration)]
     sshd_refresh: Option<std::time::Duration>,
+    /// What carries WireGuard: auto (UDP, and a TLS stream to the server's HTTPS port when
+    /// UDP gets no answer, back to UDP when it answers again), udp, or tls [default: auto].
+    #[arg(long, env = "FLOTO_TRANSPORT", value_name = "auto|udp|tls")]
+    transport: Option<TransportChoice>,
+    /// HTTP proxy for the TLS transport, http://HOST:PORT (CONNECT to the server's HTTPS
+    /// port) [default: HTTPS_PROXY or https_proxy from the environment; NO_PROXY is not
+    /// read]. "" for none.
+    #[arg(long, env = "FLOTO_PROXY", value_name = "URL")]
+    proxy: Option<String>,
+    /// While on TLS (auto), how often to look whether UDP works again (at least 10s)
+    /// [default: 3m].
+    #[arg(long, env = "FLOTO_UDP_PROBE_EVERY", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    udp_probe_every: Option<std::time::Duration>,
 }
 
 #[derive(Subcommand)]
@@ -243,6 +256,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             sshd_dir: args.sshd_dir,
             sshd_reload: args.sshd_reload,
             sshd_refresh: args.sshd_refresh,
+            transport: args.transport,
+            proxy: args.proxy,
+            proxy_from_env: ["HTTPS_PROXY", "https_proxy"]
+                .iter()
+                .find_map(|name| std::env::var(name).ok()),
+            udp_probe_every: args.udp_probe_every,
         },
         std::path::Path::new(floto_proto::defaults::STATE_DIR),
     )?;
@@ -293,6 +312,8 @@ fn status(state_dir: PathBuf, json: bool) -> anyhow::Result<()> {
             "connected": live.is_some_and(|a| a.connected),
             "since": live.and_then(|a| a.since).map(rfc3339),
             "endpoint": live.and_then(|a| a.endpoint.clone()),
+            "transport": live.and_then(|a| a.transport),
+            "proxy": live.and_then(|a| a.proxy.clone()),
             "revoked": live.is_some_and(|a| a.revoked),
             "failed_attempts": live.map(|a| a.failed_attempts),
             "connects": live.map(|a| a.connects),
@@ -329,6 +350,12 @@ fn status(state_dir: PathBuf, json: bool) -> anyhow::Result<()> {
                 "endpoint     {}",
                 a.endpoint.as_deref().unwrap_or(assigned.endpoint.as_str())
             );
+            if let Some(transport) = a.transport {
+                match &a.proxy {
+                    Some(proxy) => println!("transport    {transport} (through proxy {proxy})"),
+                    None => println!("transport    {transport}"),
+                }
+            }
             if a.failed_attempts > 0 {
                 println!("failed tries {}", a.failed_attempts);
             }

@@ -32,9 +32,9 @@ use super::{AppState, ConnInfo, Failure};
 use crate::wg::{peers::MAX_DATAGRAM, Effects};
 
 /// The `Upgrade` protocol token.
-pub const PROTOCOL: &str = "floto-wg/1";
+pub const PROTOCOL: &str = floto_proto::wireguard::TLS_UPGRADE;
 /// Largest frame accepted (a WireGuard datagram of a 1420-byte MTU is 1452 bytes).
-pub const MAX_FRAME: usize = 2048;
+pub const MAX_FRAME: usize = floto_proto::wireguard::TLS_MAX_FRAME;
 /// A new stream must send its first datagram within this.
 pub const FIRST_FRAME: Duration = Duration::from_secs(10);
 /// A stream silent this long is closed (a device's keepalives come every 25 s).
