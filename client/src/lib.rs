@@ -91,10 +91,22 @@ pub struct ApiClient {
 
 impl ApiClient {
     /// `server` is `https://HOST[:PORT]`; `ca_pem` the CA the server's certificate chains to.
+    /// No proxy: the environment's is not read.
     pub fn new(
         server: &str,
         ca_pem: &str,
         identity: Option<&Identity>,
+    ) -> Result<Self, ClientError> {
+        Self::via_proxy(server, ca_pem, identity, None)
+    }
+
+    /// As [`ApiClient::new`], through the HTTP proxy `proxy` (`http://HOST:PORT`, which must
+    /// allow `CONNECT`) when one is given.
+    pub fn via_proxy(
+        server: &str,
+        ca_pem: &str,
+        identity: Option<&Identity>,
+        proxy: Option<&str>,
     ) -> Result<Self, ClientError> {
         let base = server.trim_end_matches('/').to_owned();
         if !base.starts_with("https://") {
@@ -103,13 +115,21 @@ impl ApiClient {
             )));
         }
         let tls = tls::client_config(ca_pem, identity, &[b"h2", b"http/1.1"])?;
-        let http = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .https_only(true)
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(60))
             .pool_idle_timeout(Duration::from_secs(30))
-            .no_proxy()
+            .no_proxy();
+        let builder = match proxy {
+            None => builder,
+            Some(url) => builder.proxy(
+                reqwest::Proxy::all(url)
+                    .map_err(|e| ClientError::Config(format!("proxy {url:?}: {e}")))?,
+            ),
+        };
+        let http = builder
             .build()
             .map_err(|e| ClientError::Config(format!("building the HTTPS client: {e}")))?;
         Ok(Self { base, http })

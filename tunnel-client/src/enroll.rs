@@ -28,6 +28,8 @@ pub struct EnrollOptions {
     pub hostname: Option<String>,
     /// sshd's public host keys, for host certificates (empty when sshd is not managed).
     pub ssh_host_keys: Vec<String>,
+    /// An HTTP proxy (`http://HOST:PORT`) the API is reached through, if any.
+    pub proxy: Option<String>,
 }
 
 // Never prints the provisioning key.
@@ -123,7 +125,7 @@ pub async fn enroll(
     let clients = opts
         .servers
         .iter()
-        .map(|s| ApiClient::new(s.as_str(), &opts.server_ca_pem, None))
+        .map(|s| ApiClient::via_proxy(s.as_str(), &opts.server_ca_pem, None, opts.proxy.as_deref()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| EnrollError::Client(CallError::Refused(e)))?;
     let req = EnrollRequest {
@@ -236,6 +238,7 @@ mod tests {
             device_type: Some("rpi4".into()),
             hostname: Some("sensor-1".into()),
             ssh_host_keys: Vec::new(),
+            proxy: None,
         };
         let shown = format!("{opts:?} {opts:#?}");
         assert!(shown.contains("vpn.example"), "{shown}");

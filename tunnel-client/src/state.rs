@@ -105,7 +105,16 @@ impl DeviceState {
     /// A client of the API at `server` that presents the device certificate (`server` is
     /// [`StateFile::server`] or another node of its cluster).
     pub fn api(&self, server: &str) -> Result<ApiClient, floto_client::ClientError> {
-        ApiClient::new(server, &self.server_ca_pem, Some(&self.identity()))
+        self.api_via(server, None)
+    }
+
+    /// As [`DeviceState::api`], through the HTTP proxy `proxy` when one is given.
+    pub fn api_via(
+        &self,
+        server: &str,
+        proxy: Option<&str>,
+    ) -> Result<ApiClient, floto_client::ClientError> {
+        ApiClient::via_proxy(server, &self.server_ca_pem, Some(&self.identity()), proxy)
     }
 }
 

@@ -84,9 +84,10 @@ pub async fn perform(
     servers: &[ServerUrl],
     enroll: Option<&EnrollOptions>,
     ssh_host_keys: &[String],
+    proxy: Option<&str>,
 ) -> Result<DeviceState, Failed> {
     match action {
-        CertAction::Renew => renew(dir, state, servers, ssh_host_keys).await,
+        CertAction::Renew => renew(dir, state, servers, ssh_host_keys, proxy).await,
         CertAction::Reenroll => match enroll {
             Some(settings) => reenroll(dir, state, settings, ssh_host_keys).await,
             None => Err(Failed::new(
@@ -117,13 +118,14 @@ async fn renew(
     state: &DeviceState,
     servers: &[ServerUrl],
     ssh_host_keys: &[String],
+    proxy: Option<&str>,
 ) -> Result<DeviceState, Failed> {
     let key = next_key(dir)?;
     let csr = floto_pki::make_csr(&key, &state.file.assignment.uuid.to_string())
         .map_err(|e| Failed::new(CertFailure::Refused, format!("making the CSR: {e}")))?;
     let clients = servers::preferring(&state.file.server, servers)
         .iter()
-        .map(|server| state.api(server))
+        .map(|server| state.api_via(server, proxy))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Failed::new(CertFailure::Refused, e.to_string()))?;
     let req = RenewRequest {
@@ -152,7 +154,14 @@ async fn reenroll(
     let clients = settings
         .servers
         .iter()
-        .map(|s| ApiClient::new(s.as_str(), &settings.server_ca_pem, None))
+        .map(|s| {
+            ApiClient::via_proxy(
+                s.as_str(),
+                &settings.server_ca_pem,
+                None,
+                settings.proxy.as_deref(),
+            )
+        })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Failed::new(CertFailure::Refused, e.to_string()))?;
     // A renewal cut short may have reached the server: then its key is the current one.

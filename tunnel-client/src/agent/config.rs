@@ -413,6 +413,7 @@ impl AgentConfig {
                     device_type: file.device_type,
                     hostname: file.hostname,
                     ssh_host_keys: Vec::new(),
+                    proxy: None,
                 })
             }
             (Some(_), true, _) => {
@@ -440,7 +441,12 @@ impl AgentConfig {
             forwards,
             backoff_cap,
             keepalive,
-            enroll,
+            // Enrollment and renewal go through the proxy too: a device that can only get out
+            // through it must still keep its certificate.
+            enroll: enroll.map(|e| EnrollOptions {
+                proxy: proxy.as_ref().map(ToString::to_string),
+                ..e
+            }),
             sshd: flags
                 .manage_sshd
                 .or(file.manage_sshd)

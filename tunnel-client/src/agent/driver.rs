@@ -1015,6 +1015,7 @@ impl Driver {
         let settings = self.config.enroll.clone();
         let servers = self.config.servers.clone();
         let host_keys = host_key_lines(&self.config);
+        let proxy = self.config.proxy.as_ref().map(ToString::to_string);
         let tx = tx.clone();
         tokio::spawn(async move {
             let result = certs::perform(
@@ -1024,6 +1025,7 @@ impl Driver {
                 &servers,
                 settings.as_ref(),
                 &host_keys,
+                proxy.as_deref(),
             )
             .await;
             let _ = tx.send((action, result)).await;
@@ -1101,10 +1103,11 @@ impl Driver {
         let dir = self.dir.clone();
         let state = self.state.clone();
         let servers = self.config.servers.clone();
+        let proxy = self.config.proxy.as_ref().map(ToString::to_string);
         tokio::spawn(async move {
             let Ok(clients) = servers::preferring(&state.file.server, &servers)
                 .iter()
-                .map(|server| state.api(server))
+                .map(|server| state.api_via(server, proxy.as_deref()))
                 .collect::<Result<Vec<_>, _>>()
             else {
                 return;

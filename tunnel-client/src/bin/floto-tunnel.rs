@@ -209,6 +209,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     hostname,
                     // The agent asks for host certificates when it runs.
                     ssh_host_keys: Vec::new(),
+                    proxy: None,
                 },
             )
             .await?;
