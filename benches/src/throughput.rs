@@ -48,6 +48,9 @@ struct Results {
     seconds: u32,
     runs: Vec<Run>,
     medians: Vec<(String, String, f64)>,
+    /// Seconds from the agent's start to online over TLS, in a namespace that drops UDP
+    /// (a new device each time: enrollment included).
+    online_with_udp_blocked_s: Vec<f64>,
 }
 
 const OURS: &str = "floto-vpn-server";
@@ -136,17 +139,14 @@ pub fn main(args: Args, command: String) -> anyhow::Result<()> {
     let ns = Netns::new();
     let agent_ns = Netns::new();
     let tls_ns = Netns::new();
-    let server = Server::start_logging(
-        &[
-            "--tls-name",
-            &ns.host_ip().to_string(),
-            "--tls-name",
-            &agent_ns.host_ip().to_string(),
-            "--tls-name",
-            &tls_ns.host_ip().to_string(),
-        ],
-        "warn",
-    );
+    // Devices on a network that drops UDP, one per run.
+    let blocked_nss: Vec<Netns> = (0..args.runs).map(|_| Netns::new()).collect();
+    let names: Vec<String> = [&ns, &agent_ns, &tls_ns]
+        .into_iter()
+        .chain(&blocked_nss)
+        .map(|n| n.host_ip().to_string())
+        .collect();
+    let server = Server::start_logging(&["--tls-name", &names.join(",")], "warn");
     let key = server.create_key("bench", None);
     let mut device = WgGoDevice::enroll(ns, &server, &key);
     device.up();
@@ -299,6 +299,36 @@ pub fn main(args: Args, command: String) -> anyhow::Result<()> {
             m[2]
         );
     }
+
+    // A device on a network that drops UDP: from the agent's start to online over TLS.
+    let mut blocked = Vec::new();
+    for (run, ns) in (1..).zip(&blocked_nss) {
+        ns.block_udp();
+        let mut agent = Agent::new(
+            ns,
+            &server,
+            &key,
+            AgentOptions {
+                args: Vec::new(),
+                user: None,
+            },
+        );
+        let started = std::time::Instant::now();
+        agent.start();
+        let uuid = agent.uuid();
+        wait_for(Duration::from_secs(30), "online over TLS", || {
+            (server.device(&uuid)["transport"] == "tls").then_some(())
+        });
+        let took = started.elapsed().as_secs_f64();
+        eprintln!("run {run}: online over TLS {took:.1} s after start, with UDP blocked");
+        blocked.push(took);
+    }
+    let mut sorted = blocked.clone();
+    println!(
+        "online with UDP blocked (auto: UDP first, then TLS): median {:.1} s over {} runs",
+        report::median(&mut sorted),
+        blocked.len()
+    );
     let results = Results {
         scenario: "throughput",
         machine: Machine::this(),
@@ -307,6 +337,7 @@ pub fn main(args: Args, command: String) -> anyhow::Result<()> {
         seconds: args.seconds,
         runs,
         medians,
+        online_with_udp_blocked_s: blocked,
     };
     let path = report::write_json("throughput", &results)?;
     println!("wrote {}", path.display());

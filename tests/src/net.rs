@@ -16,7 +16,11 @@ const LOCK_DIR: &str = "/run/floto-e2e";
 const SLOTS: u32 = 8_192;
 
 /// A claimed slot: an index that names the namespace, the interfaces and the subnet.
+/// The nftables table of the firewall rules tests put in a namespace.
+const FIREWALL: &str = "floto_e2e";
+
 #[derive(Debug)]
+
 struct Slot {
     n: u32,
     lock: PathBuf,
@@ -187,6 +191,63 @@ impl Netns {
     /// `ip -n NS ARGS...`, panicking on failure.
     pub fn ip(&self, args: &[&str]) {
         run(Command::new("ip").arg("-n").arg(&self.name).args(args));
+    }
+
+    /// Drops every UDP datagram on the namespace's link, both ways, as a network that blocks
+    /// UDP does. The rules are on the link itself (netdev egress and ingress hooks): sends
+    /// succeed and vanish (in the output hook they would fail at once with EPERM). They go
+    /// with the namespace, or with [`Netns::unblock`].
+    pub fn block_udp(&self) {
+        self.nft(&format!(
+            "table netdev {FIREWALL} {{\n\
+               chain out {{\n\
+                 type filter hook egress device \"{dev}\" priority 0;\n\
+                 meta l4proto udp drop\n\
+               }}\n\
+               chain in {{\n\
+                 type filter hook ingress device \"{dev}\" priority 0;\n\
+                 meta l4proto udp drop\n\
+               }}\n\
+             }}\n",
+            dev = self.dev_if
+        ));
+    }
+
+    /// Lets nothing over the namespace's link but ARP and TCP with `proxy`.
+    pub fn only_the_proxy(&self, proxy: std::net::SocketAddr) {
+        self.nft(&format!(
+            "table netdev {FIREWALL} {{\n\
+               chain out {{\n\
+                 type filter hook egress device \"{dev}\" priority 0;\n\
+                 meta protocol arp accept\n\
+                 ip daddr {ip} tcp dport {port} accept\n\
+                 drop\n\
+               }}\n\
+               chain in {{\n\
+                 type filter hook ingress device \"{dev}\" priority 0;\n\
+                 meta protocol arp accept\n\
+                 ip saddr {ip} tcp sport {port} accept\n\
+                 drop\n\
+               }}\n\
+             }}\n",
+            dev = self.dev_if,
+            ip = proxy.ip(),
+            port = proxy.port(),
+        ));
+    }
+
+    /// Removes what [`Netns::block_udp`] or [`Netns::only_the_proxy`] set.
+    pub fn unblock(&self) {
+        run(self
+            .command("nft")
+            .args(["delete", "table", "netdev", FIREWALL]));
+    }
+
+    fn nft(&self, rules: &str) {
+        crate::require(&["nft"]);
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        fs::write(file.path(), rules).expect("nft rules");
+        run(self.command("nft").arg("-f").arg(file.path()));
     }
 
     /// A command that runs inside the namespace.

@@ -39,8 +39,6 @@ const TOOLS: &[&str] = &[
 ];
 
 /// The nftables table the tests put in a device's namespace (gone with the namespace).
-const TABLE: &str = "floto_e2e";
-
 /// How often the agent looks whether UDP works again, in these tests (default 3 min, at least
 /// 10 s).
 const PROBE_EVERY: Duration = Duration::from_secs(10);
@@ -153,63 +151,6 @@ impl Setup {
 }
 
 /// Loads an nftables ruleset into the namespace.
-fn nft(ns: &Netns, rules: &str) {
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), rules).unwrap();
-    run(ns.command("nft").arg("-f").arg(file.path()));
-}
-
-/// Drops every UDP datagram on the namespace's link, both ways. The rules are on the link
-/// itself (netdev egress and ingress hooks): the agent's sends succeed and vanish, as on a
-/// network that drops UDP (in the output hook they would fail at once with EPERM).
-fn block_udp(ns: &Netns) {
-    nft(
-        ns,
-        &format!(
-            "table netdev {TABLE} {{\n\
-               chain out {{\n\
-                 type filter hook egress device \"{dev}\" priority 0;\n\
-                 meta l4proto udp drop\n\
-               }}\n\
-               chain in {{\n\
-                 type filter hook ingress device \"{dev}\" priority 0;\n\
-                 meta l4proto udp drop\n\
-               }}\n\
-             }}\n",
-            dev = ns.dev_if
-        ),
-    );
-}
-
-/// Lets nothing over the namespace's link but ARP and TCP with `proxy`.
-fn only_the_proxy(ns: &Netns, proxy: SocketAddr) {
-    nft(
-        ns,
-        &format!(
-            "table netdev {TABLE} {{\n\
-               chain out {{\n\
-                 type filter hook egress device \"{dev}\" priority 0;\n\
-                 meta protocol arp accept\n\
-                 ip daddr {ip} tcp dport {port} accept\n\
-                 drop\n\
-               }}\n\
-               chain in {{\n\
-                 type filter hook ingress device \"{dev}\" priority 0;\n\
-                 meta protocol arp accept\n\
-                 ip saddr {ip} tcp sport {port} accept\n\
-                 drop\n\
-               }}\n\
-             }}\n",
-            dev = ns.dev_if,
-            ip = proxy.ip(),
-            port = proxy.port(),
-        ),
-    );
-}
-
-fn unblock(ns: &Netns) {
-    run(ns.command("nft").args(["delete", "table", "netdev", TABLE]));
-}
 
 /// Whether a TCP connection from the namespace to `to` opens within 3 s.
 fn tcp_reaches(ns: &Netns, to: SocketAddr) -> bool {
@@ -377,7 +318,7 @@ fn host_port(ip: Ipv4Addr, port: u16) -> String {
 #[test]
 fn with_udp_blocked_the_agent_comes_online_over_tls_and_ssh_and_scp_work() {
     let mut s = Setup::new(&[]);
-    block_udp(&s.ns);
+    s.ns.block_udp();
     let started = Instant::now();
     s.agent.start();
     let uuid = s.agent.uuid();
@@ -434,7 +375,7 @@ fn with_only_an_http_proxy_out_the_agent_comes_online_through_it() {
     );
     let setup = &mut s;
     // The device has never been online: it enrolls through the proxy too.
-    only_the_proxy(&setup.ns, proxy_addr);
+    setup.ns.only_the_proxy(proxy_addr);
     // What the firewall lets through: the proxy, not the server.
     assert!(
         tcp_reaches(&setup.ns, proxy_addr),
@@ -482,7 +423,7 @@ fn with_only_an_http_proxy_out_the_agent_comes_online_through_it() {
 #[test]
 fn when_udp_works_again_the_agent_moves_back_and_an_open_ssh_session_goes_on() {
     let mut s = Setup::new(&probe_every_flags());
-    block_udp(&s.ns);
+    s.ns.block_udp();
     s.agent.start();
     let uuid = s.agent.uuid();
     s.wait_transport("tls", Duration::from_secs(15));
@@ -494,7 +435,7 @@ fn when_udp_works_again_the_agent_moves_back_and_an_open_ssh_session_goes_on() {
     assert_eq!(s.agent.status().unwrap()["transport"], "tls");
     session.roundtrip("2", Duration::from_secs(10));
 
-    unblock(&s.ns);
+    s.ns.unblock();
     let unblocked = Instant::now();
     let status = s.wait_transport("udp", PROBE_EVERY * 2);
     let back_after = unblocked.elapsed();
@@ -541,7 +482,7 @@ fn when_udp_stops_during_a_session_the_agent_moves_to_tls_and_the_session_surviv
     let mut session = Session::open(&s, &uuid);
     session.roundtrip("1", Duration::from_secs(30));
 
-    block_udp(&s.ns);
+    s.ns.block_udp();
     let blocked = Instant::now();
     // A line typed while the path is gone: it reaches the device, and its echo comes back,
     // after the move (TCP retransmits it over the new transport).
@@ -605,7 +546,7 @@ fn transport_tls_goes_over_tls_at_once_and_transport_udp_never_does() {
     s.agent.stop();
 
     // UDP only, with UDP blocked: no stream, ever; the agent says why it is not connected.
-    block_udp(&s.ns);
+    s.ns.block_udp();
     s.agent = Agent::new(
         &s.ns,
         &s.server,
