@@ -150,7 +150,6 @@ impl Setup {
     }
 }
 
-/// Loads an nftables ruleset into the namespace.
 
 /// Whether a TCP connection from the namespace to `to` opens within 3 s.
 fn tcp_reaches(ns: &Netns, to: SocketAddr) -> bool {
