@@ -150,7 +150,6 @@ impl Setup {
     }
 }
 
-
 /// Whether a TCP connection from the namespace to `to` opens within 3 s.
 fn tcp_reaches(ns: &Netns, to: SocketAddr) -> bool {
     output(ns.command("timeout").args([
