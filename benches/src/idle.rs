@@ -1,6 +1,7 @@
 //! An idle fleet: N simulated devices come online (a storm), then only send keepalives
-//! every 25 s (and re-handshake when their sessions age, as boringtun devices do) for
-//! several minutes. Measured on the server: resident memory (total, and per online device
+//! every 25 s and rekey as kernel WireGuard does (a keepalive on a session older than 120 s
+//! starts a new handshake), for several minutes after a warm-up that lets the rekey waves
+//! begin. Measured on the server: resident memory (total, and per online device
 //! over the enrolled-but-offline baseline) and CPU per second of wall time.
 
 use std::time::{Duration, Instant};
@@ -17,6 +18,8 @@ use crate::target::{Floto, Kind, Usage, WireguardGo, WIREGUARD_GO_MAX_PEERS};
 pub struct Args {
     pub devices: usize,
     pub duration: Duration,
+    /// Time between all devices online and the start of the measured window.
+    pub warmup: Duration,
     pub threads: usize,
     pub compare: bool,
     /// Also run wireguard-go with this many devices when N is over its limit.
@@ -38,6 +41,8 @@ struct Side {
     window_seconds: f64,
     /// Server CPU seconds per second of the window, in % of one core.
     cpu_percent_of_one_core: f64,
+    /// Handshakes the fleet completed per second of the window (its rekeys).
+    handshakes_per_second: f64,
     /// What the fleet did during the window (keepalives, re-handshakes).
     fleet: CounterSnapshot,
     kernel_drops: u64,
@@ -84,8 +89,8 @@ async fn measure(
         fleet.online_count(),
         fleet.len()
     );
-    // Let the storm's stragglers and the first keepalives settle.
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // Let the storm's stragglers and the first keepalives settle, and the rekeys begin.
+    tokio::time::sleep(args.warmup).await;
     let before = Usage::of(pid);
     let counters = fleet.counters();
     let drops = report::udp_rcvbuf_errors(pid);
@@ -117,6 +122,9 @@ async fn measure(
         bytes_per_device_over_configured: rss_max.saturating_sub(rss_configured) as f64 / n as f64,
         window_seconds: secs,
         cpu_percent_of_one_core: (after.cpu_seconds - before.cpu_seconds) / secs * 100.0,
+        handshakes_per_second: (fleet.counters().handshakes_completed
+            - counters.handshakes_completed) as f64
+            / secs,
         fleet: delta(counters, fleet.counters()),
         kernel_drops: report::udp_rcvbuf_errors(pid) - drops,
     })
@@ -128,6 +136,7 @@ fn options(args: &Args) -> FleetOptions {
         keepalive: Some(25),
         // Keepalives every 25 s need no finer timers; this keeps the generator's share small.
         timer_sweep: Duration::from_secs(1),
+        rekey_like_kernel: true,
         ..FleetOptions::default()
     }
 }
@@ -200,6 +209,7 @@ pub async fn main(args: Args, command: String) -> anyhow::Result<()> {
                 format!("{:.0}", s.window_seconds),
                 format!("{:.1}", s.cpu_percent_of_one_core),
                 s.fleet.handshakes_completed.to_string(),
+                format!("{:.0}", s.handshakes_per_second),
                 s.kernel_drops.to_string(),
             ]
         })
@@ -217,6 +227,7 @@ pub async fn main(args: Args, command: String) -> anyhow::Result<()> {
             "window s",
             "cpu % core",
             "rehandshakes",
+            "hs/s",
             "kern drops",
         ],
         &rows,

@@ -44,6 +44,10 @@ enum Scenario {
         devices: usize,
         #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
         duration: std::time::Duration,
+        /// Wait between all devices online and the measured window (rekeys start 120 s
+        /// after each device's handshake).
+        #[arg(long, default_value = "150s", value_parser = humantime::parse_duration)]
+        warmup: std::time::Duration,
         #[arg(long, default_value_t = 2)]
         threads: usize,
         /// Only floto-vpn-server.
@@ -150,6 +154,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Idle {
             devices,
             duration,
+            warmup,
             threads,
             no_compare,
             compare_devices,
@@ -157,6 +162,7 @@ fn main() -> anyhow::Result<()> {
             floto_bench::idle::Args {
                 devices,
                 duration,
+                warmup,
                 threads,
                 compare: !no_compare,
                 compare_devices,

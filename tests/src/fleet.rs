@@ -51,6 +51,11 @@ pub struct FleetOptions {
     pub netns: Option<String>,
     /// Where ICMP echo requests go when [`Fleet::ping_all`] is called.
     pub ping_target: Option<Ipv4Addr>,
+    /// Rekey as kernel WireGuard and wireguard-go do (`keep_key_fresh`): a device whose
+    /// session it started more than 120 s ago starts a new handshake when it sends anything,
+    /// keepalives included. boringtun 0.7 rekeys only when it sends data, so without this an
+    /// idle device's session simply expires after 180 s.
+    pub rekey_like_kernel: bool,
 }
 
 impl Default for FleetOptions {
@@ -61,9 +66,14 @@ impl Default for FleetOptions {
             timer_sweep: Duration::from_millis(250),
             netns: None,
             ping_target: None,
+            rekey_like_kernel: false,
         }
     }
 }
+
+/// WireGuard's REKEY_AFTER_TIME and REKEY_TIMEOUT.
+const REKEY_AFTER: Duration = Duration::from_secs(120);
+const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Counters of the whole fleet.
 #[derive(Debug, Default)]
@@ -309,6 +319,8 @@ struct SimDevice {
     /// authenticated packet last came from (WireGuard roaming: a device follows a cluster
     /// node that calls it back).
     endpoint: SocketAddr,
+    /// When this device last started a kernel-like rekey (at most one per REKEY_TIMEOUT).
+    rekeyed_at: Option<Instant>,
 }
 
 /// One thread's devices and socket.
@@ -321,6 +333,7 @@ struct Driver {
     ping_target: Option<Ipv4Addr>,
     sweep: Duration,
     keepalive: bool,
+    rekey_like_kernel: bool,
     buf: Vec<u8>,
     out: Vec<u8>,
 }
@@ -359,6 +372,7 @@ impl Driver {
                 ),
                 overlay_ip: d.overlay_ip,
                 endpoint: shared.server,
+                rekeyed_at: None,
             })
             .collect();
         let server_ip = shared.server.ip();
@@ -371,6 +385,7 @@ impl Driver {
             ping_target: options.ping_target,
             sweep: options.timer_sweep,
             keepalive: options.keepalive.is_some(),
+            rekey_like_kernel: options.rekey_like_kernel,
             buf: vec![0; 65_536],
             out: vec![0; 65_536],
         }
@@ -529,11 +544,24 @@ impl Driver {
     fn timers(&mut self, slot: usize) {
         let dev = &mut self.devices[slot];
         let n = dev.n;
+        let mut rekey = false;
         let expired = match dev.tunn.update_timers(&mut self.out) {
             TunnResult::WriteToNetwork(p) => {
                 if p.first() == Some(&1) {
                     bump(&self.shared.counters.initiations_sent);
                 }
+                // A keepalive (a data message with no payload) on an old session: kernel
+                // WireGuard starts a new handshake with it (keep_key_fresh).
+                rekey = self.rekey_like_kernel
+                    && p.first() == Some(&4)
+                    && p.len() == 32
+                    && dev
+                        .tunn
+                        .time_since_last_handshake()
+                        .is_some_and(|age| age >= REKEY_AFTER)
+                    && dev
+                        .rekeyed_at
+                        .is_none_or(|at| at.elapsed() >= REKEY_TIMEOUT);
                 send_from(
                     &self.socket,
                     source_address(n),
@@ -546,6 +574,10 @@ impl Driver {
             TunnResult::Err(boringtun::noise::errors::WireGuardError::ConnectionExpired) => true,
             _ => false,
         };
+        if rekey {
+            self.devices[slot].rekeyed_at = Some(Instant::now());
+            self.initiate(slot);
+        }
         // A device with a persistent keepalive never gives up: its next keepalive starts a
         // new handshake after boringtun's 90 s of retries.
         if expired && self.keepalive {
