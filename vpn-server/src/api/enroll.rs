@@ -244,7 +244,8 @@ async fn renew(
 
 /// Host certificates for the host keys an enrollment or renewal sent (valid as long as the
 /// device certificate), and the record of those keys (operators' `floto ssh` then verifies
-/// the device strictly).
+/// the device strictly). A request without host keys clears the record: the device no longer
+/// gets host certificates, so it will not hold valid ones for long.
 async fn device_ssh(
     state: &AppState,
     device: &floto_registry::Device,
@@ -261,11 +262,9 @@ async fn device_ssh(
         device.cert_expires_at,
     )
     .await?;
-    if ssh.is_some() {
-        state
-            .store
-            .set_device_ssh_host_keys(&device.id, host_keys, now)
-            .await?;
-    }
+    state
+        .store
+        .set_device_ssh_host_keys(&device.id, host_keys, now)
+        .await?;
     Ok(ssh)
 }
