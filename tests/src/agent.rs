@@ -226,15 +226,7 @@ fn set_mode(path: &Path, mode: u32) {
 /// file), listening on port 22 of namespace `ns`. Returns it with the flags that hand it to
 /// `floto-tunnel run`. Killed on drop.
 pub fn start_managed_sshd(ns: &Netns, dir: &Path) -> (Child, Vec<String>) {
-    crate::require(&["sshd", "ssh-keygen", "ss"]);
-    let host_key = dir.join("ssh_host_ed25519_key");
-    if !host_key.exists() {
-        crate::run(
-            Command::new("ssh-keygen")
-                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-                .arg(&host_key),
-        );
-    }
+    let host_key = host_key_in(dir);
     let pid = dir.join("sshd.pid");
     std::fs::write(
         dir.join("sshd_config"),
@@ -249,18 +241,7 @@ pub fn start_managed_sshd(ns: &Netns, dir: &Path) -> (Child, Vec<String>) {
         ),
     )
     .expect("sshd_config");
-    std::fs::create_dir_all("/run/sshd").expect("sshd privilege separation dir");
-    let sshd = crate::which("sshd").expect("sshd");
-    let mut cmd = ns.command(sshd);
-    cmd.arg("-D")
-        .arg("-e")
-        .arg("-f")
-        .arg(dir.join("sshd_config"));
-    let child = Child::spawn(&format!("sshd-{}", ns.name), cmd, dir);
-    wait_for(Duration::from_secs(10), "sshd to listen", || {
-        let out = output(ns.command("ss").args(["-ltn", "sport = :22"]));
-        stdout(&out).contains(":22").then_some(())
-    });
+    let child = run_sshd(ns, dir, &dir.join("sshd_config"), &["22"]);
     let flags = vec![
         "--manage-sshd".to_owned(),
         "--sshd-dir".to_owned(),
@@ -274,15 +255,7 @@ pub fn start_managed_sshd(ns: &Netns, dir: &Path) -> (Child, Vec<String>) {
 /// OpenSSH's sshd in a namespace, listening on `listen` (e.g. `["0.0.0.0:22"]`) and
 /// accepting `authorized_key` for root. Killed on drop.
 pub fn start_sshd(ns: &Netns, dir: &Path, authorized_key: &str, listen: &[&str]) -> Child {
-    crate::require(&["sshd", "ssh-keygen", "ss"]);
-    let host_key = dir.join("ssh_host_ed25519_key");
-    if !host_key.exists() {
-        crate::run(
-            Command::new("ssh-keygen")
-                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-                .arg(&host_key),
-        );
-    }
+    let host_key = host_key_in(dir);
     let auth = dir.join("authorized_keys");
     std::fs::write(&auth, authorized_key).expect("authorized_keys");
     let config = dir.join("sshd_config");
@@ -305,13 +278,35 @@ pub fn start_sshd(ns: &Netns, dir: &Path, authorized_key: &str, listen: &[&str])
         ),
     )
     .expect("sshd_config");
+    let ports: Vec<&str> = listen
+        .iter()
+        .map(|l| l.rsplit(':').next().unwrap_or("22"))
+        .collect();
+    run_sshd(ns, dir, &config, &ports)
+}
+
+/// The Ed25519 host key in `dir`, made once.
+fn host_key_in(dir: &Path) -> PathBuf {
+    crate::require(&["sshd", "ssh-keygen", "ss"]);
+    let host_key = dir.join("ssh_host_ed25519_key");
+    if !host_key.exists() {
+        crate::run(
+            Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(&host_key),
+        );
+    }
+    host_key
+}
+
+/// sshd with `config`, in namespace `ns` (its log in `dir`), once it listens on `ports`.
+fn run_sshd(ns: &Netns, dir: &Path, config: &Path, ports: &[&str]) -> Child {
     std::fs::create_dir_all("/run/sshd").expect("sshd privilege separation dir");
     let sshd = crate::which("sshd").expect("sshd");
     let mut cmd = ns.command(sshd);
-    cmd.arg("-D").arg("-e").arg("-f").arg(&config);
+    cmd.arg("-D").arg("-e").arg("-f").arg(config);
     let child = Child::spawn(&format!("sshd-{}", ns.name), cmd, dir);
-    for l in listen {
-        let port = l.rsplit(':').next().unwrap_or("22");
+    for port in ports {
         wait_for(Duration::from_secs(10), "sshd to listen", || {
             let out = output(ns.command("ss").args(["-ltn", &format!("sport = :{port}")]));
             stdout(&out).contains(&format!(":{port}")).then_some(())

@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use floto_e2e::fleet::icmp_echo;
 use floto_e2e::server::{metric, Server};
 use floto_e2e::{bin, last_line, run, stdout};
 use floto_proto::WgKey;
@@ -253,35 +254,6 @@ impl WgClient {
             }
         }
     }
-}
-
-/// An IPv4 ICMP echo request.
-fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr, seq: u16) -> Vec<u8> {
-    fn checksum(data: &[u8]) -> u16 {
-        let mut sum: u32 = data
-            .chunks(2)
-            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-            .sum();
-        while sum >> 16 != 0 {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
-    }
-    let mut icmp = vec![8, 0, 0, 0, 0x12, 0x34];
-    icmp.extend_from_slice(&seq.to_be_bytes());
-    icmp.extend_from_slice(b"floto over tls!!");
-    let c = checksum(&icmp);
-    icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    let total = (20 + icmp.len()) as u16;
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&total.to_be_bytes());
-    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, 1, 0, 0]);
-    ip.extend_from_slice(&src.octets());
-    ip.extend_from_slice(&dst.octets());
-    let c = checksum(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    ip.extend_from_slice(&icmp);
-    ip
 }
 
 fn rt() -> tokio::runtime::Runtime {
