@@ -262,9 +262,19 @@ async fn device_ssh(
         device.cert_expires_at,
     )
     .await?;
-    state
-        .store
-        .set_device_ssh_host_keys(&device.id, host_keys, now)
-        .await?;
+    // A write only when there is something to record or to clear: enrollments of devices
+    // that manage no sshd cost one read, not a transaction.
+    if !host_keys.is_empty()
+        || !state
+            .store
+            .device_ssh_host_keys(&device.id)
+            .await?
+            .is_empty()
+    {
+        state
+            .store
+            .set_device_ssh_host_keys(&device.id, host_keys, now)
+            .await?;
+    }
     Ok(ssh)
 }
