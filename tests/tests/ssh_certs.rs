@@ -327,6 +327,33 @@ fn bad_certificate_requests_are_refused_with_their_reason() {
         (401..=403).contains(&status),
         "a device certificate got {status}: {answer}"
     );
+    // Fleet settings: only admins set them, and only to logins.
+    let put = |who: &Path, body: &str| {
+        curl(&server, "PUT", "/v1/fleets/lab")
+            .client_cert(who.join("operator.pem"), who.join("operator.key"))
+            .body(body)
+            .send()
+    };
+    let (status, answer) = put(&alice, r#"{"ssh_logins": ["pi"]}"#);
+    assert_error(status, &answer, 403, "forbidden", "may not administer");
+    let admin = dirs.path().join("admin");
+    server.login_operator("ada", "admin", &[], &admin);
+    for (body, words) in [
+        (r#"{"ssh_logins": ["root; id"]}"#, "not a login name"),
+        (r#"{"ssh_logins": []}"#, "ssh_logins is empty"),
+        (r#"{"ssh_logins": "root"}"#, "not valid JSON"),
+        (r#"{"ssh_logins": ["pi"], "sudo": true}"#, "not valid JSON"),
+    ] {
+        let (status, answer) = put(&admin, body);
+        assert_error(status, &answer, 400, "bad_request", words);
+    }
+    // Nothing of it was stored: the fleet still has the default login.
+    let (status, answer) = ask(
+        &alice,
+        serde_json::json!({"public_key": good_key, "device": device.uuid}),
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["principals"], serde_json::json!(["root"]));
     // The device route gives a device its fleet's logins, and nobody else anything.
     let (status, answer) = curl(&server, "GET", "/v1/ssh/device")
         .client_cert(state.join("device.pem"), state.join("device.key"))

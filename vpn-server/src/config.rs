@@ -719,6 +719,8 @@ mod tests {
                 "at most 3",
             ),
             ("extra_overlay = [\"10.9.0.1/24\"]", "not a network address"),
+            ("ssh_cert_lifetime = \"10s\"", "between 30s and 7d"),
+            ("ssh_cert_lifetime = \"8d\"", "between 30s and 7d"),
             ("endpoint = \"no-port\"", "HOST:PORT"),
             ("endpoint = \"host:0\"", "HOST:PORT"),
             ("cert_lifetime = \"1s\"", "too short"),
