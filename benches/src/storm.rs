@@ -54,6 +54,9 @@ pub struct Run {
     pub fleet: CounterSnapshot,
     /// Server CPU seconds over the measured interval.
     pub server_cpu_s: f64,
+    /// `server_cpu_s` divided by the handshakes the fleet completed in it, in microseconds:
+    /// everything the server did for the storm, per handshake.
+    pub server_cpu_per_handshake_us: Option<f64>,
     pub server_rss_bytes: u64,
     /// When the server itself counted 50%, 99% and 100% online (`floto_devices_online`,
     /// sampled every 200 ms; floto-vpn-server only).
@@ -124,6 +127,7 @@ struct Median {
     t99_s: Option<f64>,
     t100_s: Option<f64>,
     handshakes_per_s: f64,
+    server_cpu_per_handshake_us: Option<f64>,
     failures: usize,
 }
 
@@ -197,6 +201,10 @@ fn summarize(
         },
         fleet: fleet_delta,
         server_cpu_s: after.cpu_seconds - usage_before.cpu_seconds,
+        server_cpu_per_handshake_us: (fleet_delta.handshakes_completed > 0).then(|| {
+            (after.cpu_seconds - usage_before.cpu_seconds) * 1e6
+                / fleet_delta.handshakes_completed as f64
+        }),
         server_rss_bytes: after.rss_bytes,
         server_t50_s: None,
         server_t99_s: None,
@@ -358,6 +366,7 @@ fn median_of(runs: &[Run], server: Kind) -> Option<Median> {
         t99_s: med(&|r| r.t99_s),
         t100_s: med(&|r| r.t100_s),
         handshakes_per_s: med(&|r| Some(r.handshakes_per_s)).unwrap_or(0.0),
+        server_cpu_per_handshake_us: med(&|r| r.server_cpu_per_handshake_us),
         failures: mine.iter().map(|r| r.failures).sum(),
     })
 }
@@ -417,6 +426,8 @@ pub async fn main(scenario: Scenario, args: Args, command: String) -> anyhow::Re
                 r.kernel_drops.to_string(),
                 r.server_shed.map_or("-".into(), |v| format!("{v:.0}")),
                 format!("{:.2}", r.server_cpu_s),
+                r.server_cpu_per_handshake_us
+                    .map_or("-".into(), |us| format!("{us:.0}")),
                 format!("{:.0}", r.server_rss_bytes as f64 / (1 << 20) as f64),
             ]
         })
@@ -437,6 +448,7 @@ pub async fn main(scenario: Scenario, args: Args, command: String) -> anyhow::Re
             "kern drops",
             "shed",
             "cpu s",
+            "cpu/hs us",
             "rss MiB",
         ],
         &rows,
@@ -447,12 +459,14 @@ pub async fn main(scenario: Scenario, args: Args, command: String) -> anyhow::Re
         .collect();
     for m in &medians {
         println!(
-            "median {}: t50 {} s, t99 {} s, t100 {} s, {:.0} handshakes/s, {} failed",
+            "median {}: t50 {} s, t99 {} s, t100 {} s, {:.0} handshakes/s, {} us of server CPU per handshake, {} failed",
             m.server.label(),
             fmt_s(m.t50_s),
             fmt_s(m.t99_s),
             fmt_s(m.t100_s),
             m.handshakes_per_s,
+            m.server_cpu_per_handshake_us
+                .map_or("-".into(), |us| format!("{us:.0}")),
             m.failures
         );
     }

@@ -46,7 +46,8 @@ const TAKEOVER_EVERY: Duration = Duration::from_secs(1);
 const COUNTS_EVERY: Duration = Duration::from_secs(5);
 /// Claims written per statement.
 const BATCH: usize = 5000;
-/// Handshakes per second a node calls taken-over devices back at.
+/// Handshakes per second a node starts calling taken-over devices back at (then paced by
+/// their answers, `wg::pacer`).
 const TAKEOVER_RATE: u32 = 2000;
 /// Nodes dead this long are forgotten, with their session rows.
 const FORGET_NODES_AFTER: Duration = Duration::from_secs(3600);

@@ -473,7 +473,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     })
 }
 
-/// Handshakes per second the server starts to call devices back after a restart.
+/// Handshakes per second the server starts calling devices back at after a restart; it then
+/// goes as fast as their answers come back without queueing (`wg::pacer`).
 const CALL_BACK_RATE: u32 = 2000;
 /// How often endpoints are checked for changes, besides being woken by a device coming
 /// online or roaming; written so that even after a SIGKILL the server can call back the

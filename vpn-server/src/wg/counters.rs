@@ -2,6 +2,7 @@
 //! every dropped datagram or packet by reason.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 /// Declares [`DropReason`] from one list: each variant with its doc and metric label.
 macro_rules! drop_reasons {
@@ -73,6 +74,10 @@ pub struct Counters {
     pub tx_bytes: AtomicU64,
     pub tunns_created: AtomicU64,
     pub tunns_dropped: AtomicU64,
+    /// Answers to [`super::PeerTable::initiate`]'s call-backs, and their round trips in
+    /// nanoseconds, summed.
+    call_backs_answered: AtomicU64,
+    call_back_rtt_ns: AtomicU64,
     /// One per [`DropReason`], indexed by its discriminant.
     drops: Vec<AtomicU64>,
 }
@@ -88,12 +93,29 @@ impl Default for Counters {
             tx_bytes: AtomicU64::new(0),
             tunns_created: AtomicU64::new(0),
             tunns_dropped: AtomicU64::new(0),
+            call_backs_answered: AtomicU64::new(0),
+            call_back_rtt_ns: AtomicU64::new(0),
             drops: DropReason::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
         }
     }
 }
 
 impl Counters {
+    pub(super) fn call_back_answered(&self, rtt: Duration) {
+        bump(&self.call_backs_answered, 1);
+        bump(
+            &self.call_back_rtt_ns,
+            u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX),
+        );
+    }
+
+    pub(super) fn call_back_answers(&self) -> (u64, Duration) {
+        (
+            self.call_backs_answered.load(Ordering::Relaxed),
+            Duration::from_nanos(self.call_back_rtt_ns.load(Ordering::Relaxed)),
+        )
+    }
+
     pub(super) fn drop(&self, why: DropReason) {
         self.drops[why as usize].fetch_add(1, Ordering::Relaxed);
     }

@@ -5,9 +5,14 @@
 //! Diffie-Hellmans) runs on worker threads. When the queue is full, new initiations are
 //! dropped rather than the queue growing; entries that waited longer than a device waits
 //! before retrying are dropped too, so a storm is never answered with stale work.
+//!
+//! The queue also measures how fast its workers answer (wall time per handshake, as they
+//! report it), so that "under load" can be decided by whether what is queued drains in time
+//! ([`HandshakeQueue::backlogged`]).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -29,15 +34,43 @@ pub struct HandshakeQueue {
     inner: Mutex<VecDeque<QueuedInitiation>>,
     ready: Condvar,
     capacity: usize,
+    /// Workers popping from the queue.
+    workers: u64,
+    /// A worker's wall time per handshake, in nanoseconds, a moving average of the last
+    /// few dozen (0 before the first).
+    service_ns: AtomicU64,
 }
 
 impl HandshakeQueue {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, workers: usize) -> Self {
         Self {
             inner: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
             ready: Condvar::new(),
             capacity: capacity.max(1),
+            workers: workers.max(1) as u64,
+            service_ns: AtomicU64::new(0),
         }
+    }
+
+    /// A worker took `took` (wall time, waits for the CPU included) to answer one
+    /// initiation.
+    pub fn record_service(&self, took: Duration) {
+        let sample = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let old = self.service_ns.load(Ordering::Relaxed);
+        // Weight 1/16; workers racing here lose a sample now and then, which an average
+        // does not mind.
+        let new = if old == 0 {
+            sample
+        } else {
+            old - old / 16 + sample / 16
+        };
+        self.service_ns.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// Handshakes a second the workers answer at the measured pace (`None` before any).
+    pub fn measured_rate(&self) -> Option<f64> {
+        let per = self.service_ns.load(Ordering::Relaxed);
+        (per > 0).then(|| self.workers as f64 * 1e9 / per as f64)
     }
 
     /// Queues an initiation; `false` (and nothing queued) if the queue is full or the
@@ -65,12 +98,20 @@ impl HandshakeQueue {
         q.pop_front()
     }
 
-    /// Whether the oldest queued initiation arrived `age` or more before `now`.
-    pub fn backlogged(&self, now: Instant, age: Duration) -> bool {
-        self.inner
-            .lock()
-            .front()
-            .is_some_and(|head| now.saturating_duration_since(head.at) >= age)
+    /// Whether an initiation queued now would wait `limit` or longer: the queue's length
+    /// at the workers' measured pace, or, before there is a pace or if the workers stall,
+    /// its oldest entry having waited that long already.
+    pub fn backlogged(&self, now: Instant, limit: Duration) -> bool {
+        let q = self.inner.lock();
+        let Some(head) = q.front() else {
+            return false;
+        };
+        if now.saturating_duration_since(head.at) >= limit {
+            return true;
+        }
+        let per = self.service_ns.load(Ordering::Relaxed);
+        let drain_ns = u128::from(per) * q.len() as u128 / u128::from(self.workers);
+        per > 0 && drain_ns >= limit.as_nanos()
     }
 
     pub fn len(&self) -> usize {
@@ -93,7 +134,7 @@ mod tests {
 
     #[test]
     fn bounded_fifo_that_drops_when_full() {
-        let q = HandshakeQueue::new(2);
+        let q = HandshakeQueue::new(2, 1);
         let from = SocketAddr::from(([127, 0, 0, 1], 1));
         let now = Instant::now();
         let mut a = [0u8; INITIATION_LEN];
@@ -113,7 +154,7 @@ mod tests {
 
     #[test]
     fn backlogged_when_the_oldest_entry_waited_long_enough() {
-        let q = HandshakeQueue::new(4);
+        let q = HandshakeQueue::new(4, 1);
         let from = SocketAddr::from(([127, 0, 0, 1], 1));
         let t0 = Instant::now();
         let age = Duration::from_secs(1);
@@ -128,7 +169,41 @@ mod tests {
         assert!(!q.backlogged(t0 + age / 2, age));
         assert!(q.backlogged(t0 + age, age));
         q.pop(Duration::ZERO);
-        assert!(!q.backlogged(t0 + age, age), "only the head's age counts");
+        assert!(
+            !q.backlogged(t0 + age, age),
+            "without a measured pace, only the head's age counts"
+        );
         assert!(q.backlogged(t0 + age * 2, age));
+    }
+
+    #[test]
+    fn backlogged_when_the_queue_would_not_drain_in_time_at_the_measured_pace() {
+        // Two workers at 1 ms a handshake: 2,000 a second.
+        let q = HandshakeQueue::new(10_000, 2);
+        let from = SocketAddr::from(([127, 0, 0, 1], 1));
+        let t0 = Instant::now();
+        let limit = Duration::from_secs(1);
+        q.record_service(Duration::from_millis(1));
+        assert_eq!(q.measured_rate().map(|r| r.round()), Some(2000.0));
+        let a = [1u8; INITIATION_LEN];
+        for _ in 0..1999 {
+            assert!(q.push(from, &a, t0));
+        }
+        assert!(
+            !q.backlogged(t0, limit),
+            "1,999 fresh entries drain in under a second"
+        );
+        assert!(q.push(from, &a, t0));
+        assert!(
+            q.backlogged(t0, limit),
+            "2,000 take a second, though none has waited yet"
+        );
+        // Faster workers: the same queue drains in time again.
+        for _ in 0..64 {
+            q.record_service(Duration::from_micros(200));
+        }
+        assert!(!q.backlogged(t0, limit));
+        // And a head that waited the whole limit means the workers stalled.
+        assert!(q.backlogged(t0 + limit, limit));
     }
 }

@@ -10,6 +10,7 @@ pub mod counters;
 pub mod effects;
 pub mod handshake_queue;
 pub mod host_queue;
+pub mod pacer;
 pub mod peers;
 #[cfg(test)]
 mod proptests;
@@ -48,26 +49,41 @@ pub trait PeerEventSink: Send + Sync {
 pub type HostPacket = Vec<u8>;
 
 /// Handshake initiations waiting for a worker; beyond this they are dropped (the device
-/// retries after 5 s). About 5 s of work for this many handshake workers at full speed.
-const HANDSHAKE_QUEUE: usize = 16_384;
+/// retries after 5 s). Longer than [`HANDSHAKE_DRAIN_LIMIT`] of work at any pace measured
+/// here (about 5,000 a second on 2 cores), so that the drain limit, not the length, decides.
+const HANDSHAKE_QUEUE: usize = 32_768;
 
 /// An initiation that waited longer than this is dropped unanswered: WireGuard devices
-/// retry after 5 s with a new ephemeral key, so an answer to the old one is wasted work.
-const HANDSHAKE_MAX_AGE: Duration = Duration::from_secs(3);
+/// retry 5 s after their initiation (plus up to a third of a second of jitter) with a new
+/// ephemeral key, so an answer to the old one would be wasted work.
+const HANDSHAKE_MAX_AGE: Duration = Duration::from_millis(4500);
 
-/// When the oldest queued initiation has waited this long, the server is under load: new
-/// initiations must carry a cookie (MAC2), or they are answered with a cookie reply. One
-/// admitted now would likely wait about as long, close to `HANDSHAKE_MAX_AGE`, so the
-/// cookie costs a legitimate device little (it retries after 5 s, then with proof of its
-/// address), while a spoofed flood stops reaching the workers. A storm the
-/// workers keep up with is answered without cookies. WireGuard's own implementations
-/// decide by queue length (an eighth of it), which in a storm of real devices puts most of
-/// them through a 5 s cookie round.
+/// The server is under load when an initiation queued now would wait this long: the
+/// queue's length at the workers' measured pace ([`HandshakeQueue::backlogged`]). Then new
+/// initiations must carry a cookie (MAC2), or they are answered with a cookie reply.
 ///
-/// 1 s was measured too eager: in the 10,000-device storm, where the load generator shares
-/// the two cores and its initiations arrive over 3 s, the last few hundred devices were sent
-/// through a cookie round in one run of three (all online in 6.8 s instead of 3.1 s).
-const HANDSHAKE_BACKLOG: Duration = Duration::from_secs(2);
+/// Up to this much work is taken on without cookies, so that in a storm the workers stay
+/// busy until the devices turned away retry (5 s later): a cookie costs its device that 5 s
+/// retry, and turning away work the server could have done before then leaves its cores
+/// idle. The margin to [`HANDSHAKE_MAX_AGE`] absorbs the pace changing under the queue.
+/// An initiation flood from unknown keys is turned to cookies at once by its failures
+/// ([`admission::STRANGER_LIMIT`]), not by this.
+///
+/// Before, the rule was the age of the queue's head (2 s): a burst filled the queue with
+/// several seconds of work before its head was old enough, the excess was shed unanswered
+/// at 3 s, and from then on devices got cookies while the queue emptied: the 50,000-device
+/// storm sent about 20,000 to 30,000 cookie replies and took 17 to 19 s.
+const HANDSHAKE_DRAIN_LIMIT: Duration = Duration::from_millis(3500);
+
+/// Ceiling of the call-back rate ([`Concentrator::call_back`]).
+const CALL_BACK_MAX_RATE: f64 = 50_000.0;
+/// How often the call-back sends what its rate allows.
+const CALL_BACK_TICK: Duration = Duration::from_millis(10);
+/// How often the call-back's rate is reconsidered ([`pacer`]).
+const CALL_BACK_STEP: Duration = Duration::from_millis(100);
+/// The call-back slows down while a device's own initiation queued now would wait this
+/// long: devices that connect by themselves come first.
+const CALL_BACK_YIELD: Duration = Duration::from_millis(500);
 
 /// The running concentrator: the peer table plus the sockets that feed it.
 pub struct Concentrator {
@@ -81,6 +97,10 @@ pub struct Concentrator {
     handshake_seconds: Histogram,
     /// Devices' TLS streams, as endpoints (see [`streams`]).
     pub streams: Arc<StreamEndpoints>,
+    /// Devices whose static-static Diffie-Hellman is yet to be computed, for the
+    /// low-priority thread [`Self::run`] starts ([`PeerTable::precompute`]).
+    precompute_tx: std::sync::mpsc::Sender<DeviceId>,
+    precompute_rx: parking_lot::Mutex<Option<std::sync::mpsc::Receiver<DeviceId>>>,
 }
 
 impl std::fmt::Debug for Concentrator {
@@ -111,6 +131,8 @@ impl Concentrator {
         }
         let to_host = Arc::new(HostQueue::default());
         let from_devices = to_host.clone();
+        let (precompute_tx, precompute_rx) = std::sync::mpsc::channel();
+        let handshakes = HandshakeQueue::new(HANDSHAKE_QUEUE, sockets.len());
         Ok((
             Self {
                 table,
@@ -118,9 +140,11 @@ impl Concentrator {
                 to_host,
                 events,
                 local_addr,
-                handshakes: HandshakeQueue::new(HANDSHAKE_QUEUE),
+                handshakes,
                 handshake_seconds,
                 streams: Arc::new(StreamEndpoints::new()),
+                precompute_tx,
+                precompute_rx: parking_lot::Mutex::new(Some(precompute_rx)),
             },
             from_devices,
         ))
@@ -187,7 +211,11 @@ impl Concentrator {
     /// device handshakes again with its new key).
     pub fn upsert_peer(&self, config: PeerConfig) {
         let now = Instant::now();
-        self.with_effects(|fx| self.table.upsert(config, now, fx));
+        let id = config.id;
+        if self.with_effects(|fx| self.table.upsert(config, now, fx)) {
+            // Ends only with the concentrator (then nothing needs computing).
+            let _ = self.precompute_tx.send(id);
+        }
     }
 
     /// Removes a device's peer and drops its session at once.
@@ -221,41 +249,76 @@ impl Concentrator {
         batch.flush(&self.sockets[0]);
     }
 
-    /// Starts handshakes to devices' last known endpoints, `per_second` at a time, so that
-    /// after a restart devices are back in seconds rather than after their own retry timers.
+    /// Starts handshakes to devices' last known endpoints, so that after a restart (or a
+    /// takeover) devices are back in seconds rather than after their own retry timers.
+    /// Starts at `start_per_second`, then goes as fast as the answers come back without
+    /// queueing ([`pacer`]).
     pub async fn call_back(
         &self,
         targets: Vec<(DeviceId, SocketAddr)>,
-        per_second: u32,
+        start_per_second: u32,
         shutdown: CancellationToken,
     ) {
         if targets.is_empty() {
             return;
         }
+        let start = f64::from(start_per_second.max(1));
+        let mut pacer = pacer::Pacer::new(start, start / 2.0, CALL_BACK_MAX_RATE);
         let started = Instant::now();
-        let gap = Duration::from_secs(1) / per_second.max(1);
-        let mut tick = tokio::time::interval(gap);
+        let mut tick = tokio::time::interval(CALL_BACK_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut scratch = vec![0u8; peers::MAX_DATAGRAM];
         let mut fx = Effects::new();
         let mut sent = 0usize;
-        for (id, endpoint) in &targets {
+        let mut next = targets.iter();
+        let mut budget = 0.0f64;
+        let mut last = Instant::now();
+        let mut step_started = last;
+        let mut answers = self.table.call_back_answers();
+        let mut peak = pacer.rate();
+        loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let called = self
-                .table
-                .initiate(id, *endpoint, Instant::now(), &mut scratch, &mut fx);
-            self.carry_out(&self.sockets[0], &mut fx);
-            if called {
-                sent += 1;
+            let now = Instant::now();
+            if now.saturating_duration_since(step_started) >= CALL_BACK_STEP {
+                let seen = self.table.call_back_answers();
+                pacer.step(pacer::Step {
+                    answered: seen.0 - answers.0,
+                    rtt_sum: seen.1.saturating_sub(answers.1),
+                    devices_waiting: self.handshakes.backlogged(now, CALL_BACK_YIELD),
+                });
+                peak = peak.max(pacer.rate());
+                answers = seen;
+                step_started = now;
+            }
+            // At most a tick's worth carried over, so a stall does not turn into a burst.
+            budget = (budget + pacer.rate() * now.saturating_duration_since(last).as_secs_f64())
+                .min(pacer.rate() * CALL_BACK_TICK.as_secs_f64() * 2.0);
+            last = now;
+            while budget >= 1.0 {
+                let Some((id, endpoint)) = next.next() else {
+                    info!(sent, known = targets.len(), elapsed = ?started.elapsed(), peak_per_second = peak.round(), "called back devices at their last endpoints");
+                    return;
+                };
+                if self
+                    .table
+                    .initiate(id, *endpoint, Instant::now(), &mut scratch, &mut fx)
+                {
+                    sent += 1;
+                    budget -= 1.0;
+                }
+                self.carry_out(&self.sockets[0], &mut fx);
             }
         }
-        info!(sent, known = targets.len(), elapsed = ?started.elapsed(), "called back devices at their last endpoints");
     }
 
     /// Runs the worker and timer loops until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        if let Some(rx) = self.precompute_rx.lock().take() {
+            spawn_precompute(self.table.clone(), rx, shutdown.clone());
+        }
         let mut tasks = tokio::task::JoinSet::new();
         for socket in &self.sockets {
             let me = self.clone();
@@ -324,7 +387,7 @@ impl Concentrator {
     fn on_datagram(&self, from: SocketAddr, datagram: &[u8], scratch: &mut [u8], fx: &mut Effects) {
         let now = Instant::now();
         if is_initiation(datagram) {
-            let backlogged = self.handshakes.backlogged(now, HANDSHAKE_BACKLOG);
+            let backlogged = self.handshakes.backlogged(now, HANDSHAKE_DRAIN_LIMIT);
             if self.table.admit(from, datagram, backlogged, scratch, fx)
                 && !self.handshakes.push(from, datagram, now)
             {
@@ -367,7 +430,9 @@ impl Concentrator {
             }
             self.table
                 .handle_initiation(init.from, &init.datagram, now, &mut scratch, &mut fx);
-            self.handshake_seconds.observe(now.elapsed().as_secs_f64());
+            let took = now.elapsed();
+            self.handshakes.record_service(took);
+            self.handshake_seconds.observe(took.as_secs_f64());
             self.carry_out(socket, &mut fx);
         }
     }
@@ -391,6 +456,50 @@ impl Concentrator {
                 .handle_timeout(Instant::now(), &mut scratch, &mut fx);
             self.carry_out(&self.sockets[0], &mut fx);
         }
+    }
+}
+
+/// Computes the static-static Diffie-Hellman of each device `rx` names, on a thread of
+/// its own at a lower priority (nice 10): peers loaded at start-up or enrolled later get
+/// theirs ahead of their handshakes when the CPU has time, and a handshake that comes
+/// first computes it itself (once either way).
+fn spawn_precompute(
+    table: Arc<PeerTable>,
+    rx: std::sync::mpsc::Receiver<DeviceId>,
+    shutdown: CancellationToken,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("floto-wg-precompute".into())
+        .spawn(move || {
+            // SAFETY: setpriority only reads its arguments; on Linux, PRIO_PROCESS with the
+            // thread's id sets the nice value of this thread alone.
+            let niced = unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10)
+            };
+            if niced != 0 {
+                debug!("could not lower the precompute thread's priority");
+            }
+            let started = Instant::now();
+            let mut done = 0u64;
+            while !shutdown.is_cancelled() {
+                match rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(id) => {
+                        if table.precompute(&id) {
+                            done += 1;
+                        }
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        if done > 0 {
+                            debug!(peers = done, elapsed = ?started.elapsed(), "precomputed static Diffie-Hellmans");
+                            done = 0;
+                        }
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        warn!(error = %e, "no precompute thread: each device's first handshake computes its static Diffie-Hellman");
     }
 }
 

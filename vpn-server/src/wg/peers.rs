@@ -16,16 +16,17 @@
 use std::collections::BinaryHeap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::handshake::{parse_handshake_anon, HalfHandshake};
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
+use zeroize::Zeroizing;
 
 use floto_proto::{DeviceId, WgKey};
 
@@ -43,6 +44,10 @@ pub struct Peer {
     pub fleet: Arc<str>,
     pub public_key: WgKey,
     pub overlay_ip: Ipv4Addr,
+    /// DH(server's static key, the device's static key): the same for every handshake
+    /// with this device, so computed once ([`PeerTable::precompute`], or at the first
+    /// handshake) and kept, as kernel WireGuard keeps it with the peer.
+    static_shared: OnceLock<Zeroizing<[u8; 32]>>,
     pub(super) state: Mutex<PeerState>,
 }
 
@@ -61,6 +66,8 @@ pub(super) struct PeerState {
     /// When the current `Tunn` was made: a session being made is kept as long as an idle
     /// one, not dropped before the device's confirmation can arrive.
     pub(super) tunn_since: Option<Instant>,
+    /// When [`PeerTable::initiate`] called the device (cleared by its answer).
+    pub(super) called_at: Option<Instant>,
     pub(super) online: bool,
     pub(super) online_since: Option<Instant>,
     pub(super) generation: u64,
@@ -267,6 +274,7 @@ impl PeerTable {
             fleet: config.fleet,
             public_key: config.public_key,
             overlay_ip: config.overlay_ip,
+            static_shared: OnceLock::new(),
             state: Mutex::new(PeerState {
                 generation,
                 ..PeerState::default()
@@ -466,6 +474,12 @@ impl PeerTable {
         self.dispatch(from, datagram, now, scratch, fx);
     }
 
+    /// Call-backs answered so far and their round trips summed (see
+    /// [`super::pacer`]).
+    pub fn call_back_answers(&self) -> (u64, Duration) {
+        self.counters.call_back_answers()
+    }
+
     /// Counts a datagram the driver dropped before handling it.
     pub fn count_drop(&self, why: DropReason) {
         self.counters.drop(why);
@@ -483,9 +497,10 @@ impl PeerTable {
         let Ok(packet) = Tunn::parse_incoming_packet(datagram) else {
             return self.counters.drop(DropReason::Malformed);
         };
+        let mut half = None;
         let (peer, kind) = match &packet {
             Packet::HandshakeInit(init) => {
-                let half = match parse_handshake_anon(&self.private, &self.public, init) {
+                let parsed = match parse_handshake_anon(&self.private, &self.public, init) {
                     Ok(half) => half,
                     Err(_) => {
                         self.counters.drop(DropReason::BadHandshake);
@@ -493,8 +508,15 @@ impl PeerTable {
                         return;
                     }
                 };
-                match self.by_key.get(&half.peer_static_public) {
-                    Some(p) => (p.clone(), Kind::Init),
+                let peer = self
+                    .by_key
+                    .get(&parsed.peer_static_public)
+                    .map(|p| p.clone());
+                // The peer's `Tunn` goes on from this parse (its Diffie-Hellman is not
+                // done twice).
+                half = Some(parsed);
+                match peer {
+                    Some(p) => (p, Kind::Init),
                     None => {
                         self.counters.drop(DropReason::UnknownPeer);
                         self.admission.count_failure();
@@ -515,7 +537,7 @@ impl PeerTable {
                 None => return self.counters.drop(DropReason::UnknownIndex),
             },
         };
-        self.deliver(&peer, kind, from, datagram, now, scratch, fx);
+        self.deliver(&peer, kind, half.as_ref(), from, datagram, now, scratch, fx);
     }
 
     fn peer_by_index(&self, receiver_idx: u32) -> Option<Arc<Peer>> {
@@ -527,6 +549,7 @@ impl PeerTable {
         &self,
         peer: &Arc<Peer>,
         kind: Kind,
+        half: Option<&HalfHandshake>,
         from: SocketAddr,
         datagram: &[u8],
         now: Instant,
@@ -554,7 +577,11 @@ impl PeerTable {
         let Some(tunn) = st.tunn.as_mut() else { return };
         let mut authenticated = false;
         let mut delivered: Option<usize> = None;
-        match tunn.decapsulate(Some(from.ip()), datagram, scratch) {
+        let result = match half {
+            Some(half) => tunn.decapsulate_parsed_init(Some(from.ip()), datagram, half, scratch),
+            None => tunn.decapsulate(Some(from.ip()), datagram, scratch),
+        };
+        match result {
             TunnResult::Done => {
                 // A keepalive decrypted (authenticated), or a cookie reply consumed (not).
                 authenticated = kind == Kind::Data;
@@ -576,6 +603,10 @@ impl PeerTable {
                     Kind::Response => {
                         bump(&self.counters.handshakes_responded, 1);
                         authenticated = true;
+                        if let Some(at) = st.called_at.take() {
+                            self.counters
+                                .call_back_answered(now.saturating_duration_since(at));
+                        }
                     }
                     // boringtun 0.7 answers neither a cookie reply nor data with a datagram;
                     // should a later version, there is nothing to count here.
@@ -683,9 +714,11 @@ impl PeerTable {
                 break candidate;
             }
         };
-        st.tunn = Some(Box::new(Tunn::new(
+        st.tunn = Some(Box::new(Tunn::new_precomputed(
             self.private.clone(),
+            self.public,
             PublicKey::from(*peer.public_key.as_bytes()),
+            self.static_shared(peer),
             None,
             None,
             index,
@@ -697,10 +730,30 @@ impl PeerTable {
         bump(&self.counters.tunns_created, 1);
     }
 
+    /// The peer's static-static Diffie-Hellman, computed now if it was not yet.
+    fn static_shared(&self, peer: &Peer) -> [u8; 32] {
+        **peer.static_shared.get_or_init(|| {
+            let device = PublicKey::from(*peer.public_key.as_bytes());
+            Zeroizing::new(self.private.diffie_hellman(&device).to_bytes())
+        })
+    }
+
+    /// Computes `id`'s static-static Diffie-Hellman ahead of its handshakes, as kernel
+    /// WireGuard does when a peer is configured (otherwise its first handshake pays for
+    /// it). `false` if the device is not (or no longer) here.
+    pub fn precompute(&self, id: &DeviceId) -> bool {
+        let Some(peer) = self.by_id.get(id).map(|p| p.clone()) else {
+            return false;
+        };
+        self.static_shared(&peer);
+        true
+    }
+
     pub(super) fn drop_tunn(&self, peer: &Arc<Peer>, st: &mut PeerState) {
         if let Some(index) = st.index.take() {
             self.by_index.remove_if(&index, |_, p| Arc::ptr_eq(p, peer));
         }
+        st.called_at = None;
         if st.tunn.take().is_some() {
             bump(&self.counters.tunns_dropped, 1);
         }
@@ -776,6 +829,7 @@ impl PeerTable {
             return false;
         }
         self.create_tunn(&peer, &mut st, now);
+        st.called_at = Some(now);
         st.endpoint = Some(endpoint);
         self.refresh_timers(&mut st, now, scratch, fx);
         let Some(tunn) = st.tunn.as_mut() else {

@@ -805,3 +805,106 @@ fn a_forged_initiation_naming_an_enrolled_key_leaves_no_session_behind() {
     assert!(s.table.status(&d.id).unwrap().online);
     assert_eq!(s.table.active_sessions(), 1);
 }
+
+/// The server side of a handshake made the way the table makes it: a `Tunn` from the
+/// peer's precomputed static Diffie-Hellman, and the initiation going on from its
+/// `parse_handshake_anon` (the patch in vendor/boringtun.patch).
+#[test]
+fn a_tunn_made_from_the_precomputed_static_dh_and_the_parsed_initiation_interoperates() {
+    use boringtun::noise::handshake::parse_handshake_anon;
+    use boringtun::noise::Packet;
+
+    let server_private = StaticSecret::from([3u8; 32]);
+    let server_public = PublicKey::from(&server_private);
+    let device_private = StaticSecret::from([42u8; 32]);
+    let device_public = PublicKey::from(&device_private);
+    let mut device = Device {
+        id: DeviceId::new_random(),
+        ip: Ipv4Addr::new(10, 240, 0, 42),
+        addr: SocketAddr::from(([192, 0, 2, 42], 4242)),
+        tunn: device_tunn(device_private, server_public, 42),
+        buf: vec![0; MAX_DATAGRAM],
+    };
+    let responder = |shared: [u8; 32]| {
+        Tunn::new_precomputed(
+            server_private.clone(),
+            server_public,
+            device_public,
+            shared,
+            None,
+            None,
+            1,
+            Some(Arc::new(RateLimiter::new(&server_public, u64::MAX))),
+        )
+    };
+    let parse = |datagram: &[u8]| match Tunn::parse_incoming_packet(datagram) {
+        Ok(Packet::HandshakeInit(init)) => {
+            parse_handshake_anon(&server_private, &server_public, &init).expect("parses")
+        }
+        _ => panic!("not an initiation"),
+    };
+    let mut out = vec![0u8; MAX_DATAGRAM];
+    let first = device.initiation();
+    let half_of_first = parse(&first);
+    assert_eq!(half_of_first.peer_static_public, device_public.to_bytes());
+
+    // A wrong static DH: the handshake fails (so the given one is the one used).
+    let mut wrong = responder([7u8; 32]);
+    assert!(matches!(
+        wrong.decapsulate_parsed_init(None, &first, &half_of_first, &mut out),
+        TunnResult::Err(_)
+    ));
+
+    let shared = server_private.diffie_hellman(&device_public).to_bytes();
+    let mut server = responder(shared);
+    // The parse of another initiation is refused, and leaves the handshake state alone.
+    let second = device.initiation();
+    assert!(matches!(
+        server.decapsulate_parsed_init(None, &second, &half_of_first, &mut out),
+        TunnResult::Err(_)
+    ));
+    let half_of_second = parse(&second);
+    let response = match server.decapsulate_parsed_init(None, &second, &half_of_second, &mut out) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        other => panic!("no response: {other:?}"),
+    };
+    let keepalive = device.receive(&response);
+    assert_eq!(keepalive.len(), 1, "the device accepts the response");
+    assert!(matches!(
+        server.decapsulate(None, &keepalive[0], &mut out),
+        TunnResult::Done
+    ));
+    // Data both ways.
+    let up = ipv4(device.ip, SERVER_IP, b"up");
+    let sealed = device.encrypt(&up);
+    match server.decapsulate(None, &sealed, &mut out) {
+        TunnResult::WriteToTunnelV4(p, _) => assert_eq!(p, &up[..]),
+        other => panic!("not delivered: {other:?}"),
+    }
+    let down = ipv4(SERVER_IP, device.ip, b"down");
+    let sealed = match server.encapsulate(&down, &mut out) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        other => panic!("not sealed: {other:?}"),
+    };
+    assert_eq!(device.decrypt(&sealed), Some(down));
+    // A replay of the same initiation with its own parse: refused (timestamp).
+    assert!(matches!(
+        server.decapsulate_parsed_init(None, &second, &half_of_second, &mut out),
+        TunnResult::Err(_)
+    ));
+}
+
+#[test]
+fn precomputed_and_lazily_computed_static_dh_both_serve_handshakes() {
+    let mut s = Server::new();
+    let mut early = s.enroll(1);
+    let mut late = s.enroll(2);
+    assert!(s.table.precompute(&early.id));
+    assert!(
+        !s.table.precompute(&DeviceId::new_random()),
+        "unknown device"
+    );
+    early.connect(&mut s);
+    late.connect(&mut s);
+    assert_eq!(s.table.online_count(), 2);
+}
