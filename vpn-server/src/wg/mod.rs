@@ -428,6 +428,13 @@ impl Concentrator {
                 self.table.count_drop(DropReason::Overloaded);
                 continue;
             }
+            if !self
+                .table
+                .recheck(init.from, &init.datagram, &mut scratch, &mut fx)
+            {
+                self.carry_out(socket, &mut fx);
+                continue;
+            }
             self.table
                 .handle_initiation(init.from, &init.datagram, now, &mut scratch, &mut fx);
             let took = now.elapsed();

@@ -461,6 +461,22 @@ impl PeerTable {
             .admit(from, datagram, backlogged, scratch, &self.counters, fx)
     }
 
+    /// Checks a queued initiation again when a worker takes it: while initiations are
+    /// failing ([`super::admission::STRANGER_LIMIT`] this second), one without a valid
+    /// cookie gets a cookie reply instead of its Diffie-Hellman. A flood admitted before the
+    /// failures were counted (at the start of each second) is then answered cheaply from the
+    /// queue, instead of keeping the workers busy with it. `false`: not to be handled.
+    pub fn recheck(
+        &self,
+        from: SocketAddr,
+        datagram: &[u8],
+        scratch: &mut [u8],
+        fx: &mut Effects,
+    ) -> bool {
+        self.admission
+            .recheck(from, datagram, scratch, &self.counters, fx)
+    }
+
     /// Handles a handshake initiation that passed [`Self::admit`] (the expensive part:
     /// finding its peer by decrypting its static key, then answering it).
     pub fn handle_initiation(

@@ -908,3 +908,40 @@ fn precomputed_and_lazily_computed_static_dh_both_serve_handshakes() {
     late.connect(&mut s);
     assert_eq!(s.table.online_count(), 2);
 }
+
+/// What the workers do with an initiation they take from the queue: while initiations are
+/// failing, one without a cookie is answered with a cookie reply instead of its
+/// Diffie-Hellmans (a flood queued before its failures were counted costs no more of them).
+#[test]
+fn queued_initiations_are_rechecked_for_a_cookie_while_initiations_fail() {
+    let mut s = Server::new();
+    let mut d = s.enroll(1);
+    let queued = d.initiation();
+    let mut fx = Effects::new();
+    assert!(
+        s.table.recheck(d.addr, &queued, &mut s.scratch, &mut fx),
+        "no failures yet: handled"
+    );
+    assert!(fx.poll_transmit().is_none());
+    let mut stranger = s.stranger(80);
+    for i in 0..STRANGER_LIMIT {
+        let from = SocketAddr::from(([198, 51, 100, (i % 250) as u8], 3000 + i as u16));
+        s.receive(from, &stranger.initiation());
+    }
+    assert!(
+        !s.table.recheck(d.addr, &queued, &mut s.scratch, &mut fx),
+        "after the failures it needs a cookie"
+    );
+    let (to, cookie) = fx.poll_transmit().expect("a cookie reply");
+    assert_eq!((to, cookie[0]), (d.addr, 3));
+    // With the cookie, the retry is handled.
+    let cookie = cookie.to_vec();
+    assert!(d.receive(&cookie).is_empty());
+    let retry = d.initiation();
+    assert!(s.table.recheck(d.addr, &retry, &mut s.scratch, &mut fx));
+    // And in the next second, without one again.
+    s.advance(Duration::from_secs(1));
+    let mut fresh = s.enroll(2);
+    let init = fresh.initiation();
+    assert!(s.table.recheck(fresh.addr, &init, &mut s.scratch, &mut fx));
+}
