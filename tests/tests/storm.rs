@@ -84,6 +84,12 @@ async fn a_storm_of_1000_devices_all_come_online_and_pass_traffic() {
         c.initiations_sent as f64,
         "every initiation answered once"
     );
+    // The handshake queue is exported, and empty again.
+    assert_eq!(server_count(&server, "floto_handshake_queue"), 0.0);
+    assert_eq!(
+        server_count(&server, "floto_handshake_queue_wait_seconds"),
+        0.0
+    );
     every_device_pings(&fleet, Duration::from_secs(10));
 }
 

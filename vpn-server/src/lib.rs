@@ -248,7 +248,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         metrics.handshake_histogram(),
     )?;
     let concentrator = Arc::new(concentrator);
-    metrics.watch_streams(concentrator.streams.clone());
+    metrics.watch(
+        concentrator.streams.clone(),
+        concentrator.handshakes.clone(),
+    );
 
     // Sockets, all bound before anything is served.
     let api_listener = TcpListener::bind(config.api_listen)

@@ -14,7 +14,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::wg::{DropReason, PeerTable, StreamEndpoints};
+use crate::wg::{DropReason, HandshakeQueue, PeerTable, StreamEndpoints};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
@@ -31,8 +31,15 @@ pub struct Metrics {
     broker_sessions: Family<ResultLabel, Counter>,
     broker_active: Gauge,
     cluster: Arc<ClusterCounts>,
-    /// The concentrator's TLS streams, once it runs.
-    streams: Arc<std::sync::OnceLock<Arc<StreamEndpoints>>>,
+    /// The concentrator's TLS streams and handshake queue, once it runs.
+    watched: Arc<std::sync::OnceLock<Watched>>,
+}
+
+/// What the metrics read of a running concentrator.
+#[derive(Debug)]
+struct Watched {
+    streams: Arc<StreamEndpoints>,
+    handshakes: Arc<HandshakeQueue>,
 }
 
 /// What a cluster node last read of the whole cluster; exported only in a cluster.
@@ -105,16 +112,16 @@ impl Metrics {
             "Broker sessions open now",
             broker_active.clone(),
         );
-        let streams = Arc::new(std::sync::OnceLock::new());
+        let watched = Arc::new(std::sync::OnceLock::new());
         registry.register_collector(Box::new(LiveCollector {
             table,
-            streams: streams.clone(),
+            watched: watched.clone(),
         }));
         let cluster = Arc::new(ClusterCounts::default());
         registry.register_collector(Box::new(SharedCounts(cluster.clone())));
         Self {
             cluster,
-            streams,
+            watched,
             registry,
             enrollments,
             enrollment_seconds,
@@ -156,9 +163,13 @@ impl Metrics {
         self.cluster.known.store(true, Relaxed);
     }
 
-    /// Exports the concentrator's TLS streams (sessions by transport, stream bytes).
-    pub fn watch_streams(&self, streams: Arc<StreamEndpoints>) {
-        let _ = self.streams.set(streams);
+    /// Exports the concentrator's TLS streams (sessions by transport, stream bytes) and its
+    /// handshake queue (length, expected wait).
+    pub fn watch(&self, streams: Arc<StreamEndpoints>, handshakes: Arc<HandshakeQueue>) {
+        let _ = self.watched.set(Watched {
+            streams,
+            handshakes,
+        });
     }
 
     /// A broker request refused before a session started.
@@ -228,7 +239,7 @@ impl Collector for SharedCounts {
 #[derive(Debug)]
 struct LiveCollector {
     table: Arc<PeerTable>,
-    streams: Arc<std::sync::OnceLock<Arc<StreamEndpoints>>>,
+    watched: Arc<std::sync::OnceLock<Watched>>,
 }
 
 impl Collector for LiveCollector {
@@ -264,7 +275,22 @@ impl Collector for LiveCollector {
                     .encode(family.encode_family(&Transport { transport })?)?;
             }
         }
-        if let Some(s) = self.streams.get() {
+        if let Some(h) = self.watched.get().map(|w| &w.handshakes) {
+            gauge(
+                &mut encoder,
+                "floto_handshake_queue",
+                "Handshake initiations waiting for a worker",
+                h.len() as i64,
+            )?;
+            let family = encoder.encode_descriptor(
+                "floto_handshake_queue_wait_seconds",
+                "How long an initiation queued now would wait, at the workers' measured pace; from 3.5 s the server asks for cookies",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            ConstGauge::new(h.expected_wait().map_or(0.0, |d| d.as_secs_f64())).encode(family)?;
+        }
+        if let Some(s) = self.watched.get().map(|w| &w.streams) {
             #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
             struct Direction {
                 direction: &'static str,

@@ -67,12 +67,6 @@ impl HandshakeQueue {
         self.service_ns.store(new.max(1), Ordering::Relaxed);
     }
 
-    /// Handshakes a second the workers answer at the measured pace (`None` before any).
-    pub fn measured_rate(&self) -> Option<f64> {
-        let per = self.service_ns.load(Ordering::Relaxed);
-        (per > 0).then(|| self.workers as f64 * 1e9 / per as f64)
-    }
-
     /// Queues an initiation; `false` (and nothing queued) if the queue is full or the
     /// datagram is not initiation-sized.
     pub fn push(&self, from: SocketAddr, datagram: &[u8], at: Instant) -> bool {
@@ -106,12 +100,22 @@ impl HandshakeQueue {
         let Some(head) = q.front() else {
             return false;
         };
-        if now.saturating_duration_since(head.at) >= limit {
-            return true;
-        }
+        now.saturating_duration_since(head.at) >= limit
+            || self.drain_time(q.len()).is_some_and(|d| d >= limit)
+    }
+
+    /// How long an initiation queued now would wait at the measured pace (`None` before
+    /// there is one).
+    pub fn expected_wait(&self) -> Option<Duration> {
+        self.drain_time(self.len())
+    }
+
+    fn drain_time(&self, len: usize) -> Option<Duration> {
         let per = self.service_ns.load(Ordering::Relaxed);
-        let drain_ns = u128::from(per) * q.len() as u128 / u128::from(self.workers);
-        per > 0 && drain_ns >= limit.as_nanos()
+        (per > 0).then(|| {
+            let ns = u128::from(per) * len as u128 / u128::from(self.workers);
+            Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -184,7 +188,7 @@ mod tests {
         let t0 = Instant::now();
         let limit = Duration::from_secs(1);
         q.record_service(Duration::from_millis(1));
-        assert_eq!(q.measured_rate().map(|r| r.round()), Some(2000.0));
+        assert_eq!(q.expected_wait(), Some(Duration::ZERO));
         let a = [1u8; INITIATION_LEN];
         for _ in 0..1999 {
             assert!(q.push(from, &a, t0));
@@ -194,6 +198,7 @@ mod tests {
             "1,999 fresh entries drain in under a second"
         );
         assert!(q.push(from, &a, t0));
+        assert_eq!(q.expected_wait(), Some(limit));
         assert!(
             q.backlogged(t0, limit),
             "2,000 take a second, though none has waited yet"

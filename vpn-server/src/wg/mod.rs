@@ -92,7 +92,8 @@ pub struct Concentrator {
     to_host: Arc<HostQueue>,
     events: Arc<dyn PeerEventSink>,
     local_addr: SocketAddr,
-    handshakes: HandshakeQueue,
+    /// Initiations waiting for the handshake workers.
+    pub handshakes: Arc<HandshakeQueue>,
     /// Time to answer one handshake initiation (`floto_handshake_duration_seconds`).
     handshake_seconds: Histogram,
     /// Devices' TLS streams, as endpoints (see [`streams`]).
@@ -132,7 +133,7 @@ impl Concentrator {
         let to_host = Arc::new(HostQueue::default());
         let from_devices = to_host.clone();
         let (precompute_tx, precompute_rx) = std::sync::mpsc::channel();
-        let handshakes = HandshakeQueue::new(HANDSHAKE_QUEUE, sockets.len());
+        let handshakes = Arc::new(HandshakeQueue::new(HANDSHAKE_QUEUE, sockets.len()));
         Ok((
             Self {
                 table,
