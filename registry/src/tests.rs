@@ -750,11 +750,35 @@ async fn presence_is_saved_in_batches(backend: Backend) {
             last_seen: now + Duration::from_secs(u64::from(i)),
         });
     }
-    r.save_presence(&batch).await.unwrap();
+    // An IPv6 endpoint, and a device that is not (or no longer) in the registry: ignored.
+    batch[0].endpoint = "[2001:db8::7]:40000".parse().unwrap();
+    let mut with_unknown = batch.clone();
+    with_unknown.push(Presence {
+        device: DeviceId::new_random(),
+        endpoint: "192.0.2.250:1".parse().unwrap(),
+        last_seen: now,
+    });
+    r.save_presence(&with_unknown).await.unwrap();
     for p in &batch {
         let d = r.device(&p.device).await.unwrap().unwrap();
         assert_eq!(d.last_endpoint, Some(p.endpoint));
         assert_eq!(d.last_seen, Some(p.last_seen));
+    }
+    // A later batch of some of them moves only those.
+    let later: Vec<Presence> = batch[..10]
+        .iter()
+        .map(|p| Presence {
+            endpoint: "198.51.100.1:9".parse().unwrap(),
+            last_seen: p.last_seen + Duration::from_secs(60),
+            ..*p
+        })
+        .collect();
+    r.save_presence(&later).await.unwrap();
+    for (i, p) in batch.iter().enumerate() {
+        let d = r.device(&p.device).await.unwrap().unwrap();
+        let expected = later.get(i).unwrap_or(p);
+        assert_eq!(d.last_endpoint, Some(expected.endpoint));
+        assert_eq!(d.last_seen, Some(expected.last_seen));
     }
 }
 

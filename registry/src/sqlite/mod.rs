@@ -28,6 +28,9 @@ use crate::*;
 use schema::migrate;
 use writer::SqliteWriter;
 
+/// Devices a presence statement writes at most.
+const PRESENCE_BATCH: usize = 5000;
+
 /// The SQLite registry.
 #[derive(Debug, Clone)]
 pub struct SqliteRegistry {
@@ -225,14 +228,30 @@ impl Registry for SqliteRegistry {
         if presence.is_empty() {
             return Ok(());
         }
+        // One statement per PRESENCE_BATCH devices, which reads them from a JSON array: a
+        // statement per device cost two thread switches each (sqlx runs SQLite on a worker
+        // thread), about a tenth of the server's CPU in a 10,000-device storm.
         let mut tx = self.begin().await?;
-        for p in presence {
-            sqlx::query("UPDATE devices SET last_endpoint = ?, last_seen = ? WHERE uuid = ?")
-                .bind(p.endpoint.to_string())
-                .bind(ts(p.last_seen))
-                .bind(p.device.to_string())
-                .execute(&mut *tx)
-                .await?;
+        for chunk in presence.chunks(PRESENCE_BATCH) {
+            let rows: Vec<(String, String, i64)> = chunk
+                .iter()
+                .map(|p| {
+                    (
+                        p.device.to_string(),
+                        p.endpoint.to_string(),
+                        ts(p.last_seen),
+                    )
+                })
+                .collect();
+            let rows =
+                serde_json::to_string(&rows).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            sqlx::query(
+                "UPDATE devices SET last_endpoint = p.value ->> 1, last_seen = p.value ->> 2 \
+                 FROM json_each(?) AS p WHERE devices.uuid = p.value ->> 0",
+            )
+            .bind(rows)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())
