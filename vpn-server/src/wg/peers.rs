@@ -765,6 +765,14 @@ impl PeerTable {
         true
     }
 
+    /// Whether `id`'s static-static Diffie-Hellman has been computed (for tests).
+    #[cfg(test)]
+    pub(super) fn has_static_shared(&self, id: &DeviceId) -> bool {
+        self.by_id
+            .get(id)
+            .is_some_and(|p| p.static_shared.get().is_some())
+    }
+
     pub(super) fn drop_tunn(&self, peer: &Arc<Peer>, st: &mut PeerState) {
         if let Some(index) = st.index.take() {
             self.by_index.remove_if(&index, |_, p| Arc::ptr_eq(p, peer));

@@ -899,14 +899,25 @@ fn precomputed_and_lazily_computed_static_dh_both_serve_handshakes() {
     let mut s = Server::new();
     let mut early = s.enroll(1);
     let mut late = s.enroll(2);
+    assert!(
+        !s.table.has_static_shared(&early.id),
+        "nothing computed at enrollment"
+    );
     assert!(s.table.precompute(&early.id));
+    assert!(s.table.has_static_shared(&early.id));
     assert!(
         !s.table.precompute(&DeviceId::new_random()),
         "unknown device"
     );
     early.connect(&mut s);
+    // The late one's first handshake computes it, and it is kept.
+    assert!(!s.table.has_static_shared(&late.id));
     late.connect(&mut s);
+    assert!(s.table.has_static_shared(&late.id));
     assert_eq!(s.table.online_count(), 2);
+    // A new key is a new peer: its Diffie-Hellman is computed again.
+    s.rekey(&late, &StaticSecret::from([222u8; 32]));
+    assert!(!s.table.has_static_shared(&late.id));
 }
 
 /// What the workers do with an initiation they take from the queue: while initiations are
