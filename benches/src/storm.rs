@@ -185,6 +185,7 @@ fn summarize(
         pongs: c.pongs - counters_before.pongs,
     };
     let last = times.last().map_or(0.0, |d| d.as_secs_f64());
+    let server_cpu_s = after.cpu_seconds - usage_before.cpu_seconds;
     Run {
         server,
         run,
@@ -200,11 +201,9 @@ fn summarize(
             0.0
         },
         fleet: fleet_delta,
-        server_cpu_s: after.cpu_seconds - usage_before.cpu_seconds,
-        server_cpu_per_handshake_us: (fleet_delta.handshakes_completed > 0).then(|| {
-            (after.cpu_seconds - usage_before.cpu_seconds) * 1e6
-                / fleet_delta.handshakes_completed as f64
-        }),
+        server_cpu_s,
+        server_cpu_per_handshake_us: (fleet_delta.handshakes_completed > 0)
+            .then(|| server_cpu_s * 1e6 / fleet_delta.handshakes_completed as f64),
         server_rss_bytes: after.rss_bytes,
         server_t50_s: None,
         server_t99_s: None,

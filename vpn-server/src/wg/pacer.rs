@@ -70,8 +70,7 @@ impl Pacer {
             return self.rate;
         }
         let mean = s.rtt_sum / u32::try_from(s.answered).unwrap_or(u32::MAX);
-        let base = *self.base.get_or_insert(mean);
-        let base = base.min(mean);
+        let base = self.base.map_or(mean, |b| b.min(mean));
         self.base = Some(base);
         let queueing = mean.saturating_sub(base);
         if queueing <= QUEUE_LOW {

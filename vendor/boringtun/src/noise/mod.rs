@@ -320,21 +320,7 @@ impl Tunn {
             return self.send_queued_packet(dst);
         }
 
-        let mut cookie = [0u8; COOKIE_REPLY_SZ];
-        let packet = match self
-            .rate_limiter
-            .verify_packet(src_addr, datagram, &mut cookie)
-        {
-            Ok(packet) => packet,
-            Err(TunnResult::WriteToNetwork(cookie)) => {
-                dst[..cookie.len()].copy_from_slice(cookie);
-                return TunnResult::WriteToNetwork(&mut dst[..cookie.len()]);
-            }
-            Err(TunnResult::Err(e)) => return TunnResult::Err(e),
-            _ => unreachable!(),
-        };
-
-        self.handle_verified_packet(packet, dst)
+        self.verify_and_handle(src_addr, datagram, None, dst)
     }
 
     /// Like [`Self::decapsulate`] for a handshake initiation that the caller already parsed
@@ -346,6 +332,18 @@ impl Tunn {
         src_addr: Option<IpAddr>,
         datagram: &[u8],
         half: &handshake::HalfHandshake,
+        dst: &'a mut [u8],
+    ) -> TunnResult<'a> {
+        self.verify_and_handle(src_addr, datagram, Some(half), dst)
+    }
+
+    /// The rate limiter's checks (a cookie reply, or an error), then the packet is handled;
+    /// with `half`, it must be the initiation `half` was parsed from.
+    fn verify_and_handle<'a>(
+        &mut self,
+        src_addr: Option<IpAddr>,
+        datagram: &[u8],
+        half: Option<&handshake::HalfHandshake>,
         dst: &'a mut [u8],
     ) -> TunnResult<'a> {
         let mut cookie = [0u8; COOKIE_REPLY_SZ];
@@ -361,11 +359,12 @@ impl Tunn {
             Err(TunnResult::Err(e)) => return TunnResult::Err(e),
             _ => unreachable!(),
         };
-        match packet {
-            Packet::HandshakeInit(p) => self
+        match (packet, half) {
+            (Packet::HandshakeInit(p), Some(half)) => self
                 .handle_handshake_init_with(p, Some(half), dst)
                 .unwrap_or_else(TunnResult::from),
-            _ => TunnResult::Err(WireGuardError::InvalidPacket),
+            (_, Some(_)) => TunnResult::Err(WireGuardError::InvalidPacket),
+            (packet, None) => self.handle_verified_packet(packet, dst),
         }
     }
 
