@@ -43,6 +43,12 @@ pub const LEASE_RENEW_EVERY: Duration = Duration::from_secs(2);
 pub const LEASE_TTL: Duration = Duration::from_secs(7);
 const SESSIONS_EVERY: Duration = Duration::from_secs(1);
 const TAKEOVER_EVERY: Duration = Duration::from_secs(1);
+/// After this node was fenced, it takes no devices over for this long. When the database
+/// was away, every node's lease ran out and every node comes back under a new id at about
+/// the same time: each must first claim its own sessions again (within SESSIONS_EVERY), or
+/// the first to look would take the others' devices as orphans (seen in
+/// `postgres_restarted_under_the_nodes`, once in five runs of the suite).
+const TAKEOVER_AFTER_FENCE: Duration = Duration::from_secs(3);
 const COUNTS_EVERY: Duration = Duration::from_secs(5);
 /// Claims written per statement.
 const BATCH: usize = 5000;
@@ -404,12 +410,18 @@ impl Node {
         let mut tick = tokio::time::interval(TAKEOVER_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut forgotten_at = Instant::now();
+        // When this node was last seen fenced (see TAKEOVER_AFTER_FENCE).
+        let mut fenced_at: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
             if self.is_fenced() {
+                fenced_at = Some(Instant::now());
+                continue;
+            }
+            if fenced_at.is_some_and(|at| at.elapsed() < TAKEOVER_AFTER_FENCE) {
                 continue;
             }
             let orphans = match self.cluster.orphaned_sessions().await {
