@@ -5,6 +5,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod cluster;
+pub mod dh;
 pub mod enroll;
 pub mod idle;
 pub mod report;

@@ -73,6 +73,14 @@ enum Scenario {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         idle: std::time::Duration,
     },
+    /// The cost of one X25519 on one thread: variable base (vendored and as published) and
+    /// base point.
+    Dh {
+        #[arg(long, default_value_t = 20_000)]
+        ops: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// One device, TCP through the tunnel with iperf3 (needs root, iperf3, wireguard-go).
     Throughput {
         #[arg(long, default_value_t = 10)]
@@ -185,6 +193,9 @@ fn main() -> anyhow::Result<()> {
             },
             command,
         )),
+        Scenario::Dh { ops, runs } => {
+            floto_bench::dh::main(floto_bench::dh::Args { ops, runs }, command)
+        }
         Scenario::Throughput { seconds, runs } => {
             floto_bench::throughput::main(floto_bench::throughput::Args { seconds, runs }, command)
         }

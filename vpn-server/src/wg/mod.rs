@@ -7,6 +7,8 @@
 pub mod admission;
 pub mod batch;
 pub mod counters;
+#[cfg(test)]
+mod dh_tests;
 pub mod effects;
 pub mod handshake_queue;
 pub mod host_queue;
