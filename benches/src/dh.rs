@@ -66,9 +66,8 @@ pub fn main(args: Args, command: String) -> anyhow::Result<()> {
     ];
     let mut rows = Vec::new();
     for (operation, op) in kinds {
-        let mut runs_us: Vec<f64> = (0..args.runs).map(|_| time(args.ops, op)).collect();
+        let runs_us: Vec<f64> = (0..args.runs).map(|_| time(args.ops, op)).collect();
         let median_us = report::median(&mut runs_us.clone());
-        runs_us.shrink_to_fit();
         rows.push(Row {
             operation,
             median_us,
