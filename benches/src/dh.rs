@@ -51,6 +51,10 @@ fn time(n: usize, mut op: impl FnMut([u8; 32], [u8; 32]) -> [u8; 32]) -> f64 {
 }
 
 pub fn main(args: Args, command: String) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.ops > 0 && args.runs > 0,
+        "--ops and --runs must be at least 1"
+    );
     type Op = fn([u8; 32], [u8; 32]) -> [u8; 32];
     let kinds: [(&'static str, Op); 3] = [
         ("X25519, variable base (vendored x25519-dalek)", |k, u| {
@@ -74,7 +78,10 @@ pub fn main(args: Args, command: String) -> anyhow::Result<()> {
             runs_us,
         });
     }
+    #[cfg(target_arch = "x86_64")]
     let avx2 = std::arch::is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2 = false;
     println!(
         "one thread, {} operations per run, {} runs, AVX2 {}",
         args.ops,
