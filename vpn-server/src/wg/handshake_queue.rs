@@ -146,10 +146,21 @@ impl HandshakeQueue {
 mod tests {
     use super::*;
 
+    fn initiator() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 1))
+    }
+
+    /// Queues `n` initiations received at `at`, each of which must fit.
+    fn fill(q: &HandshakeQueue, n: usize, at: Instant) {
+        for _ in 0..n {
+            assert!(q.push(initiator(), &[1u8; INITIATION_LEN], at));
+        }
+    }
+
     #[test]
     fn bounded_fifo_that_drops_when_full() {
         let q = HandshakeQueue::new(2, 1);
-        let from = SocketAddr::from(([127, 0, 0, 1], 1));
+        let from = initiator();
         let now = Instant::now();
         let mut a = [0u8; INITIATION_LEN];
         a[0] = 1;
@@ -169,17 +180,14 @@ mod tests {
     #[test]
     fn backlogged_when_the_oldest_entry_waited_long_enough() {
         let q = HandshakeQueue::new(4, 1);
-        let from = SocketAddr::from(([127, 0, 0, 1], 1));
         let t0 = Instant::now();
         let age = Duration::from_secs(1);
         assert!(
             !q.backlogged(t0 + age * 10, age),
             "an empty queue has no backlog"
         );
-        let mut a = [0u8; INITIATION_LEN];
-        a[0] = 1;
-        assert!(q.push(from, &a, t0));
-        assert!(q.push(from, &a, t0 + age));
+        fill(&q, 1, t0);
+        fill(&q, 1, t0 + age);
         assert!(!q.backlogged(t0 + age / 2, age));
         assert!(q.backlogged(t0 + age, age));
         q.pop(Duration::ZERO);
@@ -194,20 +202,16 @@ mod tests {
     fn backlogged_when_the_queue_would_not_drain_in_time_at_the_measured_pace() {
         // Two workers at 1 ms a handshake: 2,000 a second.
         let q = HandshakeQueue::new(10_000, 2);
-        let from = SocketAddr::from(([127, 0, 0, 1], 1));
         let t0 = Instant::now();
         let limit = Duration::from_secs(1);
         q.record_service(Duration::from_millis(1));
         assert_eq!(q.expected_wait(), Some(Duration::ZERO));
-        let a = [1u8; INITIATION_LEN];
-        for _ in 0..1999 {
-            assert!(q.push(from, &a, t0));
-        }
+        fill(&q, 1999, t0);
         assert!(
             !q.backlogged(t0, limit),
             "1,999 fresh entries drain in under a second"
         );
-        assert!(q.push(from, &a, t0));
+        fill(&q, 1, t0);
         assert_eq!(q.expected_wait(), Some(limit));
         assert!(
             q.backlogged(t0, limit),
@@ -226,16 +230,12 @@ mod tests {
     fn a_preempted_handshake_does_not_make_a_backlog_but_a_slower_pace_does() {
         // Two workers at 200 us a handshake; 7,000 queued drain in 0.7 s.
         let q = HandshakeQueue::new(10_000, 2);
-        let from = SocketAddr::from(([127, 0, 0, 1], 1));
         let t0 = Instant::now();
         let limit = Duration::from_secs(1);
         for _ in 0..2 * PACE_WINDOW {
             q.record_service(Duration::from_micros(200));
         }
-        let a = [1u8; INITIATION_LEN];
-        for _ in 0..7000 {
-            assert!(q.push(from, &a, t0));
-        }
+        fill(&q, 7000, t0);
         let wait = |q: &HandshakeQueue| q.expected_wait().unwrap().as_secs_f64();
         assert!((wait(&q) - 0.7).abs() < 1e-6, "{}", wait(&q));
         // A handshake whose worker was preempted for 20 ms moves the estimate by a fifth,
@@ -258,8 +258,7 @@ mod tests {
         q.record_service(Duration::from_millis(30));
         q.record_service(Duration::from_millis(10));
         q.record_service(Duration::from_millis(20));
-        let from = SocketAddr::from(([127, 0, 0, 1], 1));
-        assert!(q.push(from, &[1u8; INITIATION_LEN], Instant::now()));
+        fill(&q, 1, Instant::now());
         let wait = q.expected_wait().unwrap().as_secs_f64();
         assert!((wait - 0.020).abs() < 1e-9, "{wait}");
     }
