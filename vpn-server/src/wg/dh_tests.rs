@@ -1,16 +1,22 @@
-//! The vendored x25519-dalek (`vendor/x25519-dalek.patch`) takes a variable-base X25519
-//! through the Edwards form where curve25519-dalek has its AVX2 backend. These tests hold
-//! it to the Montgomery ladder it replaces (curve25519-dalek's `MontgomeryPoint::mul_clamped`)
-//! and to RFC 7748: on the curve, on its twist (which takes the ladder), at the points of
-//! small order, and at non-canonical encodings.
+//! The vendored curve25519-dalek (`vendor/curve25519-dalek.patch`) takes a variable-base
+//! X25519 (`MontgomeryPoint::mul_clamped`, which x25519-dalek calls) through the Edwards form
+//! where one of its vector backends does the multiplication: AVX-512 IFMA where the CPU has
+//! it (the patch enables that backend on stable Rust), else AVX2. These tests hold it to the
+//! Montgomery ladder it replaces and to RFC 7748: on the curve, on its twist (which takes
+//! the ladder), at the points of small order, and at non-canonical encodings. They exercise
+//! whichever backend this CPU selects.
 
 use curve25519_dalek::montgomery::MontgomeryPoint;
+use curve25519_dalek::scalar::clamp_integer;
 use rand::Rng;
 use x25519_dalek::{x25519, PublicKey, StaticSecret};
 
-/// The X25519 the patch replaced.
+/// The X25519 the patch replaced: curve25519-dalek's Montgomery ladder over the clamped
+/// key's bits 254 to 0 (bit 255 is cleared by clamping), as `mul_clamped` was.
 fn ladder(k: [u8; 32], u: [u8; 32]) -> [u8; 32] {
-    MontgomeryPoint(u).mul_clamped(k).to_bytes()
+    let k = clamp_integer(k);
+    let bits = (0..255).rev().map(|i| (k[i / 8] >> (i % 8)) & 1 == 1);
+    MontgomeryPoint(u).mul_bits_be(bits).to_bytes()
 }
 
 fn bytes(hex_str: &str) -> [u8; 32] {
@@ -18,7 +24,7 @@ fn bytes(hex_str: &str) -> [u8; 32] {
 }
 
 /// Whether `u` has a point on the curve in Edwards form, so that the patched X25519 takes
-/// the Edwards route (with AVX2) instead of the ladder.
+/// the Edwards route (with a vector backend) instead of the ladder.
 fn on_the_curve(u: [u8; 32]) -> bool {
     MontgomeryPoint(u).to_edwards(0).is_some()
 }
