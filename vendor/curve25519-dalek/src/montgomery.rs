@@ -55,7 +55,7 @@ use core::{
 };
 
 use crate::constants::{APLUS2_OVER_FOUR, MONTGOMERY_A, MONTGOMERY_A_NEG};
-use crate::edwards::{CompressedEdwardsY, EdwardsPoint};
+use crate::edwards::EdwardsPoint;
 use crate::field::FieldElement;
 use crate::scalar::{clamp_integer, Scalar};
 
@@ -142,41 +142,11 @@ impl MontgomeryPoint {
         // with no Edwards point (u = -1, or a point on the twist) takes the ladder: that
         // branch depends on the public point only, never on the scalar.
         if crate::backend::vector_backend_selected() {
-            if let Some(point) = self.to_edwards_projective() {
+            if let Some(point) = self.to_edwards(0) {
                 return (&point * &s).to_montgomery();
             }
         }
         s * self
-    }
-
-    /// floto-connect: the Edwards point with this u-coordinate and a nonnegative x, or `None`
-    /// where `to_edwards` gives `None`. The same point as `to_edwards(0)`, but in projective
-    /// coordinates: y = Y/Z = (u-1)/(u+1) needs no inversion, and x comes from one square
-    /// root of (Y²-Z²)/(dY²+Z²) (the ratio `to_edwards` takes after it divides by Z²), so
-    /// it costs one field exponentiation where `to_edwards` costs two.
-    fn to_edwards_projective(&self) -> Option<EdwardsPoint> {
-        let u = FieldElement::from_bytes(&self.0);
-        let one = FieldElement::ONE;
-        let y_num = &u - &one;
-        let y_den = &u + &one;
-        if bool::from(y_den.is_zero()) {
-            // u = -1: on the twist (see `to_edwards`).
-            return None;
-        }
-        let yy = y_num.square();
-        let zz = y_den.square();
-        // d is not a square, so dY²+Z² is zero only where Y = Z = 0, and Z - Y = 2.
-        let (is_square, x) =
-            FieldElement::sqrt_ratio_i(&(&yy - &zz), &(&(&yy * &crate::constants::EDWARDS_D) + &zz));
-        if !bool::from(is_square) {
-            return None;
-        }
-        Some(EdwardsPoint {
-            X: &x * &y_den,
-            T: &x * &y_num,
-            Y: y_num,
-            Z: y_den,
-        })
     }
 
     /// Multiply the basepoint by `clamp_integer(bytes)`. For a description of clamping, see
@@ -277,12 +247,28 @@ impl MontgomeryPoint {
 
         let one = FieldElement::ONE;
 
-        let y = &(&u - &one) * &(&u + &one).invert();
-
-        let mut y_bytes = y.as_bytes();
-        y_bytes[31] ^= sign << 7;
-
-        CompressedEdwardsY(y_bytes).decompress()
+        // floto-connect: y = Y/Z = (u-1)/(u+1) is kept as a fraction, so the map costs one
+        // field exponentiation (the square root) instead of an inversion and then the
+        // square root of Edwards decompression. x is that decompression's: the nonnegative
+        // root of (y²-1)/(dy²+1) = (Y²-Z²)/(dY²+Z²), negated when `sign` (its low bit, the
+        // bit decompression reads) is set. Z = u + 1 is not zero (u = -1 is refused above),
+        // and as d is not a square, dY²+Z² is not zero either.
+        let y_num = &u - &one;
+        let y_den = &u + &one;
+        let yy = y_num.square();
+        let zz = y_den.square();
+        let (is_valid_y_coord, mut x) =
+            FieldElement::sqrt_ratio_i(&(&yy - &zz), &(&(&yy * &crate::constants::EDWARDS_D) + &zz));
+        if !bool::from(is_valid_y_coord) {
+            return None;
+        }
+        x.conditional_negate(Choice::from(sign & 1));
+        Some(EdwardsPoint {
+            X: &x * &y_den,
+            T: &x * &y_num,
+            Y: y_num,
+            Z: y_den,
+        })
     }
 }
 

@@ -4,8 +4,10 @@
 //! it (the patch enables that backend on stable Rust), else AVX2. These tests hold it to the
 //! Montgomery ladder it replaces and to RFC 7748: on the curve, on its twist (which takes
 //! the ladder), at the points of small order, and at non-canonical encodings. They exercise
-//! whichever backend this CPU selects.
+//! whichever backend this CPU selects. The map to Edwards form (`MontgomeryPoint::to_edwards`,
+//! public, and patched to skip an inversion) is held to what the published one returns.
 
+use curve25519_dalek::constants::{ED25519_BASEPOINT_POINT, X25519_BASEPOINT};
 use curve25519_dalek::montgomery::MontgomeryPoint;
 use curve25519_dalek::scalar::clamp_integer;
 use rand::Rng;
@@ -118,6 +120,46 @@ fn x25519_agrees_with_the_ladder_at_points_of_small_order_and_odd_encodings() {
         "{on_curve} of {}",
         points.len()
     );
+}
+
+/// The published `to_edwards(sign)` returns the Edwards point whose u-coordinate is `u`, with
+/// x negative exactly when `sign` is odd (x = 0 has no sign), or `None` on the twist.
+#[test]
+fn to_edwards_gives_the_point_with_that_u_and_the_sign_asked_for() {
+    let base = X25519_BASEPOINT;
+    assert_eq!(base.to_edwards(0), Some(ED25519_BASEPOINT_POINT));
+    assert_eq!(base.to_edwards(1), Some(-ED25519_BASEPOINT_POINT));
+    assert_eq!(base.to_edwards(3), Some(-ED25519_BASEPOINT_POINT));
+    // u = 0 is (0, -1), for either sign.
+    let zero = MontgomeryPoint([0; 32]);
+    for sign in [0, 1] {
+        let p = zero.to_edwards(sign).unwrap();
+        assert_eq!(
+            p.compress().to_bytes(),
+            bytes("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f")
+        );
+    }
+    let mut rng = rand::rng();
+    let mut on_curve = 0;
+    for _ in 0..1000 {
+        let u = MontgomeryPoint(rng.random());
+        let (Some(p), Some(n)) = (u.to_edwards(0), u.to_edwards(1)) else {
+            assert!(u.to_edwards(0).is_none() && u.to_edwards(1).is_none());
+            continue;
+        };
+        on_curve += 1;
+        assert_eq!(p.to_montgomery(), u);
+        assert_eq!(n, -p);
+        assert_eq!(p.compress().to_bytes()[31] >> 7, 0);
+        assert_eq!(n.compress().to_bytes()[31] >> 7, 1);
+        // A valid point in extended coordinates: its encoding decodes to it, and additions
+        // (which read T) agree with doublings (which do not).
+        assert_eq!(p.compress().decompress(), Some(p));
+        let two = p + p;
+        let four = two + two;
+        assert_eq!(four + four, p.mul_by_cofactor());
+    }
+    assert!(on_curve > 400, "{on_curve} of 1000 on the curve");
 }
 
 #[test]
